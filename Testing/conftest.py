@@ -1,0 +1,70 @@
+"""Shared fixtures: real volumes from ../shared/data and a tiny, fast MedIL model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEDIL_SHARED_DATA", REPO.parent / "shared" / "data"))
+EXAMPLE = REPO / "examples" / "data" / "itk_t1_2x2x3mm.nii.gz"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def shared(rel: str) -> Path:
+    p = DATA / rel
+    if not p.exists():
+        pytest.skip(f"shared data file {p} is not available")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from medil_backend.nn import MedILConfig
+
+    return MedILConfig(
+        channels=(4, 8), factors=(2,), n_units=1, encoder_norm="none", decoder_norm="channel",
+        latent_channels=4, latent_spacing=4.0, lte_frequencies=8, inr_width=8, inr_blocks=1, global_skip=True,
+    )
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from medil_backend.nn import MedILAutoencoder
+
+    torch.manual_seed(0)
+    net = MedILAutoencoder(tiny_config)
+    # perturb the zero-initialised INR tails so the LTE path is exercised, not just its skip
+    with torch.no_grad():
+        for lte in (net.encoder_lte, net.decoder_lte):
+            lte.inr.tail[1].weight.normal_(0, 0.05)
+    return net.eval()
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_model, monkeypatch):
+    """A user model folder holding the tiny model as ``tiny``, registered through $MEDIL_MODELS."""
+    from medil_backend.models import export_model
+
+    folder = tmp_path / "models"
+    export_model(tiny_model, folder, "tiny", {"tasks": ["reconstruct"], "modality": "mri", "description": "test model"})
+    monkeypatch.setenv("MEDIL_MODELS", str(folder))
+    return folder
+
+
+@pytest.fixture
+def small_mri(tmp_path):
+    """A small real MRI crop (from the bundled example) written as NIfTI, with its array."""
+    from medil_backend.io import read_volume, write_volume
+
+    v = read_volume(EXAMPLE)
+    v.array = np.ascontiguousarray(v.array[40:72, 40:70, 20:44])
+    v.affine = v.grid.sub_grid((40, 40, 20), (72, 70, 44)).affine
+    path = tmp_path / "small.nii.gz"
+    write_volume(v, path, dtype=v.array.dtype)
+    return path

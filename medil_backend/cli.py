@@ -1,0 +1,181 @@
+"""The ``medil`` command: reconstruct onto any grid, list models, describe a file.
+
+User mistakes end in one line on stderr (``medil: error: ...``) and exit status 1 (2 for bad
+command-line syntax); no traceback, and no output file is created or replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import Cancelled, MedILError
+
+
+def _add_geometry_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output grid (default: the input's grid)")
+    g.add_argument("--like", metavar="REF", help="exactly the grid of REF (shape, spacing, direction, origin)")
+    g.add_argument("--spacing", type=float, nargs="+", metavar="S", help="output spacing in mm: one value (isotropic) or three")
+    g.add_argument(
+        "--orientation",
+        metavar="CODE",
+        help="input (default), aligned (nearest axis-aligned, de-obliqued), or a code such as RAS, LPS, LIA",
+    )
+    g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medil", description="Resolution-free medical imaging with MedIL autoencoders.")
+    ap.add_argument("--version", action="version", version=f"medil {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reconstruct", help="encode a volume and decode it onto any output grid")
+    r.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or DICOM series folder")
+    r.add_argument("output", help="output file: .nii, .nii.gz, .nrrd or .mha")
+    r.add_argument("--model", default=None, help="model name (see `medil models`) or path to a model card")
+    _add_geometry_args(r)
+    r.add_argument("--modality", default="auto", choices=["mri", "ct", "auto"])
+    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    r.add_argument("--max-memory", type=float, default=None, metavar="GB", help="working-memory limit (default 3 GB)")
+    r.add_argument("--dtype", default="float32", choices=["float32", "input"], help="output voxel type (input: rounded, clipped)")
+    r.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    r.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="progress display (json: one JSON object a line on stdout)")
+
+    sub.add_parser("models", help="list bundled and installed models").add_argument("--json", action="store_true")
+
+    i = sub.add_parser("info", help="shape, spacing, orientation, extent and modality guess of a volume")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    return ap
+
+
+def _progress_callback(mode: str):
+    if mode == "none":
+        return None, lambda: None
+    if mode == "json":
+
+        def emit(fraction: float, message: str) -> None:
+            print(json.dumps({"progress": round(fraction, 4), "message": message}), flush=True)
+
+        return emit, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{desc} {bar} {n:.0f}% [{elapsed}<{remaining}]")
+
+    def update(fraction: float, message: str) -> None:
+        bar.set_description_str(message)
+        bar.n = 100 * fraction
+        bar.refresh()
+
+    return update, bar.close
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .geometry import output_grid
+    from .io import check_output_path, read_volume, write_volume
+    from .models import load_model
+    from .ops.reconstruct import reconstruct
+
+    if args.like and (args.spacing or args.orientation or args.fov):
+        raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
+    if args.spacing is not None and len(args.spacing) not in (1, 3):
+        raise MedILError(f"--spacing takes one value (isotropic) or three, not {len(args.spacing)}")
+    out_path = check_output_path(args.output, overwrite=args.overwrite)
+    volume = read_volume(args.input)
+    like = read_volume(args.like).grid if args.like else None
+    target = output_grid(volume.grid, like=like, spacing=args.spacing, orientation=args.orientation, fov=args.fov)
+    model = load_model(args.model)
+    card_modality = model.card.get("modality")
+    update, close = _progress_callback(args.progress)
+    try:
+        result = reconstruct(volume, target, model.net, device=args.device, progress=update, max_memory_gb=args.max_memory, modality=args.modality)
+    finally:
+        close()
+    if card_modality and result.modality != card_modality:
+        print(f"medil: warning: model {model.name!r} was trained on {card_modality.upper()}, the input looks like {result.modality.upper()}", file=sys.stderr)
+    dtype = volume.array.dtype if args.dtype == "input" else np.float32
+    write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite)
+    summary = {"output": str(out_path), "shape": list(target.shape), "spacing": [round(float(s), 6) for s in target.spacing], "model": model.name}
+    if args.progress == "json":
+        print(json.dumps({"done": True, **summary}), flush=True)
+    else:
+        print(f"wrote {out_path} {target}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import DEFAULT_MODEL, list_models
+
+    entries = list_models()
+    if args.json:
+        print(json.dumps([{"name": e.name, "source": e.source, "tasks": e.tasks, "card": str(e.card_path), "modality": e.card.get("modality"), "latent": e.card.get("latent")} for e in entries], indent=2))
+        return 0
+    if not entries:
+        print("no models found")
+        return 0
+    for e in entries:
+        lat = e.card.get("latent", {})
+        mark = " (default)" if e.name == DEFAULT_MODEL else ""
+        print(
+            f"{e.name}{mark}\t{e.source}\t{e.card.get('modality', '?')}\ttasks={','.join(e.tasks)}\t"
+            f"latent={lat.get('channels', '?')}ch@{lat.get('spacing_mm', '?')}mm\t{e.card_path}"
+        )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .intensity import guess_modality
+    from .io import read_volume
+
+    v = read_volume(args.file)
+    g = v.grid
+    lo, hi = g.extent()
+    info = {
+        "file": args.file,
+        "shape": list(g.shape),
+        "spacing_mm": [round(float(s), 6) for s in g.spacing],
+        "orientation": g.orientation_code,
+        "oblique": bool(not np.allclose(np.abs(g.direction), np.round(np.abs(g.direction)), atol=1e-4)),
+        "origin_ras_mm": [round(float(o), 4) for o in g.origin],
+        "extent_ras_mm": [[round(float(a), 3), round(float(b), 3)] for a, b in zip(lo, hi)],
+        "dtype": str(v.array.dtype),
+        "intensity_range": [float(v.array.min()), float(v.array.max())],
+        "modality_guess": guess_modality(v.array),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, val in info.items():
+            print(f"{k:16s} {val}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"reconstruct": cmd_reconstruct, "models": cmd_models, "info": cmd_info}
+    try:
+        return handlers[args.command](args)
+    except Cancelled as exc:
+        print(f"medil: {exc}", file=sys.stderr)
+        return 130
+    except MedILError as exc:
+        print(f"medil: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("medil: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+            print("medil: error: ran out of memory; lower --max-memory, pick a coarser --spacing or a smaller --fov, or use --device cpu", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,294 @@
+"""Grids, affines and output-space construction, all in world RAS millimetres.
+
+A :class:`Grid` is a voxel shape plus a 4x4 affine that maps voxel indices ``(i, j, k)`` (voxel
+centres) to world RAS coordinates in mm. A :class:`Volume` is an array on a grid plus its
+modality: the one type that crosses module boundaries, so an array never loses its geometry.
+
+World <-> voxel maps are computed in float64: float32 round-off pushes points that lie on a
+grid's edge outside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import MedILError
+
+_AXIS_LETTERS = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+def affine_from_parts(spacing: Sequence[float], direction: np.ndarray, origin: Sequence[float]) -> np.ndarray:
+    """4x4 affine whose columns are ``direction[:, a] * spacing[a]`` and whose translation is ``origin``."""
+    aff = np.eye(4, dtype=np.float64)
+    aff[:3, :3] = np.asarray(direction, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)[None, :]
+    aff[:3, 3] = np.asarray(origin, dtype=np.float64)
+    return aff
+
+
+def direction_from_code(code: str) -> np.ndarray:
+    """Direction matrix (columns = unit axis vectors in RAS) for an orientation code like ``LPS``.
+
+    The code names where each voxel axis *points*, as in nibabel and Slicer: ``RAS`` is the
+    identity, ``LPS`` is ITK/DICOM's convention.
+    """
+    code = code.strip().upper()
+    if len(code) != 3 or any(c not in _AXIS_LETTERS for c in code):
+        raise MedILError(f"orientation code {code!r} is not valid; use three letters, one from each of R/L, A/P, S/I (e.g. RAS, LPS, LIA)")
+    axes = [_AXIS_LETTERS[c][0] for c in code]
+    if sorted(axes) != [0, 1, 2]:
+        raise MedILError(f"orientation code {code!r} repeats an axis; use one letter from each of R/L, A/P, S/I (e.g. RAS, LPS, LIA)")
+    direction = np.zeros((3, 3))
+    for col, c in enumerate(code):
+        axis, sign = _AXIS_LETTERS[c]
+        direction[axis, col] = sign
+    return direction
+
+
+def code_from_direction(direction: np.ndarray) -> str:
+    """The orientation code of the axis-aligned directions closest to ``direction``."""
+    letters = "RAS", "LPI"
+    out = []
+    for col in range(3):
+        v = direction[:, col]
+        axis = int(np.argmax(np.abs(v)))
+        out.append(letters[0][axis] if v[axis] > 0 else letters[1][axis])
+    return "".join(out)
+
+
+def nearest_aligned_direction(direction: np.ndarray) -> np.ndarray:
+    """The axis-aligned direction matrix closest to ``direction`` (de-obliquing, keeping axis order).
+
+    Uses nibabel's orientation logic so that each voxel axis goes to a distinct world axis.
+    """
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(np.vstack([np.hstack([direction, np.zeros((3, 1))]), [0, 0, 0, 1]]))
+    aligned = np.zeros((3, 3))
+    for col, (axis, sign) in enumerate(ornt):
+        aligned[int(axis), col] = sign
+    return aligned
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A voxel grid in world RAS mm: ``shape`` (3 ints) and ``affine`` (4x4, voxel centre -> world)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "affine", np.array(self.affine, dtype=np.float64).reshape(4, 4))
+
+    @classmethod
+    def from_parts(
+        cls,
+        shape: Sequence[int],
+        spacing: Sequence[float] | float,
+        direction: np.ndarray | None = None,
+        origin: Sequence[float] = (0.0, 0.0, 0.0),
+    ) -> Grid:
+        spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+        direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
+        return cls(tuple(shape), affine_from_parts(spacing, direction, origin))
+
+    # -- parts -------------------------------------------------------------------------------
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def direction(self) -> np.ndarray:
+        return self.affine[:3, :3] / self.spacing[None, :]
+
+    @property
+    def origin(self) -> np.ndarray:
+        return self.affine[:3, 3].copy()
+
+    @property
+    def orientation_code(self) -> str:
+        return code_from_direction(self.direction)
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.shape))
+
+    # -- maps --------------------------------------------------------------------------------
+    def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
+        ijk = np.asarray(ijk, dtype=np.float64)
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def world_to_voxel(self, xyz: np.ndarray) -> np.ndarray:
+        xyz = np.asarray(xyz, dtype=np.float64)
+        inv = np.linalg.inv(self.affine)
+        return xyz @ inv[:3, :3].T + inv[:3, 3]
+
+    def edge_corners(self, margin_mm: float = 0.0) -> np.ndarray:
+        """World coordinates of the 8 corners of the region the voxels cover (voxel edges), grown by ``margin_mm``."""
+        lo = -0.5 - margin_mm / self.spacing
+        hi = np.asarray(self.shape) - 0.5 + margin_mm / self.spacing
+        corners = np.array([[(lo, hi)[b][a] for a, b in enumerate(bits)] for bits in np.ndindex(2, 2, 2)])
+        return self.voxel_to_world(corners)
+
+    def extent(self) -> tuple[np.ndarray, np.ndarray]:
+        """World-axis bounding box (min, max) of the region the voxels cover."""
+        c = self.edge_corners()
+        return c.min(axis=0), c.max(axis=0)
+
+    # -- derived grids -----------------------------------------------------------------------
+    def sub_grid(self, start: Sequence[int], stop: Sequence[int]) -> Grid:
+        """The grid of voxels ``start <= index < stop`` (same spacing and direction)."""
+        start = np.asarray(start, dtype=np.float64)
+        aff = self.affine.copy()
+        aff[:3, 3] = self.voxel_to_world(start)
+        return Grid(tuple(int(b) - int(a) for a, b in zip(start, stop)), aff)
+
+    def coarsened(self, factor: int) -> Grid:
+        """Grid whose voxels are ``factor``^3 blocks of this grid (the decoder's intermediate grid).
+
+        Its shape is ``ceil(shape / factor)``; upsampling it by ``factor`` with nearest neighbour
+        gives a grid whose first ``shape`` voxels are exactly this grid.
+        """
+        shape = tuple(-(-s // factor) for s in self.shape)
+        aff = self.affine.copy()
+        aff[:3, :3] = self.affine[:3, :3] * factor
+        aff[:3, 3] = self.voxel_to_world(np.full(3, (factor - 1) / 2.0))
+        return Grid(shape, aff)
+
+    def validate(self, what: str = "the image") -> Grid:
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise MedILError(f"{what} has shape {self.shape}; a 3D volume with at least one voxel per axis is needed")
+        if not np.all(np.isfinite(self.affine)):
+            raise MedILError(f"{what} has a non-finite (NaN or infinite) spacing, origin or direction; fix the file's header")
+        sp = self.spacing
+        if np.any(sp <= 1e-9):
+            raise MedILError(f"{what} has zero voxel spacing {tuple(np.round(sp, 6))}; fix the file's header spacing")
+        if abs(np.linalg.det(self.direction)) < 1e-6:
+            raise MedILError(f"{what} has a singular direction matrix; fix the file's header orientation")
+        return self
+
+    def same_as(self, other: Grid, atol: float = 1e-5) -> bool:
+        return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol, rtol=0))
+
+    def __repr__(self) -> str:
+        sp = ", ".join(f"{s:g}" for s in self.spacing)
+        org = ", ".join(f"{o:.2f}" for o in self.origin)
+        return f"Grid(shape={self.shape}, spacing=({sp}), orientation={self.orientation_code}, origin=({org}))"
+
+
+@dataclass(eq=False)
+class Volume:
+    """A 3D array in voxel order (i, j, k) on a world grid, with its modality (``mri``, ``ct`` or ``unknown``)."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str = "unknown"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.affine = np.array(self.affine, dtype=np.float64).reshape(4, 4)
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.array.shape[:3], self.affine)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return self.grid.spacing
+
+
+def covering_grid(
+    points: np.ndarray, spacing: Sequence[float] | float, direction: np.ndarray, margin_mm: float = 0.0
+) -> Grid:
+    """The smallest grid with ``spacing`` and ``direction`` whose voxels cover ``points`` (plus a margin), centred on them."""
+    spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
+    direction = np.asarray(direction, dtype=np.float64)
+    points = np.asarray(points, dtype=np.float64)
+    centre = points.mean(axis=0)
+    u = (points - centre) @ direction  # coordinates along the new axes (direction is orthonormal)
+    lo = u.min(axis=0) - margin_mm
+    hi = u.max(axis=0) + margin_mm
+    n = np.maximum(1, np.ceil((hi - lo) / spacing - 1e-6)).astype(int)
+    mid = (lo + hi) / 2.0
+    first = mid - (n - 1) / 2.0 * spacing
+    origin = centre + direction @ first
+    return Grid(tuple(int(x) for x in n), affine_from_parts(spacing, direction, origin))
+
+
+def exscribed_grid(inner: Grid, spacing: Sequence[float] | float, direction: np.ndarray | None = None, margin_mm: float = 0.0) -> Grid:
+    """A grid with ``spacing`` (and ``direction``, default ``inner``'s) enclosing ``inner``'s region plus ``margin_mm``."""
+    direction = inner.direction if direction is None else direction
+    return covering_grid(inner.edge_corners(margin_mm), spacing, direction)
+
+
+def resolve_direction(orientation: str | np.ndarray | None, input_grid: Grid) -> np.ndarray:
+    """Direction matrix for ``orientation``: ``None``/``"input"``, ``"aligned"``, a code such as ``"LPS"``, or a 3x3 matrix."""
+    if orientation is None or (isinstance(orientation, str) and orientation.lower() == "input"):
+        return input_grid.direction
+    if isinstance(orientation, str):
+        if orientation.lower() in ("aligned", "ras-aligned", "deoblique"):
+            return nearest_aligned_direction(input_grid.direction)
+        return direction_from_code(orientation)
+    d = np.asarray(orientation, dtype=np.float64)
+    if d.shape != (3, 3) or not np.all(np.isfinite(d)):
+        raise MedILError("a direction matrix must be 3x3 and finite")
+    norms = np.linalg.norm(d, axis=0)
+    if np.any(norms < 1e-9):
+        raise MedILError("a direction matrix has a zero column; give three orthogonal unit vectors")
+    d = d / norms
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+        raise MedILError("a direction matrix must have orthogonal columns (a rotation, possibly with flips)")
+    return d
+
+
+def output_grid(
+    input_grid: Grid,
+    *,
+    like: Grid | None = None,
+    spacing: Sequence[float] | float | None = None,
+    orientation: str | np.ndarray | None = None,
+    fov: Sequence[float] | None = None,
+) -> Grid:
+    """Build the output grid of a resampling job.
+
+    - ``like``: exactly that grid (no other option may be given);
+    - otherwise the grid has ``spacing`` (one value or three; default: the input's, carried to
+      the new axes), ``orientation`` (see :func:`resolve_direction`), and covers ``fov``
+      (world RAS box ``xmin, xmax, ymin, ymax, zmin, zmax``; default: the input's extent),
+      centred on it.
+    """
+    if like is not None:
+        if spacing is not None or orientation is not None or fov is not None:
+            raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
+        return Grid(like.shape, like.affine.copy()).validate("the reference image")
+    direction = resolve_direction(orientation, input_grid)
+    if spacing is None:
+        # carry the input spacing to the new axes (an exact permutation for axis-aligned changes)
+        weights = np.abs(direction.T @ input_grid.direction)
+        sp = weights @ input_grid.spacing / weights.sum(axis=1)
+    else:
+        sp = np.asarray(spacing, dtype=np.float64).ravel()
+        if sp.size == 1:
+            sp = np.repeat(sp, 3)
+        if sp.size != 3:
+            raise MedILError(f"spacing takes one value (isotropic) or three, not {sp.size}")
+        if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+            raise MedILError(f"spacing must be positive and finite, got {tuple(sp)}")
+    if fov is None:
+        points = input_grid.edge_corners()
+    else:
+        box = np.asarray(fov, dtype=np.float64).ravel()
+        if box.size != 6 or not np.all(np.isfinite(box)):
+            raise MedILError("--fov takes six numbers: XMIN XMAX YMIN YMAX ZMIN ZMAX (world RAS mm)")
+        lo, hi = box[0::2], box[1::2]
+        if np.any(hi <= lo):
+            raise MedILError(f"--fov box is empty: each MAX must exceed its MIN, got {tuple(box)}")
+        points = np.array([[(lo, hi)[b][a] for a, b in enumerate(bits)] for bits in np.ndindex(2, 2, 2)])
+    return covering_grid(points, sp, direction)

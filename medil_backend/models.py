@@ -1,0 +1,154 @@
+"""Registry of bundled and user-installed MedIL models.
+
+A model is two files side by side: ``NAME.safetensors`` (the weights; never a pickle) and
+``NAME.json`` (its model card: architecture config, tasks, training data and recipe, metrics,
+and the weights' sha256, checked on every load). Models are looked up in the package's
+``weights/`` folder, then in each folder of ``$MEDIL_MODELS`` (``os.pathsep``-separated), then
+in ``~/.medil/models``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MedILError
+from .nn.autoencoder import MedILAutoencoder, MedILConfig
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_MODEL = "medil-mri-quick"
+
+
+def user_model_dirs() -> list[Path]:
+    env = os.environ.get("MEDIL_MODELS")
+    dirs = [Path(p).expanduser() for p in env.split(os.pathsep) if p] if env else []
+    return dirs + [Path("~/.medil/models").expanduser()]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    card_path: Path
+    card: dict
+    source: str  # "bundled" or "user"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.card_path.parent / self.card.get("weights", f"{self.name}.safetensors")
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.card.get("tasks", ["reconstruct"]))
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    net: MedILAutoencoder
+    card: dict
+    sha256: str
+
+
+def _read_card(path: Path) -> dict:
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MedILError(f"model card {path} cannot be read ({exc}); reinstall the model") from None
+    if not isinstance(card, dict) or "config" not in card:
+        raise MedILError(f"{path} is not a MedIL model card (no 'config'); point at a model's .json card or its folder")
+    return card
+
+
+def list_models() -> list[ModelEntry]:
+    """Every model found, bundled first; a user model with a bundled name is listed but shadowed."""
+    entries: list[ModelEntry] = []
+    for folder, source in [(BUNDLED_DIR, "bundled")] + [(d, "user") for d in user_model_dirs()]:
+        if not folder.is_dir():
+            continue
+        for card_path in sorted(folder.glob("*.json")):
+            try:
+                card = _read_card(card_path)
+            except MedILError:
+                continue
+            entries.append(ModelEntry(card.get("name", card_path.stem), card_path, card, source))
+    return entries
+
+
+def find_model(name_or_path: str | os.PathLike | None) -> ModelEntry:
+    """A model by registry name, or by path to its card, its weights or its folder."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir():
+            cards = sorted(path.glob("*.json"))
+            if len(cards) != 1:
+                raise MedILError(f"{path} holds {len(cards)} model cards; point at one .json card")
+            path = cards[0]
+        elif path.suffix == ".safetensors":
+            path = path.with_suffix(".json")
+            if not path.exists():
+                raise MedILError(f"{path.with_suffix('.safetensors')} has no model card {path.name} beside it; export the model with its card")
+        elif path.suffix in (".ckpt", ".pt", ".pth", ".pkl"):
+            raise MedILError(f"{path} is a pickle checkpoint, which MedIL never loads; export it with `medil export` to safetensors + card")
+        card = _read_card(path)
+        return ModelEntry(card.get("name", path.stem), path, card, "path")
+    for entry in list_models():
+        if entry.name == name:
+            return entry
+    known = ", ".join(e.name for e in list_models()) or "none"
+    raise MedILError(f"unknown model {name!r}; known models: {known} (see `medil models`), or give a path to a model card")
+
+
+def load_model(name_or_path: str | os.PathLike | None = None) -> LoadedModel:
+    """Build the network from the card and load its safetensors weights after checking their sha256."""
+    from safetensors.torch import load_file
+
+    entry = find_model(name_or_path)
+    wpath = entry.weights_path
+    if not wpath.exists():
+        raise MedILError(f"the weights {wpath} of model {entry.name!r} are missing; reinstall the model")
+    digest = sha256_file(wpath)
+    if entry.card.get("sha256") and entry.card["sha256"] != digest:
+        raise MedILError(f"the weights of model {entry.name!r} do not match the sha256 in its card; the file is corrupt or was replaced")
+    try:
+        config = MedILConfig.from_dict(entry.card["config"])
+        net = MedILAutoencoder(config)
+        net.load_state_dict(load_file(str(wpath)), strict=True)
+    except MedILError:
+        raise
+    except Exception as exc:
+        raise MedILError(f"model {entry.name!r} cannot be loaded ({str(exc).splitlines()[0][:200]}); its card and weights disagree") from None
+    net.eval()
+    return LoadedModel(entry.name, net, entry.card, digest)
+
+
+def export_model(net: MedILAutoencoder, folder: str | os.PathLike, name: str, card: dict) -> Path:
+    """Write ``NAME.safetensors`` and ``NAME.json`` (card completed with config, weights file and sha256)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    wpath = folder / f"{name}.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(wpath))
+    full = dict(card)
+    full.update(name=name, architecture="MedILAutoencoder", config=net.config.to_dict(), weights=wpath.name, sha256=sha256_file(wpath))
+    c = net.config
+    full.setdefault(
+        "latent",
+        {"spacing_mm": c.latent_spacing, "channels": c.latent_channels, "compression_vs_1mm": round(c.latent_spacing**3 / c.latent_channels, 2)},
+    )
+    card_path = folder / f"{name}.json"
+    card_path.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return card_path
