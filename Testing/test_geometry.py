@@ -143,3 +143,17 @@ def test_grid_validation():
         Grid.from_parts((2, 2, 2), [1, 0, 1]).validate()
     with pytest.raises(MedILError, match="non-finite"):
         Grid.from_parts((2, 2, 2), [1, float("nan"), 1]).validate()
+
+
+@given(grids())
+def test_canonical_order_is_an_exact_reindexing(g):
+    from medil_backend.geometry import Volume, canonical_order
+
+    arr = np.arange(np.prod(g.shape), dtype=np.float32).reshape(g.shape)
+    v = canonical_order(Volume(arr, g.affine))
+    assert v.grid.orientation_code == "RAS" or not np.allclose(np.abs(g.direction), np.round(np.abs(g.direction)))
+    # every voxel keeps its world position
+    for idx in [(0, 0, 0), tuple(s - 1 for s in g.shape)]:
+        value = v.array[idx]
+        orig = np.argwhere(arr == value)[0]
+        np.testing.assert_allclose(v.grid.voxel_to_world(np.array(idx, float)), g.voxel_to_world(orig.astype(float)), atol=1e-6)

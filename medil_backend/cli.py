@@ -24,7 +24,8 @@ def _add_geometry_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--orientation",
         metavar="CODE",
-        help="input (default), aligned (nearest axis-aligned, de-obliqued), or a code such as RAS, LPS, LIA",
+        help="input (default), aligned (nearest axis-aligned, de-obliqued), a code such as RAS, LPS, LIA, "
+        "or a direction matrix as 9 comma-separated numbers (row-major; column n is voxel axis n in RAS)",
     )
     g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
 
@@ -47,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="progress display (json: one JSON object a line on stdout)")
 
     sub.add_parser("models", help="list bundled and installed models").add_argument("--json", action="store_true")
+
+    e = sub.add_parser("evaluate", help="metrics of models vs trilinear and B-spline on reconstruction and thick-slice super-resolution")
+    e.add_argument("volumes", nargs="+", help="ground-truth volumes (held out from training)")
+    e.add_argument("--model", action="append", default=None, help="model name or card path (repeatable; default: the default model)")
+    e.add_argument("--thick", type=float, nargs="+", default=[4.0, 8.0], metavar="MM", help="simulated slice thicknesses")
+    e.add_argument("--modality", default="auto", choices=["mri", "ct", "auto"])
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    e.add_argument("--markdown", metavar="FILE", help="also write the mean table as Markdown")
 
     i = sub.add_parser("info", help="shape, spacing, orientation, extent and modality guess of a volume")
     i.add_argument("file")
@@ -75,6 +85,18 @@ def _progress_callback(mode: str):
     return update, bar.close
 
 
+def _parse_orientation(value: str | None):
+    if value is None or "," not in value:
+        return value
+    try:
+        numbers = [float(v) for v in value.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 9:
+        raise MedILError("--orientation as a matrix takes 9 comma-separated numbers (row-major 3x3 direction matrix)")
+    return np.array(numbers).reshape(3, 3)
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .geometry import output_grid
     from .io import check_output_path, read_volume, write_volume
@@ -85,10 +107,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
     if args.spacing is not None and len(args.spacing) not in (1, 3):
         raise MedILError(f"--spacing takes one value (isotropic) or three, not {len(args.spacing)}")
+    orientation = _parse_orientation(args.orientation)
     out_path = check_output_path(args.output, overwrite=args.overwrite)
     volume = read_volume(args.input)
     like = read_volume(args.like).grid if args.like else None
-    target = output_grid(volume.grid, like=like, spacing=args.spacing, orientation=args.orientation, fov=args.fov)
+    target = output_grid(volume.grid, like=like, spacing=args.spacing, orientation=orientation, fov=args.fov)
     model = load_model(args.model)
     card_modality = model.card.get("modality")
     update, close = _progress_callback(args.progress)
@@ -100,7 +123,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         print(f"medil: warning: model {model.name!r} was trained on {card_modality.upper()}, the input looks like {result.modality.upper()}", file=sys.stderr)
     dtype = volume.array.dtype if args.dtype == "input" else np.float32
     write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite)
-    summary = {"output": str(out_path), "shape": list(target.shape), "spacing": [round(float(s), 6) for s in target.spacing], "model": model.name}
+    summary = {
+        "output": str(out_path),
+        "shape": list(target.shape),
+        "spacing": [round(float(s), 6) for s in target.spacing],
+        "model": model.name,
+        "model_sha256": model.sha256,
+        "modality": result.modality,
+        "version": __version__,
+    }
     if args.progress == "json":
         print(json.dumps({"done": True, **summary}), flush=True)
     else:
@@ -155,9 +186,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import evaluate, markdown_table, to_json
+    from .models import load_model
+
+    for out in (args.json, args.markdown):
+        if out and Path(out).parent and not Path(out).parent.is_dir():
+            raise MedILError(f"the folder of {out} does not exist; create it first")
+    for t in args.thick:
+        if not t > 0:
+            raise MedILError(f"--thick values must be positive mm, got {t}")
+    loaded = [load_model(m) for m in (args.model or [None])]
+    result = evaluate(args.volumes, {m.name: m.net for m in loaded}, args.thick, args.modality, args.device)
+    table = markdown_table(result)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(to_json(result) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"reconstruct": cmd_reconstruct, "models": cmd_models, "info": cmd_info}
+    handlers = {"reconstruct": cmd_reconstruct, "models": cmd_models, "info": cmd_info, "evaluate": cmd_evaluate}
     try:
         return handlers[args.command](args)
     except Cancelled as exc:

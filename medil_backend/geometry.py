@@ -204,6 +204,23 @@ class Volume:
         return self.grid.spacing
 
 
+def canonical_order(volume: Volume) -> Volume:
+    """The same volume with its voxel axes permuted and flipped to the order closest to RAS.
+
+    A pure re-indexing (no resampling, exact geometry): two files that store the same image in
+    different axis orders or directions give the same array, so a network's output does not
+    depend on how a file happened to be stored.
+    """
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(volume.affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return volume
+    array = nio.apply_orientation(volume.array, ornt)
+    affine = volume.affine @ nio.inv_ornt_aff(ornt, volume.array.shape)
+    return Volume(np.ascontiguousarray(array), affine, modality=volume.modality, meta=dict(volume.meta))
+
+
 def covering_grid(
     points: np.ndarray, spacing: Sequence[float] | float, direction: np.ndarray, margin_mm: float = 0.0
 ) -> Grid:

@@ -179,16 +179,27 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     nib.save(img, path)
 
 
-def _write_itk(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+def to_sitk(array: np.ndarray, affine: np.ndarray):
+    """A SimpleITK image (LPS geometry) of an array on a RAS grid."""
     import SimpleITK as sitk
 
-    lps = _LPS @ affine
-    grid = Grid(array.shape, lps)
+    grid = Grid(array.shape, _LPS @ affine)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     image.SetSpacing([float(s) for s in grid.spacing])
     image.SetDirection([float(d) for d in grid.direction.ravel()])
     image.SetOrigin([float(o) for o in grid.origin])
-    sitk.WriteImage(image, path, useCompression=True)
+    return image
+
+
+def from_sitk(image) -> tuple[np.ndarray, np.ndarray]:
+    """(array in (i, j, k) order, RAS affine) of a SimpleITK image."""
+    return _itk_to_ras(image)
+
+
+def _write_itk(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(to_sitk(array, affine), path, useCompression=True)
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, *, dtype: str | np.dtype | None = None, overwrite: bool = False) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import MedILError
-from ..geometry import Grid, Volume
+from ..geometry import Grid, Volume, canonical_order
 from ..intensity import fit_normalizer
 from ..nn.autoencoder import MedILAutoencoder
 from .common import Progress, check_cancel, report, resolve_device
@@ -58,14 +58,16 @@ def reconstruct(
     slab: int | None = None,
     modality: str | None = None,
 ) -> Volume:
-    """Encode ``volume`` on its native grid and decode it onto ``target``.
+    """Encode ``volume`` on its native grid (axes re-indexed closest to RAS) and decode it onto ``target``.
 
     ``modality`` (``mri``/``ct``/``auto``) overrides ``volume.modality``. ``slab`` forces the slab
     thickness (intermediate voxels); by default it is the largest that fits ``max_memory_gb``.
     Returns a float32 :class:`Volume` on ``target``, in the input's intensity units.
     """
     target = Grid(target.shape, target.affine).validate("the output grid")
-    grid = volume.grid.validate("the input")
+    volume.grid.validate("the input")
+    volume = canonical_order(volume)  # the network sees the same array however the file was stored
+    grid = volume.grid
     dev = resolve_device(device)
     budget = (max_memory_gb or DEFAULT_MAX_MEMORY_GB) * 2**30
     if max_memory_gb is not None and max_memory_gb <= 0:

@@ -1,0 +1,407 @@
+"""MedIL: resample, reconstruct and (later) super-resolve volumes onto any grid with MedIL models.
+
+Module / parameter node / Widget / Logic / Test, as in Slicer's scripted-module template. The
+computing happens in ``medil_backend``, run as a separate process by
+``MedILSlicerLib.logic.MedILLogicCore`` (which also serves batch scripts and the tests that run
+without the application).
+"""
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace, listModels  # noqa: E402
+
+#: Choices shown in the panel (parameter values; the .ui lists the same texts).
+SPACING_PRESETS = ["input", "finest isotropic", "1 mm", "custom"]
+ORIENTATIONS = ["input", "axial (RAS-aligned)", "like reference"]
+FOV_MODES = ["input extent", "ROI", "like reference"]
+TASKS = ["Reconstruct / resample", "Super-resolve", "Sample"]
+DEVICES = ["auto", "cuda", "cpu"]
+MODALITIES = ["auto", "mri", "ct"]
+
+
+#
+# Module
+#
+
+
+class MedILSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MedIL"
+        self.parent.categories = ["Filtering"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedIL for 3D Slicer developers"]
+        self.parent.helpText = (
+            "Resolution-free resampling and reconstruction with MedIL autoencoders: pick any output spacing, "
+            "orientation and field of view. Outputs are AI-generated and carry their provenance as node attributes."
+        )
+        self.parent.acknowledgementText = (
+            "Builds on MedIL (implicit latent spaces for arbitrary-resolution medical images) and the Local Texture Estimator."
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MedILSlicerParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    task: Annotated[str, Choice(TASKS)] = "Reconstruct / resample"
+    spacingPreset: Annotated[str, Choice(SPACING_PRESETS)] = "input"
+    customSpacingX: Annotated[float, WithinRange(0.01, 100.0)] = 1.0
+    customSpacingY: Annotated[float, WithinRange(0.01, 100.0)] = 1.0
+    customSpacingZ: Annotated[float, WithinRange(0.01, 100.0)] = 1.0
+    orientationMode: Annotated[str, Choice(ORIENTATIONS)] = "input"
+    orientationReference: vtkMRMLScalarVolumeNode
+    fovMode: Annotated[str, Choice(FOV_MODES)] = "input extent"
+    fovRoi: vtkMRMLMarkupsROINode
+    fovReference: vtkMRMLScalarVolumeNode
+    modality: Annotated[str, Choice(MODALITIES)] = "auto"
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    maxMemoryGB: Annotated[float, WithinRange(0.25, 512.0)] = 3.0
+    outputVolume: vtkMRMLScalarVolumeNode
+    showIn3D: bool = False
+
+
+def outputSpaceFromParameters(p) -> OutputSpace:
+    """Translate the panel's parameters into an :class:`OutputSpace`."""
+    spacing = {"input": "input", "finest isotropic": "finest", "1 mm": "1mm"}.get(
+        p.spacingPreset, [p.customSpacingX, p.customSpacingY, p.customSpacingZ]
+    )
+    orientation = {"input": "input", "axial (RAS-aligned)": "axial"}.get(p.orientationMode, p.orientationReference)
+    if p.orientationMode == "like reference" and p.orientationReference is None:
+        raise MedILSlicerError("choose the reference volume whose orientation the output takes")
+    fov = None
+    if p.fovMode == "ROI":
+        if p.fovRoi is None:
+            raise MedILSlicerError("choose the ROI that sets the output's field of view")
+        fov = p.fovRoi
+    elif p.fovMode == "like reference":
+        if p.fovReference is None:
+            raise MedILSlicerError("choose the reference volume that sets the output's field of view")
+        fov = p.fovReference
+    return OutputSpace(spacing=spacing, orientation=orientation, fov=fov)
+
+
+#
+# Widget
+#
+
+
+class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedILSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedILSlicerLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.chooseModelFolderButton.clicked.connect(self.onChooseModelFolder)
+        self.ui.refreshModelsButton.clicked.connect(self.refreshModels)
+        self.ui.taskComboBox.currentTextChanged.connect(self.updateTaskOptions)
+        self.ui.spacingPresetComboBox.currentTextChanged.connect(self.updateGeometryOptions)
+        self.ui.orientationComboBox.currentTextChanged.connect(self.updateGeometryOptions)
+        self.ui.fovComboBox.currentTextChanged.connect(self.updateGeometryOptions)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.timeout.connect(self.onPoll)
+
+        self.initializeParameterNode()
+        self.refreshModels()
+        self.ui.deviceLabel.text = self.logic.detectDevice()
+        self.updateTaskOptions()
+        self.updateGeometryOptions()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self.logic.cancel(self._job)
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self._job is not None:
+            return
+        ok = bool(self._parameterNode and self._parameterNode.inputVolume) and self._parameterNode.task == TASKS[0]
+        self.ui.applyButton.enabled = ok
+        self.ui.applyButton.toolTip = "Run MedIL" if ok else "Select an input volume (and an available task)"
+
+    def updateTaskOptions(self, *args) -> None:
+        task = self.ui.taskComboBox.currentText
+        self.ui.reconstructOptionsCollapsibleButton.visible = task == TASKS[0]
+        self._checkCanApply()
+
+    def updateGeometryOptions(self, *args) -> None:
+        self.ui.customSpacingWidget.visible = self.ui.spacingPresetComboBox.currentText == "custom"
+        self.ui.orientationReferenceSelector.visible = self.ui.orientationComboBox.currentText == "like reference"
+        self.ui.fovRoiSelector.visible = self.ui.fovComboBox.currentText == "ROI"
+        self.ui.fovReferenceSelector.visible = self.ui.fovComboBox.currentText == "like reference"
+
+    def refreshModels(self) -> None:
+        combo = self.ui.modelComboBox
+        current = combo.currentText
+        combo.clear()
+        try:
+            models = listModels(self.logic.python)
+        except Exception as exc:  # backend missing: offer to install
+            self.log(f"MedIL backend not available: {exc}")
+            models = []
+        for m in models:
+            combo.addItem(m["name"])
+        if current:
+            index = combo.findText(current)
+            if index >= 0:
+                combo.setCurrentIndex(index)
+
+    def onChooseModelFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(None, "Choose a folder of MedIL models (.safetensors + .json)")
+        if folder:
+            paths = [p for p in os.environ.get("MEDIL_MODELS", "").split(os.pathsep) if p]
+            os.environ["MEDIL_MODELS"] = os.pathsep.join([folder] + [p for p in paths if p != folder])
+            self.refreshModels()
+
+    def log(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def onEvent(self, event: dict) -> None:
+        if "progress" in event:
+            self.ui.progressBar.value = int(100 * event["progress"])
+            self.ui.progressBar.format = f"{event.get('message', '')} %p%"
+        elif "log" in event:
+            self.log(event["log"])
+        elif event.get("done"):
+            self.log(f"done: {json.dumps(event)}")
+
+    def onApplyButton(self) -> None:
+        if self._job is not None:
+            self.logic.cancel(self._job)
+            self._finishRun("cancelled; no output was created")
+            return
+        if not self.logic.ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            space = outputSpaceFromParameters(p)
+            self.ui.logTextEdit.clear()
+            self.ui.progressBar.value = 0
+            self._job = self.logic.process(
+                p.inputVolume,
+                space,
+                model=self.ui.modelComboBox.currentText or None,
+                device=p.device,
+                outputNode=p.outputVolume,
+                modality=p.modality,
+                maxMemoryGB=p.maxMemoryGB,
+                waitForCompletion=False,
+            )
+        except MedILSlicerError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.applyButton.text = "Cancel"
+        self.ui.applyButton.enabled = True
+        self._timer.start()
+
+    def onPoll(self) -> None:
+        try:
+            node = self.logic.poll(self._job, self.onEvent)
+        except MedILSlicerError as exc:
+            self._finishRun(str(exc), error=True)
+            return
+        if node is None:
+            return
+        self._finishRun(f"wrote {node.GetName()}")
+        p = self._parameterNode
+        p.outputVolume = node
+        slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=node, foregroundOpacity=0.5, fit=True)
+        if p.showIn3D:
+            self.logic.showVolumeRendering(node)
+
+    def _finishRun(self, message: str, error: bool = False) -> None:
+        self._timer.stop()
+        self._job = None
+        self.ui.applyButton.text = "Apply"
+        self.log(message)
+        if error:
+            slicer.util.errorDisplay(message)
+        self._checkCanApply()
+
+
+#
+# Logic
+#
+
+
+class MedILSlicerLogic(ScriptedLoadableModuleLogic, MedILLogicCore):
+    """Usable without the GUI: ``MedILSlicerLogic().process(inputNode, OutputSpace(spacing=[1.0]))``."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        MedILLogicCore.__init__(self)
+
+    def getParameterNode(self):
+        return MedILSlicerParameterNode(super().getParameterNode())
+
+    def detectDevice(self) -> str:
+        try:
+            import torch
+        except ImportError:
+            return "PyTorch not installed"
+        if torch.cuda.is_available():
+            return f"detected: CUDA GPU ({torch.cuda.get_device_name(0)})"
+        return "detected: CPU only"
+
+    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
+        """Check for torch and medil_backend; offer to install what is missing (never silently)."""
+        import importlib.util
+
+        restart = False
+        if importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils  # from the PyTorch extension
+
+                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                if torchLogic.installTorch(askConfirmation=askConfirmation) is None:
+                    return False
+            except ImportError:
+                if not slicer.util.confirmOkCancelDisplay("MedIL needs PyTorch. Install the CPU build of torch with pip now?"):
+                    return False
+                slicer.util.pip_install("torch>=2.4")
+            restart = True
+        if importlib.util.find_spec("medil_backend") is None:
+            source = os.path.dirname(_HERE)  # the repository root holds the backend's pyproject.toml
+            target = source if os.path.exists(os.path.join(source, "pyproject.toml")) else "medil-backend"
+            if not slicer.util.confirmOkCancelDisplay(f"MedIL needs its backend package. Install it now from {target}?"):
+                return False
+            slicer.util.pip_install(f'"{target}"' if os.path.isdir(target) else target)
+        if restart:
+            slicer.util.infoDisplay("PyTorch was installed. Restart Slicer before running MedIL.")
+            return False
+        return True
+
+    def showVolumeRendering(self, node) -> None:
+        vrLogic = slicer.modules.volumerendering.logic()
+        displayNode = vrLogic.CreateDefaultVolumeRenderingNodes(node)
+        displayNode.SetVisibility(True)
+        vrLogic.UpdateDisplayNodeFromVolumeNode(displayNode, node)
+
+
+#
+# Test
+#
+
+
+class MedILSlicerTest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_reconstruct_keeps_geometry()
+        self.setUp()
+        self.test_cancel_leaves_no_output()
+
+    def _inputNode(self):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        array = (rng.random((20, 24, 18)) * 100).astype(np.float32)  # (k, j, i)
+        node = slicer.util.addVolumeFromArray(array, name="medil_test_input")
+        node.SetSpacing(1.2, 0.9, 2.5)
+        node.SetOrigin(10.0, -20.0, 5.0)
+        m = vtk.vtkMatrix4x4()
+        m.SetElement(0, 0, -1.0)  # flipped x
+        node.SetIJKToRASDirectionMatrix(m)
+        return node
+
+    def test_reconstruct_keeps_geometry(self):
+        import numpy as np
+
+        self.delayDisplay("MedIL: reconstruct onto a 1.5 mm grid")
+        node = self._inputNode()
+        out = MedILSlicerLogic().process(node, OutputSpace(spacing=[1.5]), waitForCompletion=True)
+        self.assertIsNotNone(out)
+        spacing = out.GetSpacing()
+        self.assertTrue(np.allclose(spacing, 1.5, atol=1e-5))
+        a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        node.GetIJKToRASDirectionMatrix(a)
+        out.GetIJKToRASDirectionMatrix(b)
+        self.assertTrue(all(abs(a.GetElement(r, c) - b.GetElement(r, c)) < 1e-6 for r in range(3) for c in range(3)))
+        self.assertEqual(out.GetAttribute("MedIL.aiGenerated"), "true")
+        self.delayDisplay("Test passed")
+
+    def test_cancel_leaves_no_output(self):
+        node = self._inputNode()
+        before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+        logic = MedILSlicerLogic()
+        job = logic.process(node, OutputSpace(spacing=[0.3]), waitForCompletion=False)
+        logic.cancel(job)
+        self.assertFalse(job.backend.running())
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), before)
+        self.delayDisplay("Test passed")

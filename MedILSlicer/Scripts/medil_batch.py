@@ -1,0 +1,109 @@
+"""Headless MedIL batch job through the MedILSlicer Logic.
+
+In the Slicer application:
+    Slicer --no-main-window --python-script MedILSlicer/Scripts/medil_batch.py -- --input IN --output OUT --spacing 1
+With the slicer-core wheel (real MRML, no application):
+    python MedILSlicer/Scripts/medil_batch.py --input IN --output OUT [--spacing S [S S] | --like REF] [--model NAME]
+
+Exit status 0 on success, 1 with a one-line message for a user mistake or a failed run.
+"""
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # MedILSlicer/, for MedILSlicerLib
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="medil_batch", description=__doc__.splitlines()[0])
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--spacing", type=float, nargs="+")
+    g.add_argument("--like", metavar="REF")
+    ap.add_argument("--orientation", default="input")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--modality", default="auto", choices=["auto", "mri", "ct"])
+    ap.add_argument("--overwrite", action="store_true")
+    return ap.parse_args(argv)
+
+
+def load_node(path, name):
+    """Read a volume into a new node: through a storage node, or the backend's reader for formats the wheel lacks."""
+    import slicer
+
+    from MedILSlicerLib.mrml_geometry import numpy_to_vtk_matrix
+
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    slicer.mrmlScene.AddNode(node)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    slicer.mrmlScene.AddNode(storage)
+    storage.SetFileName(path)
+    if path.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")) and storage.ReadData(node):
+        return node
+    from medil_backend.io import read_volume
+
+    vol = read_volume(path)
+    slicer.util.updateVolumeFromArray(node, vol.array.transpose(2, 1, 0).copy())
+    node.SetIJKToRASMatrix(numpy_to_vtk_matrix(vol.affine))
+    return node
+
+
+def run(argv) -> int:
+    import numpy as np
+    import slicer
+
+    from medil_backend.errors import MedILError
+    from medil_backend.io import check_output_path, write_volume
+    from medil_backend.geometry import Volume
+    from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace
+    from MedILSlicerLib.mrml_geometry import ijk_to_ras
+
+    args = parse(argv)
+    if getattr(slicer, "mrmlScene", None) is None:
+        slicer.mrmlScene = slicer.vtkMRMLScene()
+    try:
+        if args.spacing is not None and len(args.spacing) not in (1, 3):
+            raise MedILError("--spacing takes one value (isotropic) or three")
+        check_output_path(args.output, overwrite=args.overwrite)
+        if not os.path.exists(args.input):
+            raise MedILError(f"{args.input} does not exist; check the path")
+        node = load_node(args.input, "input")
+        space = OutputSpace(spacing=args.spacing or "input", orientation=args.orientation)
+        if args.like:
+            if not os.path.exists(args.like):
+                raise MedILError(f"{args.like} does not exist; check the path")
+            space = OutputSpace(like=load_node(args.like, "reference"))
+
+        def on_event(ev):
+            if "progress" in ev:
+                print(f"[{100 * ev['progress']:5.1f}%] {ev.get('message', '')}", file=sys.stderr, flush=True)
+
+        out = MedILLogicCore().process(node, space, model=args.model, device=args.device, modality=args.modality, onEvent=on_event)
+        array = slicer.util.arrayFromVolume(out).transpose(2, 1, 0)
+        write_volume(Volume(np.asarray(array), ijk_to_ras(out)), args.output, overwrite=args.overwrite)
+    except (MedILError, MedILSlicerError) as exc:
+        print(f"medil_batch: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"medil_batch: wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if "--" in argv:
+        argv = argv[argv.index("--") + 1 :]
+    status = run(argv)
+    import slicer
+
+    if hasattr(slicer, "app") and hasattr(slicer.util, "exit") and getattr(slicer, "app", None) is not None:
+        slicer.util.exit(status)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

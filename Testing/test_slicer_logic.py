@@ -1,0 +1,203 @@
+"""MedILSlicer's Logic against real MRML from the slicer-core wheel (no Slicer application)."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, shared
+from medil_backend.geometry import Volume
+from medil_backend.io import read_volume, write_volume
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel")
+pytestmark = pytest.mark.slicer
+
+sys.path.insert(0, str(REPO / "MedILSlicer"))
+from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace  # noqa: E402
+from MedILSlicerLib.mrml_geometry import ijk_to_ras, numpy_to_vtk_matrix  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    yield slicer.mrmlScene
+    slicer.mrmlScene.Clear(1)
+
+
+def load_node(scene, path):
+    node = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    node.SetName(Path(path).name.split(".")[0])
+    return node
+
+
+def node_array(node):
+    return slicer.util.arrayFromVolume(node).transpose(2, 1, 0)  # MRML arrays are (k, j, i)
+
+
+def crop_file(rel, box, tmp_path, oblique=False, name="crop.nrrd"):
+    v = read_volume(shared(rel))
+    lo, hi = np.array(box[0]), np.array(box[1])
+    arr = np.ascontiguousarray(v.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    aff = v.grid.sub_grid(lo, hi).affine
+    if oblique:
+        a = np.deg2rad(23)
+        rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        aff[:3, :3] = rot @ aff[:3, :3]
+    path = tmp_path / name
+    write_volume(Volume(arr, aff), path, dtype=arr.dtype)
+    return path
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "medil_backend", *map(str, args), "--progress", "none"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+CASES = [
+    ("mri/clinical_t1c_thick_0p78x0p78x6p5mm.nrrd", ((90, 100, 8), (130, 136, 17)), False),  # LPS-stored, flipped axis
+    ("ct/head_ct_0p96x0p96x1p5mm.nrrd", ((100, 100, 40), (132, 128, 64)), True),  # oblique
+]
+
+
+@pytest.mark.parametrize("rel,box,oblique", CASES, ids=["lps-flipped", "oblique-ct"])
+def test_logic_matches_cli(scene, tmp_path, model_dir, rel, box, oblique):
+    src = crop_file(rel, box, tmp_path, oblique)
+    node = load_node(scene, src)
+    # (the wheel's NRRD reader may store slices in reverse order, with IJKToRAS to match: the same
+    # image in world space; an explicit orientation makes the two output grids identical)
+    space = OutputSpace(spacing=[1.1, 1.3, 1.7], orientation="LPS")
+    out = MedILLogicCore().process(node, space, model="tiny", waitForCompletion=True)
+    ref_path = tmp_path / "cli.nrrd"
+    cli("reconstruct", src, ref_path, "--model", "tiny", "--spacing", 1.1, 1.3, 1.7, "--orientation", "LPS")
+    ref = read_volume(ref_path)
+    np.testing.assert_allclose(ijk_to_ras(out), ref.affine, atol=1e-5)
+    assert tuple(out.GetImageData().GetDimensions()) == ref.shape
+    np.testing.assert_allclose(node_array(out), ref.array, atol=1e-4)
+    assert out.GetAttribute("MedIL.model") == "tiny"
+    assert len(out.GetAttribute("MedIL.modelSha256")) == 64
+    assert "AI-generated" in out.GetDescription()
+    assert out.GetName().endswith("_medil_reconstruct")
+
+
+def test_logic_like_reference_is_exact(scene, tmp_path, model_dir):
+    src = crop_file(*CASES[0][:2], tmp_path)
+    node = load_node(scene, src)
+    ref = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(ref)
+    ref.SetAndObserveImageData(node.GetImageData())
+    aff = np.diag([0.7, -1.3, 2.1, 1.0])
+    aff[:3, 3] = [-12.5, 3.25, 7.0]
+    aff[:3, :3] = np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]) @ aff[:3, :3]
+    ref.SetIJKToRASMatrix(numpy_to_vtk_matrix(aff))
+    out = MedILLogicCore().process(node, OutputSpace(like=ref), model="tiny")
+    np.testing.assert_allclose(ijk_to_ras(out), aff, atol=1e-5)
+    assert out.GetImageData().GetDimensions() == node.GetImageData().GetDimensions()
+
+
+def test_parent_linear_transform_is_folded_in(scene, tmp_path, model_dir):
+    src = crop_file(*CASES[0][:2], tmp_path)
+    node = load_node(scene, src)
+    t = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(t)
+    m = np.eye(4)
+    m[:3, 3] = [5.0, -3.0, 2.5]
+    t.SetMatrixTransformToParent(numpy_to_vtk_matrix(m))
+    node.SetAndObserveTransformNodeID(t.GetID())
+    out = MedILLogicCore().process(node, OutputSpace(), model="tiny")  # default: the input's own (world) grid
+    np.testing.assert_allclose(ijk_to_ras(out), m @ ijk_to_ras(node), atol=1e-5)
+
+
+def test_nonlinear_transform_refused(scene, tmp_path, model_dir):
+    import vtk
+
+    node = load_node(scene, crop_file(*CASES[0][:2], tmp_path))
+    t = slicer.vtkMRMLTransformNode()
+    scene.AddNode(t)
+    tps = vtk.vtkThinPlateSplineTransform()
+    src, dst = vtk.vtkPoints(), vtk.vtkPoints()
+    for p in ([0, 0, 0], [10, 0, 0], [0, 10, 0], [0, 0, 10]):
+        src.InsertNextPoint(p)
+        dst.InsertNextPoint([p[0] + 1, p[1], p[2] + 0.5])
+    tps.SetSourceLandmarks(src)
+    tps.SetTargetLandmarks(dst)
+    tps.SetBasisToR()
+    t.SetAndObserveTransformToParent(tps)
+    node.SetAndObserveTransformNodeID(t.GetID())
+    with pytest.raises(MedILSlicerError, match="Harden transform"):
+        MedILLogicCore().process(node, OutputSpace(), model="tiny")
+
+
+def test_roi_field_of_view(scene, tmp_path, model_dir):
+    node = load_node(scene, crop_file(*CASES[0][:2], tmp_path))
+    roi = slicer.vtkMRMLMarkupsROINode()
+    scene.AddNode(roi)
+    lo, hi = read_volume(tmp_path / "crop.nrrd").grid.extent()
+    centre = (lo + hi) / 2
+    roi.SetXYZ(*centre)
+    roi.SetRadiusXYZ(6.0, 5.0, 9.0)
+    out = MedILLogicCore().process(node, OutputSpace(spacing=[1.0], orientation="axial", fov=roi), model="tiny")
+    assert out.GetImageData().GetDimensions() == (12, 10, 18)
+    np.testing.assert_allclose(ijk_to_ras(out)[:3, :3], np.eye(3), atol=1e-9)
+
+
+def test_backend_error_reaches_the_user_and_leaves_no_node(scene, tmp_path, model_dir):
+    node = load_node(scene, crop_file(*CASES[0][:2], tmp_path))
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(MedILSlicerError, match="unknown model"):
+        MedILLogicCore().process(node, OutputSpace(), model="no-such-model")
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before
+
+
+def test_cancel_kills_the_process_tree_and_leaves_nothing(scene, tmp_path, model_dir):
+    node = load_node(scene, crop_file(*CASES[0][:2], tmp_path))
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    logic = MedILLogicCore()
+    job = logic.process(node, OutputSpace(spacing=[0.12]), model="tiny", waitForCompletion=False)
+    events = []
+    deadline = time.time() + 120
+    while not any("progress" in e for e in events) and time.time() < deadline:
+        assert logic.poll(job, events.append) is None, "the job finished before it could be cancelled"
+        time.sleep(0.05)
+    assert any("progress" in e for e in events)
+    pid = job.backend.pid
+    logic.cancel(job)
+    assert not job.backend.running()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # no process of the job's group is left
+    assert not os.path.exists(job.workdir)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before
+    with pytest.raises(MedILSlicerError, match="cancelled"):
+        logic.finish(job)
+
+
+def test_batch_script_with_slicer_core(tmp_path, model_dir):
+    src = crop_file(*CASES[1][:2], tmp_path)
+    out = tmp_path / "batch_out.nrrd"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "MedILSlicer/Scripts/medil_batch.py"), "--input", str(src), "--output", str(out), "--spacing", "1.5", "--model", "tiny"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    v, r = read_volume(src), read_volume(out)
+    np.testing.assert_allclose(r.grid.spacing, 1.5, atol=1e-5)
+    assert r.grid.orientation_code == v.grid.orientation_code
+    lo_in, hi_in = v.grid.extent()
+    lo, hi = r.grid.extent()
+    assert np.all(lo <= lo_in + 1e-4) and np.all(hi >= hi_in - 1e-4)
+    # a user mistake: clear message, non-zero status, no output
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "MedILSlicer/Scripts/medil_batch.py"), "--input", str(tmp_path / "missing.nrrd"), "--output", str(tmp_path / "x.nrrd")],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
+    assert not (tmp_path / "x.nrrd").exists()

@@ -1,0 +1,155 @@
+"""The module's .ui in real Qt (PySide6, offscreen), checked against MedILSlicer.py's own code."""
+
+import ast
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="needs PySide6-Essentials")
+from PySide6.QtCore import QFile  # noqa: E402
+from PySide6.QtUiTools import QUiLoader  # noqa: E402
+
+UI = REPO / "MedILSlicer" / "Resources" / "UI" / "MedILSlicer.ui"
+MODULE = REPO / "MedILSlicer" / "MedILSlicer.py"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+# Stand-ins for Slicer's custom widgets, named as in Slicer so QUiLoader builds them.
+class qMRMLWidget(QtWidgets.QWidget):
+    pass
+
+
+class ctkCollapsibleButton(QtWidgets.QGroupBox):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._collapsed = False
+
+    def setText(self, text):
+        self.setTitle(text)
+
+    def text(self):
+        return self.title()
+
+    def setCollapsed(self, value):
+        self._collapsed = bool(value)
+
+
+class qMRMLNodeComboBox(QtWidgets.QComboBox):
+    pass
+
+
+def ui_node_types():
+    """objectName -> nodeTypes of every qMRMLNodeComboBox in the .ui (Qt properties Slicer reads)."""
+    import xml.etree.ElementTree as ET
+
+    out = {}
+    for w in ET.parse(UI).iter("widget"):
+        if w.get("class") == "qMRMLNodeComboBox":
+            prop = [p for p in w.findall("property") if p.get("name") == "nodeTypes"][0]
+            out[w.get("name")] = [s.text for s in prop.iter("string")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def app():
+    return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+
+
+@pytest.fixture(scope="module")
+def panel(app):
+    loader = QUiLoader()
+    for cls in (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox):
+        loader.registerCustomWidget(cls)
+    f = QFile(str(UI))
+    assert f.open(QFile.ReadOnly)
+    widget = loader.load(f)
+    f.close()
+    assert widget is not None, loader.errorString()
+    return widget
+
+
+def module_ast():
+    return ast.parse(MODULE.read_text())
+
+
+def parameter_fields():
+    """Field name -> default (or None) of the @parameterNodeWrapper class in MedILSlicer.py."""
+    tree = module_ast()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
+            out = {}
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign):
+                    out[stmt.target.id] = ast.literal_eval(stmt.value) if stmt.value is not None else None
+            return out
+    raise AssertionError("no @parameterNodeWrapper class in MedILSlicer.py")
+
+
+def module_constant(name):
+    for node in module_ast().body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
+            return ast.literal_eval(node.value)
+    raise KeyError(name)
+
+
+def bound_widgets(panel):
+    return {w.property("SlicerParameterName"): w for w in panel.findChildren(QtWidgets.QWidget) if w.property("SlicerParameterName")}
+
+
+def test_module_file_compiles():
+    compile(MODULE.read_text(), str(MODULE), "exec")
+
+
+def test_every_widget_the_code_uses_exists(panel):
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text()))
+    names = {w.objectName() for w in panel.findChildren(QtWidgets.QWidget)}
+    assert used, "the widget code uses no widgets?"
+    assert used <= names, f"missing in the .ui: {sorted(used - names)}"
+
+
+def test_parameter_names_match_the_parameter_node(panel):
+    fields = parameter_fields()
+    bound = bound_widgets(panel)
+    assert set(bound) <= set(fields), f"unknown SlicerParameterName: {sorted(set(bound) - set(fields))}"
+    assert set(fields) <= set(bound), f"parameters with no widget: {sorted(set(fields) - set(bound))}"
+
+
+@pytest.mark.parametrize("param,constant", [("task", "TASKS"), ("spacingPreset", "SPACING_PRESETS"), ("orientationMode", "ORIENTATIONS"),
+                                            ("fovMode", "FOV_MODES"), ("device", "DEVICES"), ("modality", "MODALITIES")])
+def test_combo_boxes_offer_the_parameter_choices_and_default(panel, param, constant):
+    combo = bound_widgets(panel)[param]
+    items = [combo.itemText(i) for i in range(combo.count())]
+    assert items == module_constant(constant)
+    assert parameter_fields()[param] == items[0]  # the default is the first, pre-selected item
+
+
+def test_defaults_are_sane(panel):
+    fields = parameter_fields()
+    bound = bound_widgets(panel)
+    for axis in "XYZ":
+        spin = bound[f"customSpacing{axis}"]
+        assert spin.value() == fields[f"customSpacing{axis}"] == 1.0 and spin.minimum() > 0
+    assert bound["maxMemoryGB"].value() == fields["maxMemoryGB"] == 3.0
+    assert bound["showIn3D"].isChecked() is False and fields["showIn3D"] is False
+    node_types = ui_node_types()
+    assert node_types["inputSelector"] == ["vtkMRMLScalarVolumeNode"]
+    assert node_types["fovRoiSelector"] == ["vtkMRMLMarkupsROINode"]
+    assert set(node_types) == {w.objectName() for w in panel.findChildren(qMRMLNodeComboBox)}
+    apply = panel.findChild(QtWidgets.QPushButton, "applyButton")
+    assert apply.text() == "Apply" and not apply.isEnabled()  # enabled once an input is chosen
+
+
+def test_panel_screenshot(panel):
+    ARTIFACTS.mkdir(exist_ok=True)
+    panel.resize(440, 820)
+    panel.show()
+    QtWidgets.QApplication.processEvents()
+    image = panel.grab()
+    path = ARTIFACTS / "MedILSlicer_panel.png"
+    assert image.save(str(path))
+    assert path.stat().st_size > 1000
