@@ -28,8 +28,17 @@ def tiny_config():
     from medil_backend.nn import MedILConfig
 
     return MedILConfig(
-        channels=(4, 8), factors=(2,), n_units=1, encoder_norm="none", decoder_norm="channel",
-        latent_channels=4, latent_spacing=4.0, lte_frequencies=8, inr_width=8, inr_blocks=1, global_skip=True,
+        channels=(4, 8),
+        factors=(2,),
+        n_units=1,
+        encoder_norm="none",
+        decoder_norm="channel",
+        latent_channels=4,
+        latent_spacing=4.0,
+        lte_frequencies=8,
+        inr_width=8,
+        inr_blocks=1,
+        global_skip=True,
     )
 
 
@@ -43,6 +52,7 @@ def tiny_model(tiny_config):
     with torch.no_grad():
         for lte in (net.encoder_lte, net.decoder_lte):
             lte.inr.tail[1].weight.normal_(0, 0.05)
+        net.decoder.head.weight.normal_(0, 0.05)
     return net.eval()
 
 

@@ -8,8 +8,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import REPO, shared
+
 from medil_backend.cli import main
 from medil_backend.geometry import Volume
 from medil_backend.io import read_volume, write_volume
@@ -45,7 +45,9 @@ def test_reconstruct_spacing(small_mri, tmp_path, model_dir, capsys):
     assert r.array.dtype == np.float32 and np.isfinite(r.array).all()
 
 
-@pytest.mark.parametrize("in_fmt,ref_fmt,out_fmt", [(".nii.gz", ".nrrd", ".mha"), (".nrrd", ".nii.gz", ".nrrd"), (".mha", ".mha", ".nii.gz")])
+@pytest.mark.parametrize(
+    "in_fmt,ref_fmt,out_fmt", [(".nii.gz", ".nrrd", ".mha"), (".nrrd", ".nii.gz", ".nrrd"), (".mha", ".mha", ".nii.gz")]
+)
 def test_like_is_exact_across_formats(small_mri, tmp_path, model_dir, capsys, in_fmt, ref_fmt, out_fmt):
     v = read_volume(small_mri)
     src = tmp_path / f"in{in_fmt}"
@@ -184,7 +186,9 @@ def test_subprocess_exit_status_and_no_traceback(tmp_path):
     """The installed entry point, as a user runs it."""
     proc = subprocess.run(
         [sys.executable, "-m", "medil_backend", "reconstruct", str(tmp_path / "nope.nii.gz"), str(tmp_path / "o.nii.gz")],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "medil_backend", "reconstruct"], capture_output=True, text=True, cwd=REPO)

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import shared
+
 from medil_backend.errors import MedILError
 from medil_backend.geometry import Grid, Volume
 from medil_backend.io import read_volume, write_volume

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, shared
+
 from medil_backend.geometry import Volume
 from medil_backend.io import read_volume, write_volume
 
@@ -46,7 +46,7 @@ def node_array(node):
 def crop_file(rel, box, tmp_path, oblique=False, name="crop.nrrd"):
     v = read_volume(shared(rel))
     lo, hi = np.array(box[0]), np.array(box[1])
-    arr = np.ascontiguousarray(v.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    arr = np.ascontiguousarray(v.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
     aff = v.grid.sub_grid(lo, hi).affine
     if oblique:
         a = np.deg2rad(23)
@@ -184,8 +184,20 @@ def test_batch_script_with_slicer_core(tmp_path, model_dir):
     src = crop_file(*CASES[1][:2], tmp_path)
     out = tmp_path / "batch_out.nrrd"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "MedILSlicer/Scripts/medil_batch.py"), "--input", str(src), "--output", str(out), "--spacing", "1.5", "--model", "tiny"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO / "MedILSlicer/Scripts/medil_batch.py"),
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--spacing",
+            "1.5",
+            "--model",
+            "tiny",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     v, r = read_volume(src), read_volume(out)
@@ -196,8 +208,16 @@ def test_batch_script_with_slicer_core(tmp_path, model_dir):
     assert np.all(lo <= lo_in + 1e-4) and np.all(hi >= hi_in - 1e-4)
     # a user mistake: clear message, non-zero status, no output
     bad = subprocess.run(
-        [sys.executable, str(REPO / "MedILSlicer/Scripts/medil_batch.py"), "--input", str(tmp_path / "missing.nrrd"), "--output", str(tmp_path / "x.nrrd")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO / "MedILSlicer/Scripts/medil_batch.py"),
+            "--input",
+            str(tmp_path / "missing.nrrd"),
+            "--output",
+            str(tmp_path / "x.nrrd"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
     assert not (tmp_path / "x.nrrd").exists()

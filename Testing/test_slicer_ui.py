@@ -3,10 +3,8 @@
 import ast
 import os
 import re
-from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -119,8 +117,17 @@ def test_parameter_names_match_the_parameter_node(panel):
     assert set(fields) <= set(bound), f"parameters with no widget: {sorted(set(fields) - set(bound))}"
 
 
-@pytest.mark.parametrize("param,constant", [("task", "TASKS"), ("spacingPreset", "SPACING_PRESETS"), ("orientationMode", "ORIENTATIONS"),
-                                            ("fovMode", "FOV_MODES"), ("device", "DEVICES"), ("modality", "MODALITIES")])
+@pytest.mark.parametrize(
+    "param,constant",
+    [
+        ("task", "TASKS"),
+        ("spacingPreset", "SPACING_PRESETS"),
+        ("orientationMode", "ORIENTATIONS"),
+        ("fovMode", "FOV_MODES"),
+        ("device", "DEVICES"),
+        ("modality", "MODALITIES"),
+    ],
+)
 def test_combo_boxes_offer_the_parameter_choices_and_default(panel, param, constant):
     combo = bound_widgets(panel)[param]
     items = [combo.itemText(i) for i in range(combo.count())]

@@ -23,6 +23,13 @@ def _peak_mb() -> float:
 
 
 def _job(kind: str, path: str, spacing: list[float], model: str | None, max_memory: float | None, queue) -> None:
+    try:
+        _run(kind, path, spacing, model, max_memory, queue)
+    except Exception as exc:  # report, never leave the parent waiting
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _run(kind: str, path: str, spacing: list[float], model: str | None, max_memory: float | None, queue) -> None:
     import numpy as np
     import torch
 
@@ -42,8 +49,17 @@ def _job(kind: str, path: str, spacing: list[float], model: str | None, max_memo
         out = resample_sitk(vol, target, "bspline")
         meta = {}
     seconds = time.perf_counter() - t0
-    queue.put({"seconds": seconds, "peak_rss_mb": _peak_mb(), "peak_rss_increase_mb": _peak_mb() - base,
-               "output_shape": list(target.shape), "output_mb": out.array.nbytes / 2**20, "finite": bool(np.isfinite(out.array).all()), **meta})
+    queue.put(
+        {
+            "seconds": seconds,
+            "peak_rss_mb": _peak_mb(),
+            "peak_rss_increase_mb": _peak_mb() - base,
+            "output_shape": list(target.shape),
+            "output_mb": out.array.nbytes / 2**20,
+            "finite": bool(np.isfinite(out.array).all()),
+            **meta,
+        }
+    )
 
 
 def measure(kind: str, path: str, spacing, model, max_memory) -> dict:
@@ -61,11 +77,14 @@ def main() -> None:
     ap.add_argument("--input", default=str(REPO / "examples/data/itk_t1_2x2x3mm.nii.gz"))
     ap.add_argument("--spacing", type=float, nargs="+", default=[1.0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--max-memory", type=float, nargs="+", default=[3.0, 0.5], help="MedIL memory limits to compare (GB)")
+    ap.add_argument("--max-memory", type=float, nargs="+", default=[3.0, 1.0], help="MedIL memory limits to compare (GB)")
     args = ap.parse_args()
     bspline = measure("bspline", args.input, args.spacing, None, None)
     runs = {f"medil_max{m:g}GB": measure("medil", args.input, args.spacing, args.model, m) for m in args.max_memory}
     first = runs[next(iter(runs))]
+    if "error" in first or "error" in bspline:
+        print(json.dumps({"error": first.get("error") or bspline.get("error")}))
+        raise SystemExit(1)
     report = {
         "benchmark": "reconstruct vs SimpleITK B-spline",
         "input": Path(args.input).name,

@@ -45,8 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-memory", type=float, default=None, metavar="GB", help="working-memory limit (default 3 GB)")
     r.add_argument("--dtype", default="float32", choices=["float32", "input"], help="output voxel type (input: rounded, clipped)")
     r.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    r.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="progress display (json: one JSON object a line on stdout)")
+    r.add_argument(
+        "--progress", default="bar", choices=["bar", "json", "none"], help="progress display (json: one JSON object a line on stdout)"
+    )
 
+    sub.add_parser(
+        "train", help="train a model with Lightning: medil train --config CONFIG.yaml [overrides] (see training/configs)", add_help=False
+    )
     sub.add_parser("models", help="list bundled and installed models").add_argument("--json", action="store_true")
 
     e = sub.add_parser("evaluate", help="metrics of models vs trilinear and B-spline on reconstruction and thick-slice super-resolution")
@@ -116,11 +121,16 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     card_modality = model.card.get("modality")
     update, close = _progress_callback(args.progress)
     try:
-        result = reconstruct(volume, target, model.net, device=args.device, progress=update, max_memory_gb=args.max_memory, modality=args.modality)
+        result = reconstruct(
+            volume, target, model.net, device=args.device, progress=update, max_memory_gb=args.max_memory, modality=args.modality
+        )
     finally:
         close()
     if card_modality and result.modality != card_modality:
-        print(f"medil: warning: model {model.name!r} was trained on {card_modality.upper()}, the input looks like {result.modality.upper()}", file=sys.stderr)
+        print(
+            f"medil: warning: model {model.name!r} was trained on {card_modality.upper()}, the input looks like {result.modality.upper()}",
+            file=sys.stderr,
+        )
     dtype = volume.array.dtype if args.dtype == "input" else np.float32
     write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite)
     summary = {
@@ -144,7 +154,22 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     entries = list_models()
     if args.json:
-        print(json.dumps([{"name": e.name, "source": e.source, "tasks": e.tasks, "card": str(e.card_path), "modality": e.card.get("modality"), "latent": e.card.get("latent")} for e in entries], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": e.name,
+                        "source": e.source,
+                        "tasks": e.tasks,
+                        "card": str(e.card_path),
+                        "modality": e.card.get("modality"),
+                        "latent": e.card.get("latent"),
+                    }
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not entries:
         print("no models found")
@@ -210,6 +235,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # LightningCLI parses its own (YAML) arguments
+        try:
+            from .training.cli import main as train_main
+        except ImportError as exc:
+            print(
+                f"medil: error: training needs the train extra ({exc.name} is missing): pip install 'medil-backend[train]'", file=sys.stderr
+            )
+            return 1
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {"reconstruct": cmd_reconstruct, "models": cmd_models, "info": cmd_info, "evaluate": cmd_evaluate}
     try:
@@ -226,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as exc:
         text = str(exc)
         if isinstance(exc, MemoryError) or "out of memory" in text.lower():
-            print("medil: error: ran out of memory; lower --max-memory, pick a coarser --spacing or a smaller --fov, or use --device cpu", file=sys.stderr)
+            print(
+                "medil: error: ran out of memory; lower --max-memory, pick a coarser --spacing or a smaller --fov, or use --device cpu",
+                file=sys.stderr,
+            )
             return 1
         raise
 

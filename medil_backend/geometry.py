@@ -72,16 +72,18 @@ def nearest_aligned_direction(direction: np.ndarray) -> np.ndarray:
     return aligned
 
 
-@dataclass(frozen=True, eq=False)
 class Grid:
-    """A voxel grid in world RAS mm: ``shape`` (3 ints) and ``affine`` (4x4, voxel centre -> world)."""
+    """A voxel grid in world RAS mm: ``shape`` (3 ints) and ``affine`` (4x4, voxel centre -> world).
 
-    shape: tuple[int, int, int]
-    affine: np.ndarray
+    (A plain class rather than a dataclass, so that batch-collation code such as Lightning's
+    passes it through untouched.)
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        object.__setattr__(self, "affine", np.array(self.affine, dtype=np.float64).reshape(4, 4))
+    __slots__ = ("shape", "affine")
+
+    def __init__(self, shape: Sequence[int], affine: np.ndarray) -> None:
+        self.shape: tuple[int, ...] = tuple(int(s) for s in shape)
+        self.affine: np.ndarray = np.array(affine, dtype=np.float64).reshape(4, 4)
 
     @classmethod
     def from_parts(
@@ -221,9 +223,7 @@ def canonical_order(volume: Volume) -> Volume:
     return Volume(np.ascontiguousarray(array), affine, modality=volume.modality, meta=dict(volume.meta))
 
 
-def covering_grid(
-    points: np.ndarray, spacing: Sequence[float] | float, direction: np.ndarray, margin_mm: float = 0.0
-) -> Grid:
+def covering_grid(points: np.ndarray, spacing: Sequence[float] | float, direction: np.ndarray, margin_mm: float = 0.0) -> Grid:
     """The smallest grid with ``spacing`` and ``direction`` whose voxels cover ``points`` (plus a margin), centred on them."""
     spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
     direction = np.asarray(direction, dtype=np.float64)

@@ -47,7 +47,6 @@ def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
-
     from nibabel.openers import ImageOpener
 
     img = nib.load(str(path))

@@ -98,7 +98,9 @@ def find_model(name_or_path: str | os.PathLike | None) -> ModelEntry:
         elif path.suffix == ".safetensors":
             path = path.with_suffix(".json")
             if not path.exists():
-                raise MedILError(f"{path.with_suffix('.safetensors')} has no model card {path.name} beside it; export the model with its card")
+                raise MedILError(
+                    f"{path.with_suffix('.safetensors')} has no model card {path.name} beside it; export the model with its card"
+                )
         elif path.suffix in (".ckpt", ".pt", ".pth", ".pkl"):
             raise MedILError(f"{path} is a pickle checkpoint, which MedIL never loads; export it with `medil export` to safetensors + card")
         card = _read_card(path)
@@ -128,7 +130,9 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> LoadedModel:
     except MedILError:
         raise
     except Exception as exc:
-        raise MedILError(f"model {entry.name!r} cannot be loaded ({str(exc).splitlines()[0][:200]}); its card and weights disagree") from None
+        raise MedILError(
+            f"model {entry.name!r} cannot be loaded ({str(exc).splitlines()[0][:200]}); its card and weights disagree"
+        ) from None
     net.eval()
     return LoadedModel(entry.name, net, entry.card, digest)
 
@@ -147,7 +151,11 @@ def export_model(net: MedILAutoencoder, folder: str | os.PathLike, name: str, ca
     c = net.config
     full.setdefault(
         "latent",
-        {"spacing_mm": c.latent_spacing, "channels": c.latent_channels, "compression_vs_1mm": round(c.latent_spacing**3 / c.latent_channels, 2)},
+        {
+            "spacing_mm": c.latent_spacing,
+            "channels": c.latent_channels,
+            "compression_vs_1mm": round(c.latent_spacing**3 / c.latent_channels, 2),
+        },
     )
     card_path = folder / f"{name}.json"
     card_path.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")

@@ -36,8 +36,13 @@ def combo(name, items, param=None):
 
 
 def node_combo(name, types, param, none=False, none_text=None, add=False):
-    props = [prop("nodeTypes", "stringlist", types), prop("addEnabled", "bool", str(add).lower()), prop("removeEnabled", "bool", "false"),
-             prop("noneEnabled", "bool", str(none).lower()), prop("renameEnabled", "bool", "true" if add else "false")]
+    props = [
+        prop("nodeTypes", "stringlist", types),
+        prop("addEnabled", "bool", str(add).lower()),
+        prop("removeEnabled", "bool", "false"),
+        prop("noneEnabled", "bool", str(none).lower()),
+        prop("renameEnabled", "bool", "true" if add else "false"),
+    ]
     if none_text:
         props.append(prop("noneDisplay", "string", none_text))
     return widget("qMRMLNodeComboBox", name, *props, param=param)
@@ -50,7 +55,9 @@ def form(rows):
             items.append(f'<item row="{r}" column="0" colspan="2">{w}</item>')
         else:
             target = w.split('name="', 1)[1].split('"', 1)[0]
-            items.append(f'<item row="{r}" column="0"><widget class="QLabel" name="{target}Label">{prop("text", "string", label)}</widget></item>')
+            items.append(
+                f'<item row="{r}" column="0"><widget class="QLabel" name="{target}Label">{prop("text", "string", label)}</widget></item>'
+            )
             items.append(f'<item row="{r}" column="1">{w}</item>')
     return f'<layout class="QFormLayout">{"".join(items)}</layout>'
 
@@ -60,52 +67,111 @@ def hbox(*ws):
 
 
 def collapsible(name, text, rows, collapsed=False):
-    return widget("ctkCollapsibleButton", name, prop("text", "string", text), prop("collapsed", "bool", str(collapsed).lower()), children=form(rows))
+    return widget(
+        "ctkCollapsibleButton", name, prop("text", "string", text), prop("collapsed", "bool", str(collapsed).lower()), children=form(rows)
+    )
 
 
 def spin(name, param, lo, hi, value, suffix=" mm", step=0.1):
-    return widget("QDoubleSpinBox", name, prop("decimals", "number", 3), prop("minimum", "double", lo), prop("maximum", "double", hi),
-                  prop("singleStep", "double", step), prop("value", "double", value), prop("suffix", "string", suffix), param=param)
+    return widget(
+        "QDoubleSpinBox",
+        name,
+        prop("decimals", "number", 3),
+        prop("minimum", "double", lo),
+        prop("maximum", "double", hi),
+        prop("singleStep", "double", step),
+        prop("value", "double", value),
+        prop("suffix", "string", suffix),
+        param=param,
+    )
 
 
 def build() -> str:
-    custom = widget("QWidget", "customSpacingWidget", children=hbox(
-        spin("customSpacingXSpinBox", "customSpacingX", 0.01, 100, 1.0),
-        spin("customSpacingYSpinBox", "customSpacingY", 0.01, 100, 1.0),
-        spin("customSpacingZSpinBox", "customSpacingZ", 0.01, 100, 1.0)))
-    model_row = widget("QWidget", "modelRowWidget", children=hbox(
-        widget("QComboBox", "modelComboBox", prop("toolTip", "string", "Models from the registry (bundled, $MEDIL_MODELS, ~/.medil/models)")),
-        widget("QPushButton", "refreshModelsButton", prop("text", "string", "Refresh")),
-        widget("QPushButton", "chooseModelFolderButton", prop("text", "string", "Choose a model folder..."))))
-    device_row = widget("QWidget", "deviceRowWidget", children=hbox(combo("deviceComboBox", DEVICES, "device"),
-                                                                   widget("QLabel", "deviceLabel", prop("text", "string", "detecting..."))))
+    custom = widget(
+        "QWidget",
+        "customSpacingWidget",
+        children=hbox(
+            spin("customSpacingXSpinBox", "customSpacingX", 0.01, 100, 1.0),
+            spin("customSpacingYSpinBox", "customSpacingY", 0.01, 100, 1.0),
+            spin("customSpacingZSpinBox", "customSpacingZ", 0.01, 100, 1.0),
+        ),
+    )
+    model_row = widget(
+        "QWidget",
+        "modelRowWidget",
+        children=hbox(
+            widget(
+                "QComboBox",
+                "modelComboBox",
+                prop("toolTip", "string", "Models from the registry (bundled, $MEDIL_MODELS, ~/.medil/models)"),
+            ),
+            widget("QPushButton", "refreshModelsButton", prop("text", "string", "Refresh")),
+            widget("QPushButton", "chooseModelFolderButton", prop("text", "string", "Choose a model folder...")),
+        ),
+    )
+    device_row = widget(
+        "QWidget",
+        "deviceRowWidget",
+        children=hbox(combo("deviceComboBox", DEVICES, "device"), widget("QLabel", "deviceLabel", prop("text", "string", "detecting..."))),
+    )
     sections = [
-        collapsible("inputsCollapsibleButton", "Input", [
-            ("Input volume:", node_combo("inputSelector", ["vtkMRMLScalarVolumeNode"], "inputVolume")),
-            ("Task:", combo("taskComboBox", TASKS, "task")),
-        ]),
-        collapsible("geometryCollapsibleButton", "Output geometry", [
-            ("Spacing:", combo("spacingPresetComboBox", SPACING, "spacingPreset")),
-            (None, custom),
-            ("Orientation:", combo("orientationComboBox", ORIENT, "orientationMode")),
-            (None, node_combo("orientationReferenceSelector", ["vtkMRMLScalarVolumeNode"], "orientationReference", none=True)),
-            ("Field of view:", combo("fovComboBox", FOV, "fovMode")),
-            (None, node_combo("fovRoiSelector", ["vtkMRMLMarkupsROINode"], "fovRoi", none=True, add=True)),
-            (None, node_combo("fovReferenceSelector", ["vtkMRMLScalarVolumeNode"], "fovReference", none=True)),
-        ]),
-        collapsible("modelCollapsibleButton", "Model and device", [
-            ("Model:", model_row),
-            ("Device:", device_row),
-            ("Memory limit:", spin("maxMemorySpinBox", "maxMemoryGB", 0.25, 512, 3.0, suffix=" GB", step=0.5)),
-        ]),
-        collapsible("reconstructOptionsCollapsibleButton", "Reconstruct options", [
-            ("Modality:", combo("modalityComboBox", MODALITIES, "modality")),
-        ]),
-        collapsible("outputsCollapsibleButton", "Output", [
-            ("Output volume:", node_combo("outputSelector", ["vtkMRMLScalarVolumeNode"], "outputVolume", none=True, none_text="Create new volume", add=True)),
-            (None, widget("QCheckBox", "showIn3DCheckBox", prop("text", "string", "Show in 3D (volume rendering)"), param="showIn3D")),
-        ]),
-        widget("QPushButton", "applyButton", prop("enabled", "bool", "false"), prop("toolTip", "string", "Run MedIL"), prop("text", "string", "Apply")),
+        collapsible(
+            "inputsCollapsibleButton",
+            "Input",
+            [
+                ("Input volume:", node_combo("inputSelector", ["vtkMRMLScalarVolumeNode"], "inputVolume")),
+                ("Task:", combo("taskComboBox", TASKS, "task")),
+            ],
+        ),
+        collapsible(
+            "geometryCollapsibleButton",
+            "Output geometry",
+            [
+                ("Spacing:", combo("spacingPresetComboBox", SPACING, "spacingPreset")),
+                (None, custom),
+                ("Orientation:", combo("orientationComboBox", ORIENT, "orientationMode")),
+                (None, node_combo("orientationReferenceSelector", ["vtkMRMLScalarVolumeNode"], "orientationReference", none=True)),
+                ("Field of view:", combo("fovComboBox", FOV, "fovMode")),
+                (None, node_combo("fovRoiSelector", ["vtkMRMLMarkupsROINode"], "fovRoi", none=True, add=True)),
+                (None, node_combo("fovReferenceSelector", ["vtkMRMLScalarVolumeNode"], "fovReference", none=True)),
+            ],
+        ),
+        collapsible(
+            "modelCollapsibleButton",
+            "Model and device",
+            [
+                ("Model:", model_row),
+                ("Device:", device_row),
+                ("Memory limit:", spin("maxMemorySpinBox", "maxMemoryGB", 0.25, 512, 3.0, suffix=" GB", step=0.5)),
+            ],
+        ),
+        collapsible(
+            "reconstructOptionsCollapsibleButton",
+            "Reconstruct options",
+            [
+                ("Modality:", combo("modalityComboBox", MODALITIES, "modality")),
+            ],
+        ),
+        collapsible(
+            "outputsCollapsibleButton",
+            "Output",
+            [
+                (
+                    "Output volume:",
+                    node_combo(
+                        "outputSelector", ["vtkMRMLScalarVolumeNode"], "outputVolume", none=True, none_text="Create new volume", add=True
+                    ),
+                ),
+                (None, widget("QCheckBox", "showIn3DCheckBox", prop("text", "string", "Show in 3D (volume rendering)"), param="showIn3D")),
+            ],
+        ),
+        widget(
+            "QPushButton",
+            "applyButton",
+            prop("enabled", "bool", "false"),
+            prop("toolTip", "string", "Run MedIL"),
+            prop("text", "string", "Apply"),
+        ),
         widget("QProgressBar", "progressBar", prop("value", "number", 0)),
         widget("QPlainTextEdit", "logTextEdit", prop("readOnly", "bool", "true"), prop("maximumBlockCount", "number", 2000)),
     ]

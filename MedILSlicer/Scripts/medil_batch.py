@@ -34,7 +34,6 @@ def parse(argv):
 def load_node(path, name):
     """Read a volume into a new node: through a storage node, or the backend's reader for formats the wheel lacks."""
     import slicer
-
     from MedILSlicerLib.mrml_geometry import numpy_to_vtk_matrix
 
     node = slicer.vtkMRMLScalarVolumeNode()
@@ -56,12 +55,12 @@ def load_node(path, name):
 def run(argv) -> int:
     import numpy as np
     import slicer
-
-    from medil_backend.errors import MedILError
-    from medil_backend.io import check_output_path, write_volume
-    from medil_backend.geometry import Volume
     from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace
     from MedILSlicerLib.mrml_geometry import ijk_to_ras
+
+    from medil_backend.errors import MedILError
+    from medil_backend.geometry import Volume
+    from medil_backend.io import check_output_path, write_volume
 
     args = parse(argv)
     if getattr(slicer, "mrmlScene", None) is None:

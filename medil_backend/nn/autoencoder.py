@@ -84,9 +84,9 @@ def _grids(grids: Grid | Sequence[Grid], batch: int) -> list[Grid]:
 def grid_voxel_coords(source: Sequence[Grid], query: Sequence[Grid], device: torch.device) -> torch.Tensor:
     """Continuous voxel coordinates in each ``source`` grid of every voxel of each ``query`` grid: (B, N, 3) float64."""
     shape = query[0].shape
-    ijk = torch.stack(
-        torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device=device) for s in shape], indexing="ij"), dim=-1
-    ).reshape(-1, 3)
+    ijk = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device=device) for s in shape], indexing="ij"), dim=-1).reshape(
+        -1, 3
+    )
     mats = torch.tensor(np.stack([np.linalg.inv(s.affine) @ q.affine for s, q in zip(source, query)]), device=device)
     return ijk.unsqueeze(0) @ mats[:, :3, :3].transpose(1, 2) + mats[:, None, :3, 3]
 
@@ -108,6 +108,41 @@ def refined(grid: Grid, factor: int) -> Grid:
     return Grid(tuple(s * factor for s in grid.shape), aff)
 
 
+def latent_crop(source: Sequence[Grid], query: Sequence[Grid]) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The voxel box [lo, hi) of the source grids that trilinear/LTE lookups at the query grids read,
+    and the same box grown by one voxel (within the grid) for the 3x3x3 convolutions before the lookup.
+
+    Lookups clamp to the grid (border padding), so the box is clamped too: preparing the grown box
+    and keeping [lo, hi) equals preparing the whole grid, voxel for voxel.
+    """
+    shape = np.asarray(source[0].shape)
+    lo, hi = np.full(3, np.iinfo(np.int64).max), np.full(3, np.iinfo(np.int64).min)
+    for s, q in zip(source, query):
+        vox = s.world_to_voxel(q.voxel_to_world(np.array(list(np.ndindex(2, 2, 2))) * (np.asarray(q.shape) - 1)))
+        lo = np.minimum(lo, np.floor(vox.min(0)).astype(np.int64) - 1)
+        hi = np.maximum(hi, np.floor(vox.max(0)).astype(np.int64) + 2)
+    lo = np.clip(lo, 0, shape - 1)
+    hi = np.clip(hi, lo + 1, shape)
+    return (lo, hi), (np.maximum(lo - 1, 0), np.minimum(hi + 1, shape))
+
+
+def sample_on_grids(x: torch.Tensor, x_grids: Sequence[Grid], targets: Sequence[Grid], chunk_voxels: int = 1 << 20) -> torch.Tensor:
+    """Trilinear samples of ``x`` (on ``x_grids``) at every voxel of ``targets``: (B, C, *targets[0].shape).
+
+    Coordinates are generated a slab of the target at a time, so memory is bounded by ``chunk_voxels``.
+    """
+    shape = targets[0].shape
+    per_slice = max(1, shape[1] * shape[2])
+    step = max(1, chunk_voxels // per_slice)
+    parts = []
+    for a in range(0, shape[0], step):
+        b = min(a + step, shape[0])
+        sub = [t.sub_grid((a, 0, 0), (b, shape[1], shape[2])) for t in targets]
+        q = grid_voxel_coords(x_grids, sub, x.device)
+        parts.append(trilinear_sample(x, q).reshape(x.shape[0], x.shape[1], b - a, shape[1], shape[2]))
+    return torch.cat(parts, dim=2)
+
+
 class MedILAutoencoder(nn.Module):
     def __init__(self, config: MedILConfig | None = None) -> None:
         super().__init__()
@@ -120,6 +155,9 @@ class MedILAutoencoder(nn.Module):
         self.encoder_lte = LTE3d(c.channels[-1], z_out, **lte)
         self.decoder_lte = LTE3d(c.latent_channels, c.channels[-1], **lte)
         self.decoder = Decoder(c.out_channels, c.channels, c.factors, c.n_units, c.decoder_norm)
+        if c.global_skip:  # start as exactly trilinear interpolation of the input; learn the residual
+            nn.init.zeros_(self.decoder.head.weight)
+            nn.init.zeros_(self.decoder.head.bias)
 
     # -- geometry ---------------------------------------------------------------------------------
     def latent_grid(self, input_grid: Grid, direction: np.ndarray | None = None) -> Grid:
@@ -162,26 +200,29 @@ class MedILAutoencoder(nn.Module):
         z_grid: Grid | Sequence[Grid],
         inter_grid: Grid | Sequence[Grid],
         skip: tuple[torch.Tensor, Grid | Sequence[Grid]] | None = None,
-        prepared: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode onto the fine grid of an intermediate grid: (B, out, *(inter_grid.shape * factor)).
 
-        ``prepared`` is ``self.decoder_lte.prepare(z)``, to share that work between slabs.
+        Only the part of the latent that the queries touch is prepared (cropped exactly, see
+        :func:`latent_crop`), and the global skip is sampled in chunks, so memory follows the
+        block, not the latent or the input.
         """
         B = z.shape[0]
         zg, ig = _grids(z_grid, B), _grids(inter_grid, B)
-        q = grid_voxel_coords(zg, ig, z.device)
-        prepared = self.decoder_lte.prepare(z) if prepared is None else prepared
-        h = self.decoder_lte.query(prepared, q, query_cell(zg, ig).to(z.device)).reshape(B, -1, *ig[0].shape)
+        (lo, hi), (mlo, mhi) = latent_crop(zg, ig)
+        sub = [g.sub_grid(lo, hi) for g in zg]
+        region = z[:, :, mlo[0] : mhi[0], mlo[1] : mhi[1], mlo[2] : mhi[2]]
+        prepared = self.decoder_lte.prepare(region)
+        a, b = lo - mlo, hi - mlo
+        prepared = prepared[:, :, a[0] : b[0], a[1] : b[1], a[2] : b[2]]
+        q = grid_voxel_coords(sub, ig, z.device)
+        h = self.decoder_lte.query(prepared, q, query_cell(sub, ig).to(z.device)).reshape(B, -1, *ig[0].shape)
         y = self.decoder(h)
         if self.config.global_skip:
             if skip is None:
                 raise ValueError("this model has a global skip: pass skip=(input, input_grid)")
             x, x_grid = skip
-            xg = _grids(x_grid, B)
-            fine = [refined(g, self.factor) for g in ig]
-            qx = grid_voxel_coords(xg, fine, z.device)
-            y = y + trilinear_sample(x, qx).reshape(y.shape)
+            y = y + sample_on_grids(x, _grids(x_grid, B), [refined(g, self.factor) for g in ig])
         return y
 
     def decode(

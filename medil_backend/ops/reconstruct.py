@@ -80,7 +80,9 @@ def reconstruct(
             f"encoding the input {grid.shape} needs about {need / 2**30:.1f} GB, over the memory limit "
             f"({budget / 2**30:.1f} GB): raise --max-memory or crop the input"
         )
-    axis, thick = plan_slabs(model, target, budget, slab)
+    # the encoder's activations are freed before decoding; the input and the latent stay
+    resident = 4.0 * grid.num_voxels + 4.0 * model.config.latent_channels * model.latent_grid(grid).num_voxels
+    axis, thick = plan_slabs(model, target, budget - resident, slab)
     model = model.to(dev).eval()
     report(progress, 0.0, "encoding")
     check_cancel(cancel)
@@ -88,7 +90,6 @@ def reconstruct(
         x = torch.from_numpy(norm.forward(volume.array)).to(dev)[None, None]
         z_grid = model.latent_grid(grid)
         z = model.encode(x, grid, z_grid)[0]
-        z_prepared = model.decoder_lte.prepare(z)
         out = np.empty(target.shape, dtype=np.float32)
         inter = target.coarsened(model.factor)
         halo, F, M = model.decoder_halo(), model.factor, inter.shape[axis]
@@ -100,7 +101,7 @@ def reconstruct(
             start = [0, 0, 0]
             stop = list(inter.shape)
             start[axis], stop[axis] = lo, hi
-            y = model.decode_block(z, z_grid, inter.sub_grid(start, stop), skip=(x, grid), prepared=z_prepared)[0, 0]
+            y = model.decode_block(z, z_grid, inter.sub_grid(start, stop), skip=(x, grid))[0, 0]
             f0, f1 = a * F, min(b * F, target.shape[axis])
             index = [slice(0, s) for s in target.shape]
             index[axis] = slice(f0 - lo * F, f1 - lo * F)

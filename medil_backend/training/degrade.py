@@ -32,3 +32,11 @@ def thick_slices(array: np.ndarray, grid: Grid, axis: int, factor: int, profile:
 
 def add_noise(array: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
     return (array + rng.normal(0.0, sigma, size=array.shape)).astype(np.float32)
+
+
+def slice_gap(array: np.ndarray, grid: Grid, axis: int, stride: int = 2) -> tuple[np.ndarray, Grid]:
+    """Keep every ``stride``-th slice along ``axis`` (an acquisition with gaps between slices)."""
+    a = np.take(array, np.arange(0, array.shape[axis], stride), axis=axis)
+    aff = grid.affine.copy()
+    aff[:3, axis] *= stride
+    return a, Grid(a.shape, aff)

@@ -52,7 +52,7 @@ def make_batch(vol: dict, cfg: dict, model_cfg: MedILConfig, rng: np.random.Gene
     noise = rng.uniform(0, cfg.get("noise_max", 0.0))
     xs, xg = [], []
     for s in samples:
-        x, g = (thick_slices(s.x, s.x_grid, axis, factor, profile) if degrade else (s.x, s.x_grid))
+        x, g = thick_slices(s.x, s.x_grid, axis, factor, profile) if degrade else (s.x, s.x_grid)
         xs.append(add_noise(x, rng, noise) if noise > 0 else x)
         xg.append(g)
     x = torch.from_numpy(np.stack(xs))[:, None]
@@ -105,7 +105,9 @@ def _export(net, cfg, vols, out_dir, step, losses, t0, partial: bool) -> Path:
             "steps_done": step,
             "final_train_l1": float(np.mean(losses[-50:])) if losses else None,
             "minutes": round((time.time() - t0) / 60, 2),
-            "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+            if not torch.cuda.is_available()
+            else torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "partial": partial,
             "data": [{"file": str(Path(v["path"]).name), "sha256": v["sha256"], "shape": list(v["grid"].shape)} for v in vols],

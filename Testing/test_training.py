@@ -1,0 +1,229 @@
+"""Training: sampling invariants, degradations, the three stages, DDP on gloo, export -> registry -> reconstruct."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import EXAMPLE, REPO
+
+from medil_backend.geometry import Grid
+from medil_backend.training.degrade import slice_gap, thick_slices
+from medil_backend.training.patches import input_shape_for, sample_patch
+
+pytest.importorskip("lightning", reason="needs the train extra")
+
+
+def _grid_inside(inner_pts, outer: Grid, tol=1e-6):
+    vox = outer.world_to_voxel(inner_pts)
+    return np.all(vox >= -0.5 - tol) and np.all(vox <= np.array(outer.shape) - 0.5 + tol)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sampling_grids_are_exscribed(seed):
+    rng = np.random.default_rng(seed)
+    rot = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    grid = Grid.from_parts((60, 50, 40), rng.uniform(0.5, 3, 3), rot, rng.uniform(-50, 50, 3))
+    array = rng.random(grid.shape).astype(np.float32)
+    buffer = 5.0
+    shape = input_shape_for(grid, 16, 3.0, buffer)
+    s = sample_patch(array, grid, rng, 16, 3.0, buffer, input_shape=shape)
+    # the output patch is a crop of the native grid: same spacing and direction, voxels unchanged
+    np.testing.assert_allclose(s.out_grid.affine[:3, :3], grid.affine[:3, :3])
+    start = np.rint(grid.world_to_voxel(s.out_grid.origin[None])[0]).astype(int)
+    np.testing.assert_array_equal(s.target, array[tuple(slice(a, a + 16) for a in start)])
+    # C_Z encloses C_X̂ with the buffer; C_X encloses C_Z
+    assert _grid_inside(s.out_grid.edge_corners(buffer), s.z_grid)
+    assert _grid_inside(s.z_grid.edge_corners(), s.x_grid)
+    assert s.x.shape == shape == s.x_grid.shape
+
+
+def test_thick_slice_centre_is_the_centre_of_its_voxels():
+    grid = Grid.from_parts((8, 6, 30), [0.8, 0.9, 1.0], np.diag([-1.0, 1, 1]), [10, 20, 30])
+    array = np.random.default_rng(0).random(grid.shape).astype(np.float32)
+    for profile in ("rect", "gaussian"):
+        out, g = thick_slices(array, grid, axis=2, factor=5, profile=profile)
+        assert out.shape == (8, 6, 6) and np.allclose(g.spacing, [0.8, 0.9, 5.0])
+        for k in range(6):
+            centre = grid.voxel_to_world(np.array([0, 0, 5 * k + 2.0]))
+            np.testing.assert_allclose(g.voxel_to_world(np.array([0, 0, float(k)])), centre, atol=1e-9)
+        if profile == "rect":
+            np.testing.assert_allclose(out[..., 1], array[..., 5:10].mean(-1), rtol=1e-5)
+    gapped, gg = slice_gap(out, g, 2, 2)
+    np.testing.assert_allclose(gg.voxel_to_world(np.array([0, 0, 1.0])), g.voxel_to_world(np.array([0, 0, 2.0])))
+    assert gapped.shape[2] == 3
+
+
+def _module(stage, **kw):
+    from medil_backend.training.lit import MedILLitModule
+
+    cfg = dict(
+        channels=[4, 8],
+        factors=[2],
+        encoder_norm="none",
+        decoder_norm="none",
+        latent_channels=4,
+        latent_spacing=4.0,
+        lte_frequencies=8,
+        inr_width=8,
+        inr_blocks=1,
+        global_skip=True,
+    )
+    return MedILLitModule(model=cfg | kw.pop("model", {}), stage=stage, lr=3e-3, **kw)
+
+
+def _fixed_batch(mode):
+    from medil_backend.intensity import fit_normalizer
+    from medil_backend.io import read_volume
+    from medil_backend.training.data import SamplerConfig, foreground_centres, make_batch
+
+    v = read_volume(EXAMPLE)
+    a = fit_normalizer(v.array, "mri").forward(v.array)
+    vol = {"array": a, "grid": v.grid, "centres": foreground_centres(a, "mri")}
+    cfg = SamplerConfig(
+        mode=mode,
+        patch=12,
+        batch=2,
+        latent_spacing=4.0,
+        latent_buffer_mm=4.0,
+        global_spacing=6.0,
+        global_shape=(16, 16, 16),
+        degrade_prob=1.0,
+        noise_max=0.0,
+        bias_prob=0.0,
+    )
+    return make_batch(vol, cfg, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    "stage,mode,extra", [(1, "global", {}), (2, "patch", {}), (3, "patch", {}), (2, "patch", {"model": {"kl": True, "global_skip": False}})]
+)
+def test_a_few_steps_lower_the_loss(stage, mode, extra):
+    torch.manual_seed(0)
+    extra = dict(extra)
+    extra["model"] = {"global_skip": False} | extra.get("model", {})  # start far from the optimum, so progress shows
+    lit = _module(stage, **extra)
+    batch = _fixed_batch(mode)
+    opts = lit.configure_optimizers()
+    opt = opts[0]
+    first = None
+    frozen = {n: p.detach().clone() for n, p in lit.net.encoder.named_parameters()}
+    for _ in range(12):
+        parts, y_hat = lit.losses(batch, sample=False)
+        loss = parts["l1"] + 1e-6 * parts.get("kl", 0.0)
+        first = float(parts["l1"].detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(lit.losses(batch, sample=False)[0]["l1"].detach()) < 0.9 * first
+    if stage == 3:  # decoder-only: the encoder did not move
+        for n, p in lit.net.encoder.named_parameters():
+            torch.testing.assert_close(p, frozen[n])
+
+
+def test_datamodule_reads_folder_and_manifests(tmp_path):
+    from medil_backend.training.data import find_volumes
+
+    (tmp_path / "sub-01" / "anat").mkdir(parents=True)
+    target = tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    target.write_bytes(EXAMPLE.read_bytes())
+    assert find_volumes(tmp_path) == [target]
+    (tmp_path / "m.csv").write_text("path\nsub-01/anat/sub-01_T1w.nii.gz\n")
+    assert find_volumes(tmp_path / "m.csv") == [target.resolve()]
+    (tmp_path / "m.json").write_text(json.dumps({"files": [{"path": "sub-01/anat/sub-01_T1w.nii.gz"}]}))
+    assert find_volumes(tmp_path / "m.json") == [target.resolve()]
+
+
+def test_fit_export_registry_reconstruct(tmp_path, small_mri):
+    """`medil train` (LightningCLI) -> ExportWeights -> $MEDIL_MODELS -> `medil reconstruct`."""
+    out = tmp_path / "models"
+    cmd = [
+        sys.executable,
+        "-m",
+        "medil_backend",
+        "train",
+        "--config",
+        str(REPO / "training/configs/tiny-test.yaml"),
+        "--data.train",
+        str(EXAMPLE.parent),
+        "--data.val",
+        str(EXAMPLE.parent),
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--model.adv_weight",
+        "0.01",  # the adversarial path runs too
+        "--trainer.callbacks+=medil_backend.training.cli.ExportWeights",
+        "--trainer.callbacks.folder",
+        str(out),
+        "--trainer.callbacks.name",
+        "tiny-trained",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "tiny-trained.json").read_text())
+    assert card["training"]["data"]["train"][0]["sha256"] and card["metrics"]["val_l1_best"] is not None
+    env = dict(os.environ, MEDIL_MODELS=str(out))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medil_backend",
+            "reconstruct",
+            str(small_mri),
+            str(tmp_path / "r.nii.gz"),
+            "--model",
+            "tiny-trained",
+            "--spacing",
+            "1.5",
+            "--progress",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_ddp_on_gloo_with_two_processes(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "medil_backend",
+        "train",
+        "--config",
+        str(REPO / "training/configs/tiny-test.yaml"),
+        "--data.train",
+        str(EXAMPLE.parent),
+        "--data.val",
+        str(EXAMPLE.parent),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "lightning.pytorch.strategies.DDPStrategy",
+        "--trainer.strategy.process_group_backend",
+        "gloo",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "distributed_backend=gloo" in text and "All distributed processes registered" in text
+    assert "max_epochs=1` reached" in text
+
+
+def test_evaluate_returns_finite_metrics(tiny_model, small_mri):
+    from medil_backend.evaluate import evaluate, markdown_table
+
+    res = evaluate([small_mri], {"tiny": tiny_model, "tiny-interp": tiny_model}, thick_mm=(4.0, 8.0), device="cpu")
+    mean = res["mean"]
+    assert set(mean) == {"recon", "sr4mm", "sr8mm"}
+    for task in mean.values():
+        assert set(task) == {"tiny", "tiny-interp", "trilinear", "bspline"}
+        for m in task.values():
+            assert all(np.isfinite(v) or k.startswith("psnr") for k, v in m.items())
+    assert "| sr8mm | bspline |" in markdown_table(res)

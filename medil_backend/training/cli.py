@@ -1,0 +1,108 @@
+"""``medil train --config CONFIG.yaml [overrides]``: LightningCLI over MedILLitModule + VolumeDataModule.
+
+Everything about *how* to train (devices, precision, DDP, nodes, logging, checkpoints) is a
+Trainer flag in the YAML, e.g. for 8 GPUs on 2 nodes::
+
+    trainer:
+      accelerator: gpu
+      devices: 4
+      num_nodes: 2
+      strategy: ddp
+      precision: bf16-mixed
+
+Resume with ``--ckpt_path path/to/last.ckpt``. The ``ExportWeights`` callback writes the best
+checkpoint (by ``val/l1``) as safetensors + model card when the fit ends.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from ..models import export_model
+from .data import VolumeDataModule
+from .lit import MedILLitModule
+
+
+class ExportWeights(L.Callback):
+    """Write ``NAME.safetensors`` + ``NAME.json`` (config, recipe, data manifest, hardware, metrics) at the end of fit."""
+
+    def __init__(
+        self, folder: str, name: str, description: str = "", tasks: list[str] | None = None, config_file: str | None = None
+    ) -> None:
+        self.folder, self.name, self.description = folder, name, description
+        self.tasks = tasks or ["reconstruct", "superres"]
+        self.config_file = config_file
+        self.t0 = time.time()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.t0 = time.time()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        net = pl_module.net
+        best = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.best_model_path), None)
+        best_score = None
+        if best is not None:
+            state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+            net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
+            best_score = float(best.best_model_score) if best.best_model_score is not None else None
+        dm = trainer.datamodule
+        recipe = Path(self.config_file).read_text() if self.config_file and Path(self.config_file).exists() else None
+        card = {
+            "description": self.description,
+            "tasks": self.tasks,
+            "modality": dm.modality,
+            "training": {
+                "recipe": "medil train (LightningCLI)",
+                "config_yaml": recipe,
+                "stage": pl_module.hparams.stage,
+                "steps_done": trainer.global_step,
+                "minutes": round((time.time() - self.t0) / 60, 2),
+                "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU",
+                "devices": trainer.num_devices,
+                "num_nodes": trainer.num_nodes,
+                "precision": str(trainer.precision),
+                "torch": torch.__version__,
+                "data": dm.manifest(),
+            },
+            "metrics": {"val_l1_best": best_score},
+        }
+        path = export_model(net, self.folder, self.name, card)
+        print(json.dumps({"exported": str(path)}), flush=True)
+
+
+class MedILCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(
+            {
+                "trainer.callbacks": [
+                    {
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"monitor": "val/l1", "mode": "min", "save_last": True},
+                    },
+                ],
+                "trainer.max_epochs": 10,
+            }
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("fit", "validate", "--help", "-h", "--print_config"):
+        argv = ["fit", *argv]
+    MedILCLI(MedILLitModule, VolumeDataModule, args=argv, save_config_kwargs={"overwrite": True}, seed_everything_default=0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
