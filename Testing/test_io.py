@@ -197,3 +197,14 @@ def test_zero_pixdim_in_nifti(tmp_path):
     nib.save(img, tmp_path / "zero.nii")
     with pytest.raises(MedILError, match="spacing"):
         read_volume(tmp_path / "zero.nii")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_far_origins_keep_1e5_mm(tmp_path, suffix):
+    """Table positions of CT scans sit hundreds of mm away: float32 NIfTI-1 headers would round them."""
+    aff = np.diag([0.5703125, 0.5703125, 5.0, 1.0])
+    aff[:3, 3] = [-146.123456789, -325.987654321, -777.4999999999998]
+    v = Volume(np.zeros((4, 5, 6), np.int16), aff)
+    write_volume(v, tmp_path / f"far{suffix}", dtype=np.int16)
+    back = read_volume(tmp_path / f"far{suffix}")
+    np.testing.assert_allclose(back.affine, aff, atol=1e-5, rtol=0)

@@ -113,3 +113,17 @@ def test_decoder_rejects_instance_norm(tiny_config):
 
     with pytest.raises(ValueError, match="voxel-local"):
         MedILAutoencoder(replace(tiny_config, decoder_norm="instance"))
+
+
+def test_channel_norm_is_layer_norm_over_channels():
+    from medil_backend.nn.backbone import ChannelNorm
+
+    torch.manual_seed(0)
+    norm = ChannelNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 6, 5, 4, 3)
+    mean, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)
+    ref = (x - mean) / torch.sqrt(var + 1e-5) * norm.weight.view(1, -1, 1, 1, 1) + norm.bias.view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(norm(x), ref, atol=1e-5, rtol=1e-5)

@@ -106,7 +106,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .geometry import output_grid
     from .io import check_output_path, read_volume, write_volume
     from .models import load_model
-    from .ops.reconstruct import reconstruct
+    from .ops import run_model
 
     if args.like and (args.spacing or args.orientation or args.fov):
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
@@ -121,7 +121,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     card_modality = model.card.get("modality")
     update, close = _progress_callback(args.progress)
     try:
-        result = reconstruct(
+        result = run_model(
             volume, target, model.net, device=args.device, progress=update, max_memory_gb=args.max_memory, modality=args.modality
         )
     finally:

@@ -26,7 +26,7 @@ from .geometry import Volume
 from .intensity import fit_normalizer
 from .io import read_volume
 from .metrics import foreground_mask, l1, ms_ssim, psnr, ssim
-from .ops.reconstruct import reconstruct
+from .ops import run_model
 from .training.degrade import thick_slices
 
 
@@ -74,7 +74,7 @@ def evaluate(
             rows[task] = {}
             for name, net in models.items():
                 t0 = time.perf_counter()
-                out = reconstruct(inp, hr.grid, net, device=device, modality=norm.modality)
+                out = run_model(inp, hr.grid, net, device=device, modality=norm.modality)
                 rows[task][name] = score(norm.forward(out.array), ref, mask) | {"seconds": time.perf_counter() - t0}
             for method in baselines:
                 t0 = time.perf_counter()

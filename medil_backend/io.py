@@ -169,9 +169,11 @@ def cast_for_output(array: np.ndarray, dtype: str | np.dtype | None) -> np.ndarr
 
 
 def _write_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+    """NIfTI-1 (float32 header geometry) when that keeps the affine to 1e-6 mm, else NIfTI-2 (float64)."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(array, affine)
+    exact32 = np.max(np.abs(affine.astype(np.float32).astype(np.float64) - affine)) <= 1e-6
+    img = (nib.Nifti1Image if exact32 else nib.Nifti2Image)(array, affine)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")

@@ -52,6 +52,15 @@ class ModelEntry:
         return list(self.card.get("tasks", ["reconstruct"]))
 
 
+def build_network(card: dict):
+    """The network a card describes: a MedIL autoencoder, or the fixed-grid convolutional baseline."""
+    if card.get("architecture") == "FixedGridAutoencoder":
+        from .nn.fixed_grid import FixedGridAutoencoder, FixedGridConfig
+
+        return FixedGridAutoencoder(FixedGridConfig(**card["config"]))
+    return MedILAutoencoder(MedILConfig.from_dict(card["config"]))
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -124,8 +133,7 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> LoadedModel:
     if entry.card.get("sha256") and entry.card["sha256"] != digest:
         raise MedILError(f"the weights of model {entry.name!r} do not match the sha256 in its card; the file is corrupt or was replaced")
     try:
-        config = MedILConfig.from_dict(entry.card["config"])
-        net = MedILAutoencoder(config)
+        net = build_network(entry.card)
         net.load_state_dict(load_file(str(wpath)), strict=True)
     except MedILError:
         raise
@@ -147,16 +155,18 @@ def export_model(net: MedILAutoencoder, folder: str | os.PathLike, name: str, ca
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(wpath))
     full = dict(card)
-    full.update(name=name, architecture="MedILAutoencoder", config=net.config.to_dict(), weights=wpath.name, sha256=sha256_file(wpath))
     c = net.config
-    full.setdefault(
-        "latent",
-        {
+    full.update(name=name, architecture=type(net).__name__, config=json.loads(c.to_json()), weights=wpath.name, sha256=sha256_file(wpath))
+    if isinstance(net, MedILAutoencoder):
+        latent = {
             "spacing_mm": c.latent_spacing,
             "channels": c.latent_channels,
             "compression_vs_1mm": round(c.latent_spacing**3 / c.latent_channels, 2),
-        },
-    )
+        }
+    else:  # fixed grid: a latent voxel spans 2^(levels-1) grid voxels
+        f = c.multiple * c.spacing
+        latent = {"spacing_mm": f, "channels": c.latent_channels, "compression_vs_1mm": round(f**3 / c.latent_channels, 2)}
+    full.setdefault("latent", latent)
     card_path = folder / f"{name}.json"
     card_path.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
     return card_path

@@ -131,7 +131,16 @@ def main() -> int:
             else:
                 status, ok = "MISMATCH", False
             print(f"{dest_rel}: {status}")
+    write_split_lists(args.out, manifest)
     return 0 if ok else 1
+
+
+def write_split_lists(out: Path, manifest: dict) -> None:
+    """``brain-train.json`` / ``brain-val.json`` / ``ct-train.json`` / ``ct-val.json`` for the training configs."""
+    for modality, prefix in (("brain", "mri/"), ("ct", "ct/")):
+        for split, name in (("train", "train"), ("test", "val")):
+            files = [p for p, f in manifest.items() if p.startswith(prefix) and f["split"] == split]
+            (out / f"{modality}-{name}.json").write_text(json.dumps({"files": [{"path": p} for p in files]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -201,6 +201,8 @@ class VolumeDataModule(L.LightningDataModule):
         augment: TorchIO whole-volume augmentation of training volumes.
         num_workers: DataLoader workers.
         seed: sampling seed.
+        synthetic: how many SynthSeg-style random-contrast volumes to add to the training set,
+            made from ``tissue_maps`` (``{"gm": path, "wm": path, "brain": path}``).
     """
 
     def __init__(
@@ -214,8 +216,11 @@ class VolumeDataModule(L.LightningDataModule):
         augment: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        synthetic: int = 0,
+        tissue_maps: dict | None = None,
     ) -> None:
         super().__init__()
+        self.synthetic, self.tissue_maps = synthetic, tissue_maps
         self.train_source, self.val_source = train, val
         self.modality = modality
         self.sampler = sampler or SamplerConfig()
@@ -239,12 +244,41 @@ class VolumeDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.train_volumes:
-            self.train_volumes = self._load(self.train_source)
+            self.train_volumes = self._load(self.train_source) + self._synthetic()
             self.val_volumes = self._load(self.val_source) if self.val_source else []
 
+    def _synthetic(self) -> list[dict]:
+        if not self.synthetic:
+            return []
+        from .synth import synthesize, tissue_labels
+
+        if not self.tissue_maps or not {"gm", "wm", "brain"} <= set(self.tissue_maps):
+            raise MedILError("synthetic volumes need tissue_maps with gm, wm and brain images")
+        maps = {k: read_volume(v) for k, v in self.tissue_maps.items()}
+        labels = tissue_labels(maps["gm"].array, maps["wm"].array, maps["brain"].array)
+        rng = np.random.default_rng(self.seed + 999)
+        out = []
+        for i in range(self.synthetic):
+            v = synthesize(labels, maps["brain"].affine, rng)
+            out.append(
+                {
+                    "path": f"synthetic-{i}",
+                    "array": v.array,
+                    "grid": v.grid,
+                    "centres": foreground_centres(v.array, "mri"),
+                    "modality": "mri",
+                }
+            )
+        return out
+
     def manifest(self) -> dict:
+        real = [Path(v["path"]) for v in self.train_volumes if not v["path"].startswith("synthetic-")]
         return {
-            "train": manifest_entries([Path(v["path"]) for v in self.train_volumes]),
+            "train": manifest_entries(real),
+            "synthetic": {
+                "count": self.synthetic,
+                "tissue_maps": {k: manifest_entries([Path(p)])[0] for k, p in (self.tissue_maps or {}).items()},
+            },
             "val": manifest_entries([Path(v["path"]) for v in self.val_volumes]),
         }
 

@@ -39,6 +39,7 @@ class MedILLitModule(L.LightningModule):
     adv_weight, adv_start_step: patch adversarial loss weight and the step it starts at.
     perceptual, perceptual_weight: ``"module:callable"`` returning a perceptual loss of (pred, target).
     init_weights: safetensors file to start from (e.g. the previous stage's export).
+    grad_clip: gradient-norm clipping of the autoencoder's updates (0: off).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class MedILLitModule(L.LightningModule):
         perceptual: str | None = None,
         perceptual_weight: float = 0.0,
         init_weights: str | None = None,
+        grad_clip: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,6 +109,8 @@ class MedILLitModule(L.LightningModule):
             loss = loss + h.adv_weight * parts["adv_g"]
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if h.grad_clip:
+            self.clip_gradients(opt_g, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
         opt_g.step()
         if use_adv:
             opt_d = opts[1]

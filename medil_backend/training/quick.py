@@ -82,9 +82,11 @@ def train(config_path: Path, data_root: Path, out_dir: Path) -> Path:
             loss = loss + cfg.get("kl_weight", 1e-6) * 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 25 == 0:
             print(json.dumps({"step": step, "l1": float(np.mean(losses[-25:])), "minutes": round((time.time() - t0) / 60, 2)}), flush=True)
         if step % 200 == 0 or time.time() > deadline:
