@@ -9,7 +9,7 @@ from conftest import REPO
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="needs PySide6-Essentials")
-from PySide6.QtCore import QFile  # noqa: E402
+from PySide6.QtCore import Property, QFile  # noqa: E402
 from PySide6.QtUiTools import QUiLoader  # noqa: E402
 
 UI = REPO / "MedILSlicer" / "Resources" / "UI" / "MedILSlicer.ui"
@@ -23,18 +23,22 @@ class qMRMLWidget(QtWidgets.QWidget):
 
 
 class ctkCollapsibleButton(QtWidgets.QGroupBox):
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self._collapsed = False
+    """Shows its ``text`` property as the group title, as the real widget shows it on its button."""
 
-    def setText(self, text):
-        self.setTitle(text)
-
-    def text(self):
+    def _get_text(self):
         return self.title()
 
-    def setCollapsed(self, value):
-        self._collapsed = bool(value)
+    def _set_text(self, value):
+        self.setTitle(value)
+
+    def _get_collapsed(self):
+        return False
+
+    def _set_collapsed(self, value):
+        pass
+
+    text = Property(str, _get_text, _set_text)
+    collapsed = Property(bool, _get_collapsed, _set_collapsed)
 
 
 class qMRMLNodeComboBox(QtWidgets.QComboBox):

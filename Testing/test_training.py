@@ -282,3 +282,11 @@ def test_synthetic_volumes_from_tissue_maps():
     # different contrasts: grey/white ordering or ratio changes between draws
     ratio = [v.array[labels == 2].mean() / v.array[labels == 3].mean() for v in (a, b)]
     assert abs(ratio[0] - ratio[1]) > 0.01
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "training" / "configs").rglob("*.yaml")))
+def test_every_recipe_parses(config):
+    proc = subprocess.run([sys.executable, "-m", "medil_backend", "train", "--config", config, "--print_config"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: medil_backend.training" in proc.stdout or "model:" in proc.stdout
