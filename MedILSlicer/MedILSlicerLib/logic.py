@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,7 +224,7 @@ class MedILLogicCore:
             "model": model or "default",
             "device": device,
             "modality": modality,
-            "arguments": args[3:],
+            "arguments": [a.replace(workdir, "<tmp>") for a in args[3:]],
             "input": inputNode.GetName(),
         }
         name = outputNode.GetName() if outputNode is not None else f"{inputNode.GetName()}_medil_{task}"
@@ -302,8 +302,3 @@ def listModels(python: str | None = None) -> list[dict]:
     if proc.returncode != 0:
         raise MedILSlicerError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "could not list MedIL models")
     return json.loads(proc.stdout)
-
-
-def spacingChoices(spacingPreset: str, customSpacing: Sequence[float]) -> Any:
-    """The panel's spacing preset (``input``/``finest``/``1mm``/``custom``) as an :class:`OutputSpace` spacing."""
-    return list(customSpacing) if spacingPreset == "custom" else spacingPreset

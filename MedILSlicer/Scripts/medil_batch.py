@@ -99,7 +99,7 @@ def main() -> None:
     status = run(argv)
     import slicer
 
-    if hasattr(slicer, "app") and hasattr(slicer.util, "exit") and getattr(slicer, "app", None) is not None:
+    if getattr(slicer, "app", None) is not None:  # inside the Slicer application
         slicer.util.exit(status)
     sys.exit(status)
 
