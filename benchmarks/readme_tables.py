@@ -50,7 +50,7 @@ def main() -> None:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(readme):
             raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> section")
-        readme = pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), readme)
+        readme = pattern.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), readme)
     (REPO / "README.md").write_text(readme)
 
 
