@@ -132,6 +132,7 @@ BAD = [
     (None, ["--spacing", "0.01", "--max-memory", "0.05"], ["too big for the memory limit", "--max-memory"]),
     (None, ["--spacing", "1", "2"], ["one value", "three"]),
     (None, ["--spacing", "-1"], ["positive"]),
+    (None, ["--max-memory", "0"], ["--max-memory", "positive"]),
     (None, ["--orientation", "XYZ"], ["orientation code"]),
     (None, ["--like", "LIKE", "--spacing", "1"], ["--like"]),
     (None, ["--fov", "0", "-1", "0", "1", "0", "1"], ["empty"]),

@@ -7,7 +7,6 @@ memory depends on the slab size, not on the output size, and the slabs join exac
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -68,10 +67,10 @@ def reconstruct(
     volume.grid.validate("the input")
     volume = canonical_order(volume)  # the network sees the same array however the file was stored
     grid = volume.grid
+    if max_memory_gb is not None and not max_memory_gb > 0:
+        raise MedILError("--max-memory must be a positive number of GB")
     dev = resolve_device(device)
     budget = (max_memory_gb or DEFAULT_MAX_MEMORY_GB) * 2**30
-    if max_memory_gb is not None and max_memory_gb <= 0:
-        raise MedILError("--max-memory must be a positive number of GB")
     norm = fit_normalizer(volume.array, modality or volume.modality)
 
     need = _encoder_bytes(model, grid.num_voxels)
@@ -113,11 +112,3 @@ def reconstruct(
     meta = {"normalization": norm.to_dict(), "slab_axis": axis, "slab_thickness": thick, "device": str(dev)}
     return Volume(norm.inverse(out), target.affine, modality=norm.modality, meta=meta)
 
-
-def estimate_peak_bytes(model: MedILAutoencoder, input_grid: Grid, target: Grid, slab: int) -> float:
-    """Model of the working memory of :func:`reconstruct` (for benchmarks and docs)."""
-    inter = target.coarsened(model.factor)
-    axis = int(np.argmax(inter.shape))
-    per_slice = math.prod(s for a, s in enumerate(inter.shape) if a != axis) * model.factor**3
-    dec = (slab + 2 * model.decoder_halo()) * per_slice * model.decoder.block_bytes_per_output_voxel()
-    return max(dec, _encoder_bytes(model, input_grid.num_voxels))
