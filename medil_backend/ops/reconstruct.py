@@ -95,6 +95,7 @@ def reconstruct(
         starts = list(range(0, M, thick))
         for n, a in enumerate(starts):
             check_cancel(cancel)
+            report(progress, n / len(starts), f"decoding slab {n + 1}/{len(starts)}")
             b = min(a + thick, M)
             lo, hi = max(0, a - halo), min(M, b + halo)
             start = [0, 0, 0]
@@ -107,8 +108,8 @@ def reconstruct(
             dest = [slice(None)] * 3
             dest[axis] = slice(f0, f1)
             out[tuple(dest)] = y[tuple(index)].float().cpu().numpy()
-            report(progress, (n + 1) / len(starts), f"decoding slab {n + 1}/{len(starts)}")
     check_cancel(cancel)
+    report(progress, 1.0, "done")
     meta = {"normalization": norm.to_dict(), "slab_axis": axis, "slab_thickness": thick, "device": str(dev)}
     return Volume(norm.inverse(out), target.affine, modality=norm.modality, meta=meta)
 
