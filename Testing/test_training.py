@@ -137,22 +137,31 @@ def test_datamodule_reads_folder_and_manifests(tmp_path):
     assert find_volumes(tmp_path / "m.json") == [target.resolve()]
 
 
-def test_fit_export_registry_reconstruct(tmp_path, small_mri):
-    """`medil train` (LightningCLI) -> ExportWeights -> $MEDIL_MODELS -> `medil reconstruct`."""
-    out = tmp_path / "models"
-    cmd = [
+def train_command(root) -> list[str]:
+    """`medil train` on the tiny recipe and the bundled example volume, logging under ``root``."""
+    config = str(REPO / "training/configs/tiny-test.yaml")
+    data = str(EXAMPLE.parent)
+    return [
         sys.executable,
         "-m",
         "medil_backend",
         "train",
         "--config",
-        str(REPO / "training/configs/tiny-test.yaml"),
+        config,
         "--data.train",
-        str(EXAMPLE.parent),
+        data,
         "--data.val",
-        str(EXAMPLE.parent),
+        data,
         "--trainer.default_root_dir",
-        str(tmp_path / "runs"),
+        str(root),
+    ]
+
+
+def test_fit_export_registry_reconstruct(tmp_path, small_mri):
+    """`medil train` (LightningCLI) -> ExportWeights -> $MEDIL_MODELS -> `medil reconstruct`."""
+    out = tmp_path / "models"
+    cmd = [
+        *train_command(tmp_path / "runs"),
         "--model.adv_weight",
         "0.01",  # the adversarial path runs too
         "--trainer.callbacks+=medil_backend.training.cli.ExportWeights",
@@ -190,18 +199,7 @@ def test_fit_export_registry_reconstruct(tmp_path, small_mri):
 
 def test_ddp_on_gloo_with_two_processes(tmp_path):
     cmd = [
-        sys.executable,
-        "-m",
-        "medil_backend",
-        "train",
-        "--config",
-        str(REPO / "training/configs/tiny-test.yaml"),
-        "--data.train",
-        str(EXAMPLE.parent),
-        "--data.val",
-        str(EXAMPLE.parent),
-        "--trainer.default_root_dir",
-        str(tmp_path),
+        *train_command(tmp_path),
         "--trainer.devices",
         "2",
         "--trainer.strategy",
@@ -286,7 +284,12 @@ def test_synthetic_volumes_from_tissue_maps():
 
 @pytest.mark.parametrize("config", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "training" / "configs").rglob("*.yaml")))
 def test_every_recipe_parses(config):
-    proc = subprocess.run([sys.executable, "-m", "medil_backend", "train", "--config", config, "--print_config"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medil_backend", "train", "--config", config, "--print_config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "class_path: medil_backend.training" in proc.stdout or "model:" in proc.stdout
