@@ -23,23 +23,27 @@ def shared(rel: str) -> Path:
     return p
 
 
+#: A MedIL architecture small enough for tests to run in seconds.
+TINY_CONFIG = dict(
+    channels=[4, 8],
+    factors=[2],
+    n_units=1,
+    encoder_norm="none",
+    decoder_norm="channel",
+    latent_channels=4,
+    latent_spacing=4.0,
+    lte_frequencies=8,
+    inr_width=8,
+    inr_blocks=1,
+    global_skip=True,
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from medil_backend.nn import MedILConfig
 
-    return MedILConfig(
-        channels=(4, 8),
-        factors=(2,),
-        n_units=1,
-        encoder_norm="none",
-        decoder_norm="channel",
-        latent_channels=4,
-        latent_spacing=4.0,
-        lte_frequencies=8,
-        inr_width=8,
-        inr_blocks=1,
-        global_skip=True,
-    )
+    return MedILConfig.from_dict(TINY_CONFIG)
 
 
 @pytest.fixture

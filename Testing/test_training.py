@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLE, REPO
+from conftest import EXAMPLE, REPO, TINY_CONFIG
 
 from medil_backend.geometry import Grid
 from medil_backend.training.degrade import slice_gap, thick_slices
@@ -60,18 +60,7 @@ def test_thick_slice_centre_is_the_centre_of_its_voxels():
 def _module(stage, **kw):
     from medil_backend.training.lit import MedILLitModule
 
-    cfg = dict(
-        channels=[4, 8],
-        factors=[2],
-        encoder_norm="none",
-        decoder_norm="none",
-        latent_channels=4,
-        latent_spacing=4.0,
-        lte_frequencies=8,
-        inr_width=8,
-        inr_blocks=1,
-        global_skip=True,
-    )
+    cfg = TINY_CONFIG | {"decoder_norm": "none"}
     return MedILLitModule(model=cfg | kw.pop("model", {}), stage=stage, lr=3e-3, **kw)
 
 
@@ -293,3 +282,8 @@ def test_every_recipe_parses(config):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "class_path: medil_backend.training" in proc.stdout or "model:" in proc.stdout
+
+
+def test_train_with_no_volumes_is_a_user_error(tmp_path):
+    proc = subprocess.run([*train_command(tmp_path), "--data.train", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "no volumes found" in proc.stderr

@@ -244,7 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"medil: error: training needs the train extra ({exc.name} is missing): pip install 'medil-backend[train]'", file=sys.stderr
             )
             return 1
-        return train_main(argv[1:])
+        try:
+            return train_main(argv[1:])
+        except MedILError as exc:  # e.g. a data folder with no volumes
+            print(f"medil: error: {exc}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     handlers = {"reconstruct": cmd_reconstruct, "models": cmd_models, "info": cmd_info, "evaluate": cmd_evaluate}
     try:

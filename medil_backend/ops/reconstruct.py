@@ -112,4 +112,3 @@ def reconstruct(
     report(progress, 1.0, "done")
     meta = {"normalization": norm.to_dict(), "slab_axis": axis, "slab_thickness": thick, "device": str(dev)}
     return Volume(norm.inverse(out), target.affine, modality=norm.modality, meta=meta)
-
