@@ -6,6 +6,10 @@
   backbone factor), then the decoder backbone upsamples onto the output grid C_X̂.
 - ``global_skip``: the input, trilinearly interpolated onto the output grid, is added to the
   decoder's output, so the network learns only the missing detail (fidelity models).
+- ``guide_decoder`` (with ``global_skip``): the decoder's finest level also reads that
+  interpolated input, so output-resolution detail (edges of a thick-slice input) reaches the
+  output without passing through the latent. Fidelity models use it; it leaves the latent a
+  plain MedIL latent (generative models keep it off).
 - ``kl``: the encoder predicts a mean and log-variance (a well-behaved latent for diffusion).
 - ``interp``: the MedIL-Interp ablation (LTEs replaced by trilinear interpolation).
 
@@ -47,6 +51,7 @@ class MedILConfig:
     interp: bool = False
     kl: bool = False
     global_skip: bool = False
+    guide_decoder: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -154,10 +159,14 @@ class MedILAutoencoder(nn.Module):
         lte = dict(frequencies=c.lte_frequencies, inr_width=c.inr_width, inr_blocks=c.inr_blocks, interp_only=c.interp)
         self.encoder_lte = LTE3d(c.channels[-1], z_out, **lte)
         self.decoder_lte = LTE3d(c.latent_channels, c.channels[-1], **lte)
-        self.decoder = Decoder(c.out_channels, c.channels, c.factors, c.n_units, c.decoder_norm)
-        if c.global_skip:  # start as exactly trilinear interpolation of the input; learn the residual
+        if c.guide_decoder and not c.global_skip:
+            raise ValueError("guide_decoder needs global_skip (the guide is the interpolated input)")
+        self.decoder = Decoder(c.out_channels, c.channels, c.factors, c.n_units, c.decoder_norm, c.in_channels if c.guide_decoder else 0)
+        if c.global_skip and not c.guide_decoder:  # start as exactly trilinear interpolation of the input
             nn.init.zeros_(self.decoder.head.weight)
             nn.init.zeros_(self.decoder.head.bias)
+        # A guided decoder keeps the default init: a zero (or small) head starves the layers below
+        # it of gradient, and the learned residual collapsed to zero in CPU training runs.
 
     # -- geometry ---------------------------------------------------------------------------------
     def latent_grid(self, input_grid: Grid, direction: np.ndarray | None = None) -> Grid:
@@ -217,13 +226,13 @@ class MedILAutoencoder(nn.Module):
         prepared = prepared[:, :, a[0] : b[0], a[1] : b[1], a[2] : b[2]]
         q = grid_voxel_coords(sub, ig, z.device)
         h = self.decoder_lte.query(prepared, q, query_cell(sub, ig).to(z.device)).reshape(B, -1, *ig[0].shape)
-        y = self.decoder(h)
-        if self.config.global_skip:
-            if skip is None:
-                raise ValueError("this model has a global skip: pass skip=(input, input_grid)")
-            x, x_grid = skip
-            y = y + sample_on_grids(x, _grids(x_grid, B), [refined(g, self.factor) for g in ig])
-        return y
+        if not self.config.global_skip:
+            return self.decoder(h)
+        if skip is None:
+            raise ValueError("this model has a global skip: pass skip=(input, input_grid)")
+        x, x_grid = skip
+        base = sample_on_grids(x, _grids(x_grid, B), [refined(g, self.factor) for g in ig])
+        return self.decoder(h, base if self.config.guide_decoder else None) + base
 
     def decode(
         self,

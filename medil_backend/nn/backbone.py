@@ -82,9 +82,17 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Intermediate-grid features -> output grid, upsampling by ``prod(factors)``."""
+    """Intermediate-grid features -> output grid, upsampling by ``prod(factors)``.
 
-    def __init__(self, out_channels: int, channels: Sequence[int], factors: Sequence[int], n_units: int, norm: str) -> None:
+    With ``guide_channels`` > 0 the finest level also reads a guide image on the output grid
+    (the input interpolated there): a 3^3 convolution fuses it with the upsampled features
+    before the finest residual units, so output-resolution detail does not have to pass
+    through the latent.
+    """
+
+    def __init__(
+        self, out_channels: int, channels: Sequence[int], factors: Sequence[int], n_units: int, norm: str, guide_channels: int = 0
+    ) -> None:
         super().__init__()
         if norm == "instance":
             raise ValueError("the decoder needs a voxel-local norm (channel or none) so slab-wise decoding is exact")
@@ -97,16 +105,21 @@ class Decoder(nn.Module):
             if i > 0:
                 units += [nn.Upsample(scale_factor=factors[i - 1], mode="nearest"), nn.Conv3d(channels[i], channels[i - 1], 3, padding=1)]
             self.levels.append(nn.Sequential(*units))
+        self.guide = nn.Conv3d(channels[0] + guide_channels, channels[0], 3, padding=1) if guide_channels else None
         self.head = nn.Conv3d(channels[0], out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for level in self.levels:
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+        for level in self.levels[:-1]:
             x = level(x)
-        return self.head(x)
+        if self.guide is not None:
+            if guide is None:
+                raise ValueError("this decoder reads a guide image on the output grid; pass guide=")
+            x = x + self.guide(torch.cat([x, guide], dim=1))
+        return self.head(self.levels[-1](x))
 
     def receptive_radius(self) -> int:
         """Half-width of the receptive field in output voxels (conservative)."""
-        r = 1  # head conv at the output resolution
+        r = 1 + (self.guide is not None)  # head (and guide) convs at the output resolution
         g = 1  # size of one voxel of the current level, in output voxels
         for i in range(len(self.channels)):
             r += g * 2 * self.n_units  # residual units at this level (2 convs each)
