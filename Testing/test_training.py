@@ -239,6 +239,18 @@ def test_fit_export_registry_reconstruct(tmp_path, small_mri):
         env=env,
     )
     assert res.returncode == 0, res.stderr
+    # `medil export` turns a run's checkpoint (e.g. of a run stopped early) into the same model
+    ckpt = sorted((tmp_path / "runs").rglob("epoch=*.ckpt"))[-1]
+    medil = [sys.executable, "-m", "medil_backend", "export"]
+    cfg = str(REPO / "training/configs/tiny-test.yaml")
+    exp = subprocess.run(
+        [*medil, str(ckpt), "--config", cfg, "--folder", str(out), "--name", "tiny-exported"], capture_output=True, text=True, cwd=REPO
+    )
+    assert exp.returncode == 0, exp.stderr[-3000:]
+    again = json.loads((out / "tiny-exported.json").read_text())
+    assert again["sha256"] == card["sha256"] and again["training"]["steps_done"] == card["training"]["steps_done"]
+    bad = subprocess.run([*medil, str(tmp_path / "no.ckpt"), "--config", cfg], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_ddp_on_gloo_with_two_processes(tmp_path):

@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-memory", type=float, nargs="+", default=[3.0, 1.0], help="MedIL memory limits to compare (GB)")
     args = ap.parse_args()
+    from medil_backend.models import DEFAULT_MODEL
+
     bspline = measure("bspline", args.input, args.spacing, None, None)
     runs = {f"medil_max{m:g}GB": measure("medil", args.input, args.spacing, args.model, m) for m in args.max_memory}
     first = runs[next(iter(runs))]
@@ -89,6 +91,7 @@ def main() -> None:
         "benchmark": "reconstruct vs SimpleITK B-spline",
         "input": Path(args.input).name,
         "spacing": args.spacing,
+        "model": args.model or DEFAULT_MODEL,
         "machine": f"{platform.machine()}, {mp.cpu_count()} cores, CPU",
         "baseline_bspline": bspline,
         **runs,

@@ -1,6 +1,9 @@
 """Write the README's measured tables from the JSON results in benchmarks/results/.
 
     python benchmarks/readme_tables.py          # rewrites the marked sections of README.md
+
+Sections: ``quality-brain`` / ``quality-ct`` (``medil evaluate`` mean tables and the issue's
+targets, from ``eval-brain.json`` / ``eval-ct.json``) and ``speed`` (``bench_reconstruct.json``).
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def quality() -> str:
-    res = json.loads((RESULTS / "eval-medil-mri-quick.json").read_text())
-    from medil_backend.evaluate import markdown_table
+def quality(name: str) -> str:
+    from medil_backend.evaluate import markdown_table, target_table
 
-    return markdown_table(res)
+    res = json.loads((RESULTS / f"eval-{name}.json").read_text())
+    models = [m for m in res["mean"]["recon"] if m not in ("trilinear", "bspline")]
+    return markdown_table(res) + "\n\nTargets of the training issue (mean over the held-out volumes):\n\n" + target_table(res, models)
 
 
 def speed() -> str:
     d = json.loads((RESULTS / "bench_reconstruct.json").read_text())
+    model = d.get("model", "?")
     rows = [
         "| method | memory limit | seconds | peak RSS increase (MB) | decoding slab (intermediate voxels) |",
         "|---|---|---|---|---|",
@@ -33,9 +38,9 @@ def speed() -> str:
             continue
         limit = key[len("medil_max") :]
         if "error" in v:
-            rows.append(f"| MedIL `medil-mri-quick` | {limit} | refused before any work: one slab does not fit | – | – |")
+            rows.append(f"| MedIL `{model}` | {limit} | refused before any work: one slab does not fit | – | – |")
         else:
-            rows.append(f"| MedIL `medil-mri-quick` | {limit} | {v['seconds']:.1f} | {v['peak_rss_increase_mb']:.0f} | {v['slab_thickness']} |")
+            rows.append(f"| MedIL `{model}` | {limit} | {v['seconds']:.1f} | {v['peak_rss_increase_mb']:.0f} | {v['slab_thickness']} |")
     rows.append("")
     rows.append(
         f"Output grid {d['baseline_bspline']['output_shape']} on {d['machine']}; MedIL took "
@@ -46,7 +51,8 @@ def speed() -> str:
 
 def main() -> None:
     readme = (REPO / "README.md").read_text()
-    for name, text in (("quality", quality()), ("speed", speed())):
+    sections = (("quality-brain", quality("brain")), ("quality-ct", quality("ct")), ("speed", speed()))
+    for name, text in sections:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(readme):
             raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> section")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="encode a volume and decode it onto any output grid")
     r.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or DICOM series folder")
     r.add_argument("output", help="output file: .nii, .nii.gz, .nrrd or .mha")
-    r.add_argument("--model", default=None, help="model name (see `medil models`) or path to a model card")
+    r.add_argument(
+        "--model",
+        default=None,
+        help="model name (see `medil models`) or path to a model card (default: medil-ct for CT, medil-brain-t1 otherwise)",
+    )
     _add_geometry_args(r)
     r.add_argument("--modality", default="auto", choices=["mri", "ct", "auto"])
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -60,8 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--thick", type=float, nargs="+", default=[4.0, 8.0], metavar="MM", help="simulated slice thicknesses")
     e.add_argument("--modality", default="auto", choices=["mri", "ct", "auto"])
     e.add_argument("--device", default="auto")
+    e.add_argument("--max-memory", type=float, default=None, metavar="GB", help="working-memory limit per reconstruction (default 3 GB)")
     e.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     e.add_argument("--markdown", metavar="FILE", help="also write the mean table as Markdown")
+    e.add_argument(
+        "--record-in-cards", action="store_true", help="write each model's held-out metrics (and this command) into its model card"
+    )
+
+    x = sub.add_parser("export", help="write a medil train checkpoint as safetensors + model card")
+    x.add_argument("checkpoint", help="Lightning .ckpt of a medil train run")
+    x.add_argument("--config", required=True, help="the run's YAML recipe")
+    x.add_argument("--folder", default=None, help="output folder (default: the recipe's ExportWeights folder)")
+    x.add_argument("--name", default=None, help="model name (default: the recipe's ExportWeights name)")
 
     i = sub.add_parser("info", help="shape, spacing, orientation, extent and modality guess of a volume")
     i.add_argument("file")
@@ -104,8 +119,9 @@ def _parse_orientation(value: str | None):
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .geometry import output_grid
+    from .intensity import guess_modality
     from .io import check_output_path, read_volume, write_volume
-    from .models import load_model
+    from .models import default_model_for, load_model
     from .ops import run_model
 
     if args.like and (args.spacing or args.orientation or args.fov):
@@ -117,7 +133,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     like = read_volume(args.like).grid if args.like else None
     target = output_grid(volume.grid, like=like, spacing=args.spacing, orientation=orientation, fov=args.fov)
-    model = load_model(args.model)
+    modality = args.modality if args.modality != "auto" else guess_modality(volume.array)
+    model = load_model(args.model or default_model_for(modality))
     card_modality = model.card.get("modality")
     update, close = _progress_callback(args.progress)
     try:
@@ -150,7 +167,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_MODEL, list_models
+    from .models import DEFAULT_MODELS, list_models
 
     entries = list_models()
     if args.json:
@@ -176,7 +193,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     for e in entries:
         lat = e.card.get("latent", {})
-        mark = " (default)" if e.name == DEFAULT_MODEL else ""
+        default_for = [m.upper() for m, n in DEFAULT_MODELS.items() if n == e.name]
+        mark = f" (default for {', '.join(default_for)})" if default_for else ""
         print(
             f"{e.name}{mark}\t{e.source}\t{e.card.get('modality', '?')}\ttasks={','.join(e.tasks)}\t"
             f"latent={lat.get('channels', '?')}ch@{lat.get('spacing_mm', '?')}mm\t{e.card_path}"
@@ -214,7 +232,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import evaluate, markdown_table, to_json
+    from .evaluate import evaluate, markdown_table, target_table, to_json
     from .models import load_model
 
     for out in (args.json, args.markdown):
@@ -224,13 +242,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not t > 0:
             raise MedILError(f"--thick values must be positive mm, got {t}")
     loaded = [load_model(m) for m in (args.model or [None])]
-    result = evaluate(args.volumes, {m.name: m.net for m in loaded}, args.thick, args.modality, args.device)
-    table = markdown_table(result)
+    result = evaluate(args.volumes, {m.name: m.net for m in loaded}, args.thick, args.modality, args.device, max_memory_gb=args.max_memory)
+    table = markdown_table(result) + "\n\n" + target_table(result, [m.name for m in loaded])
     print(table)
     if args.json:
         Path(args.json).write_text(to_json(result) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
+    if args.record_in_cards:
+        from .evaluate import record_in_card
+        from .models import find_model
+
+        command = "medil " + shlex.join(getattr(args, "argv", ["evaluate", *args.volumes]))
+        for m in loaded:
+            record_in_card(find_model(m.name).card_path, result, m.name, command)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from .training.cli import export_checkpoint
+    except ImportError as exc:
+        raise MedILError(f"exporting needs the train extra ({exc.name} is missing): pip install 'medil-backend[train]'") from None
+    path = export_checkpoint(args.checkpoint, args.config, args.folder, args.name)
+    print(json.dumps({"exported": str(path)}))
     return 0
 
 
@@ -250,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"medil: error: {exc}", file=sys.stderr)
             return 1
     args = build_parser().parse_args(argv)
-    handlers = {"reconstruct": cmd_reconstruct, "models": cmd_models, "info": cmd_info, "evaluate": cmd_evaluate}
+    args.argv = argv
+    handlers = {"reconstruct": cmd_reconstruct, "models": cmd_models, "info": cmd_info, "evaluate": cmd_evaluate, "export": cmd_export}
     try:
         return handlers[args.command](args)
     except Cancelled as exc:

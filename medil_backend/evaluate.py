@@ -60,6 +60,7 @@ def evaluate(
     modality: str = "auto",
     device: str = "auto",
     baselines: Sequence[str] = ("trilinear", "bspline"),
+    max_memory_gb: float | None = None,
 ) -> dict:
     """Metrics per volume, task and method, plus their means over volumes."""
     per_volume: dict[str, dict] = {}
@@ -68,13 +69,13 @@ def evaluate(
         norm = fit_normalizer(hr.array, modality)
         hr.modality = norm.modality
         ref = norm.forward(hr.array)
-        mask = foreground_mask(ref)
+        mask = foreground_mask(ref, norm.modality)
         rows: dict[str, dict] = {}
         for task, inp in degraded_inputs(hr, thick_mm).items():
             rows[task] = {}
             for name, net in models.items():
                 t0 = time.perf_counter()
-                out = run_model(inp, hr.grid, net, device=device, modality=norm.modality)
+                out = run_model(inp, hr.grid, net, device=device, modality=norm.modality, max_memory_gb=max_memory_gb)
                 rows[task][name] = score(norm.forward(out.array), ref, mask) | {"seconds": time.perf_counter() - t0}
             for method in baselines:
                 t0 = time.perf_counter()

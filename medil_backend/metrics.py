@@ -50,6 +50,13 @@ def ms_ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0, levels: 
     return float(np.prod(np.array(vals) ** w))
 
 
-def foreground_mask(ref: np.ndarray, threshold: float = 0.1) -> np.ndarray:
-    """Head/body mask of a normalised volume: intensities above ``threshold`` of the 99th percentile scale."""
+def foreground_mask(ref: np.ndarray, modality: str = "mri", threshold: float = 0.1) -> np.ndarray:
+    """Head/body mask of a normalised volume (the tissue mask of training).
+
+    MRI: intensities above ``threshold`` (of the 99th-percentile scale). CT: above -200 HU, with
+    holes filled so that the lungs and airways inside the body are included."""
+    if modality == "ct":
+        from scipy.ndimage import binary_fill_holes
+
+        return binary_fill_holes(np.asarray(ref) > (-200 + 1000) / 3000.0)  # CT normalised from [-1000, 2000] HU
     return np.asarray(ref) > threshold

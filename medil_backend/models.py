@@ -19,7 +19,13 @@ from .errors import MedILError
 from .nn.autoencoder import MedILAutoencoder, MedILConfig
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_MODEL = "medil-mri-quick"
+DEFAULT_MODELS = {"mri": "medil-brain-t1", "ct": "medil-ct"}
+DEFAULT_MODEL = DEFAULT_MODELS["mri"]
+
+
+def default_model_for(modality: str | None) -> str:
+    """The bundled model used when none is named: the CT model for CT, the brain-MRI model otherwise."""
+    return DEFAULT_MODELS.get(str(modality), DEFAULT_MODEL)
 
 
 def user_model_dirs() -> list[Path]:

@@ -82,6 +82,63 @@ class ExportWeights(L.Callback):
         print(json.dumps({"exported": str(path)}), flush=True)
 
 
+def export_checkpoint(checkpoint: str | Path, config: str | Path, folder: str | None = None, name: str | None = None) -> Path:
+    """Export a Lightning checkpoint of a ``medil train`` run (e.g. one that was stopped before its end)
+    as safetensors + model card, the way ``ExportWeights`` does at the end of a fit.
+
+    ``folder``, ``name`` and the description default to the config's ``ExportWeights`` callback."""
+    import yaml
+
+    from ..errors import MedILError
+
+    checkpoint, config = Path(checkpoint), Path(config)
+    for p in (checkpoint, config):
+        if not p.is_file():
+            raise MedILError(f"{p} does not exist")
+    conf = yaml.safe_load(config.read_text()) or {}
+    cb = next(
+        (
+            c.get("init_args", {})
+            for c in conf.get("trainer", {}).get("callbacks", []) or []
+            if str(c.get("class_path", "")).endswith("ExportWeights")
+        ),
+        {},
+    )
+    folder, name = folder or cb.get("folder"), name or cb.get("name")
+    if not folder or not name:
+        raise MedILError(f"{config} has no ExportWeights callback; give --folder and --name")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    hparams = ckpt.get("hyper_parameters") or conf.get("model") or {}  # the run's own (incl. command-line overrides)
+    lit = MedILLitModule(**{k: v for k, v in hparams.items() if k != "init_weights" and not k.startswith("_")})
+    lit.net.load_state_dict({k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
+    data = conf.get("data") or {}
+    dm = VolumeDataModule(**{k: v for k, v in data.items() if k in ("train", "val", "modality", "synthetic", "tissue_maps")})
+    dm.setup()
+    # a run's version folder holds hparams.yaml from its start: the checkpoint's age relative to it is the training time
+    start = checkpoint.parent.parent / "hparams.yaml"
+    minutes = round((checkpoint.stat().st_mtime - start.stat().st_mtime) / 60, 2) if start.exists() else None
+    score = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("ModelCheckpoint") and "best_model_score" in v), {})
+    card = {
+        "description": cb.get("description", ""),
+        "tasks": cb.get("tasks") or ["reconstruct", "superres"],
+        "modality": dm.modality,
+        "training": {
+            "recipe": "medil train (LightningCLI)",
+            "reproduce": f"medil train --config {config.as_posix()}",
+            "config_yaml": config.read_text(),
+            "stage": lit.hparams.stage,
+            "steps_done": int(ckpt.get("global_step", 0)),
+            "minutes": minutes,
+            "hardware": f"{platform.machine()} CPU" if conf.get("trainer", {}).get("accelerator") == "cpu" else "see config",
+            "torch": torch.__version__,
+            "data": dm.manifest(),
+            "exported_from": checkpoint.name,
+        },
+        "metrics": {"val_l1_best": float(score["best_model_score"]) if score.get("best_model_score") is not None else None},
+    }
+    return export_model(lit.net, folder, name, card)
+
+
 class MedILCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(

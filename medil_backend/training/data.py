@@ -68,12 +68,9 @@ def resample_to_grid(array: np.ndarray, grid: Grid, target: Grid) -> np.ndarray:
 
 def foreground_centres(array: np.ndarray, modality: str, limit: int = 20000) -> np.ndarray:
     """Candidate patch centres inside the tissue mask (MRI: intensity threshold; CT: > -200 HU, filled)."""
-    from scipy.ndimage import binary_fill_holes
+    from ..metrics import foreground_mask
 
-    if modality == "ct":
-        mask = binary_fill_holes(array > (-200 + 1000) / 3000.0)  # normalised CT
-    else:
-        mask = array > 0.1
+    mask = foreground_mask(array, modality)
     pts = np.argwhere(mask)
     return pts[:: max(1, len(pts) // limit)]
 
