@@ -208,3 +208,34 @@ def test_bundled_model_on_real_thick_slices(tmp_path, capsys):
     r = read_volume(out)
     assert r.shape == (40, 40, 32)
     assert np.isfinite(r.array).all() and 0.2 < r.array.mean() / crop.array.mean() < 5
+
+
+def test_default_model_follows_the_modality(tmp_path, capsys):
+    """Without --model, a CT scan is reconstructed by medil-ct and an MRI by medil-brain-t1."""
+    v = read_volume(shared("ct/head_ct_0p96x0p96x1p5mm.nrrd"))
+    crop = Volume(np.ascontiguousarray(v.array[40:72, 112:144, 50:66]), v.grid.sub_grid((40, 112, 50), (72, 144, 66)).affine)
+    src = tmp_path / "ct.nrrd"
+    write_volume(crop, src, dtype=crop.array.dtype)
+    rc, out, err = run(["reconstruct", src, tmp_path / "ct.nii.gz", "--progress", "json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["model"] == "medil-ct"
+    rc, out, err = run(["reconstruct", src, tmp_path / "as-mri.nii.gz", "--modality", "mri", "--progress", "json"], capsys)
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["model"] == "medil-brain-t1"
+
+
+@pytest.mark.parametrize("name", ["medil-brain-t1", "medil-ct", "medil-interp-brain-t1", "conv-baseline-brain-t1"])
+def test_bundled_model_cards_say_how_they_were_made(name):
+    """Each bundled model: <= 50 MB, card with recipe, data manifest (sha256), time, hardware and held-out metrics."""
+    from medil_backend.models import find_model, load_model
+
+    entry = find_model(name)
+    assert entry.source == "bundled" and entry.weights_path.stat().st_size <= 50 * 2**20
+    card = load_model(name).card
+    training = card["training"]
+    assert training["reproduce"].startswith("medil train --config training/configs/cpu/")
+    assert (REPO / training["reproduce"].split("--config ")[1]).exists()
+    assert training["minutes"] > 0 and training["steps_done"] > 0 and training["hardware"]
+    assert all(len(f["sha256"]) == 64 for f in training["data"]["train"])
+    held = card["metrics"]["held_out"]
+    assert held["command"].startswith("medil evaluate") and {"recon", "sr4mm", "sr8mm"} <= set(held["mean"])
+    assert card["latent"]["spacing_mm"] <= 2.0 and card["latent"]["channels"] >= 8
