@@ -251,6 +251,18 @@ def test_fit_export_registry_reconstruct(tmp_path, small_mri):
     assert again["sha256"] == card["sha256"] and again["training"]["steps_done"] == card["training"]["steps_done"]
     bad = subprocess.run([*medil, str(tmp_path / "no.ckpt"), "--config", cfg], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    # an existing model is not replaced without --overwrite; a corrupt checkpoint is a one-line error
+    before = (out / "tiny-exported.json").read_bytes()
+    again_cmd = [*medil, str(ckpt), "--config", cfg, "--folder", str(out), "--name", "tiny-exported"]
+    twice = subprocess.run(again_cmd, capture_output=True, text=True, cwd=REPO)
+    assert twice.returncode == 1 and "--overwrite" in twice.stderr and (out / "tiny-exported.json").read_bytes() == before
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    corrupt = subprocess.run(
+        [*medil, str(junk), "--config", cfg, "--folder", str(out), "--name", "x"], capture_output=True, text=True, cwd=REPO
+    )
+    assert corrupt.returncode == 1 and "not a Lightning checkpoint" in corrupt.stderr and "Traceback" not in corrupt.stderr
+    assert not (out / "x.json").exists() and not list(out.glob(".*.part"))
 
 
 def test_ddp_on_gloo_with_two_processes(tmp_path):

@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="metrics of models vs trilinear and B-spline on reconstruction and thick-slice super-resolution")
     e.add_argument("volumes", nargs="+", help="ground-truth volumes (held out from training)")
-    e.add_argument("--model", action="append", default=None, help="model name or card path (repeatable; default: the default model)")
+    e.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model name or card path (repeatable; default: medil-ct with --modality ct, else medil-brain-t1)",
+    )
     e.add_argument("--thick", type=float, nargs="+", default=[4.0, 8.0], metavar="MM", help="simulated slice thicknesses")
     e.add_argument("--modality", default="auto", choices=["mri", "ct", "auto"])
     e.add_argument("--device", default="auto")
@@ -77,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--config", required=True, help="the run's YAML recipe")
     x.add_argument("--folder", default=None, help="output folder (default: the recipe's ExportWeights folder)")
     x.add_argument("--name", default=None, help="model name (default: the recipe's ExportWeights name)")
+    x.add_argument("--overwrite", action="store_true", help="replace a model of that name in the folder")
 
     i = sub.add_parser("info", help="shape, spacing, orientation, extent and modality guess of a volume")
     i.add_argument("file")
@@ -138,9 +144,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     card_modality = model.card.get("modality")
     update, close = _progress_callback(args.progress)
     try:
-        result = run_model(
-            volume, target, model.net, device=args.device, progress=update, max_memory_gb=args.max_memory, modality=args.modality
-        )
+        result = run_model(volume, target, model.net, device=args.device, progress=update, max_memory_gb=args.max_memory, modality=modality)
     finally:
         close()
     if card_modality and result.modality != card_modality:
@@ -233,7 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .evaluate import evaluate, markdown_table, target_table, to_json
-    from .models import load_model
+    from .models import default_model_for, load_model
 
     for out in (args.json, args.markdown):
         if out and Path(out).parent and not Path(out).parent.is_dir():
@@ -241,7 +245,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for t in args.thick:
         if not t > 0:
             raise MedILError(f"--thick values must be positive mm, got {t}")
-    loaded = [load_model(m) for m in (args.model or [None])]
+    specs = args.model or [default_model_for(args.modality)]
+    loaded = [load_model(m) for m in specs]
     result = evaluate(args.volumes, {m.name: m.net for m in loaded}, args.thick, args.modality, args.device, max_memory_gb=args.max_memory)
     table = markdown_table(result) + "\n\n" + target_table(result, [m.name for m in loaded])
     print(table)
@@ -253,9 +258,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .evaluate import record_in_card
         from .models import find_model
 
-        command = "medil " + shlex.join(getattr(args, "argv", ["evaluate", *args.volumes]))
-        for m in loaded:
-            record_in_card(find_model(m.name).card_path, result, m.name, command)
+        command = "medil " + shlex.join(args.argv)
+        for spec, m in zip(specs, loaded):
+            record_in_card(find_model(spec).card_path, result, m.name, command)
     return 0
 
 
@@ -264,7 +269,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .training.cli import export_checkpoint
     except ImportError as exc:
         raise MedILError(f"exporting needs the train extra ({exc.name} is missing): pip install 'medil-backend[train]'") from None
-    path = export_checkpoint(args.checkpoint, args.config, args.folder, args.name)
+    path = export_checkpoint(args.checkpoint, args.config, args.folder, args.name, overwrite=args.overwrite)
     print(json.dumps({"exported": str(path)}))
     return 0
 

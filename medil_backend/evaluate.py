@@ -113,7 +113,11 @@ def target_table(result: dict, models: Sequence[str]) -> str:
     B-spline, against the targets (reached / missed)."""
     mean = result["mean"]
     sr_tasks = [t for t in mean if t.startswith("sr")]
-    head = "| model | recon psnr_mask (target >= 32) | " + " | ".join(f"{t} gain over B-spline (target >= 3)" for t in sr_tasks) + " |"
+    head = (
+        f"| model | recon psnr_mask (target >= {RECON_TARGET_DB:g}) | "
+        + " | ".join(f"{t} gain over B-spline (target >= {SR_GAIN_TARGET_DB:g})" for t in sr_tasks)
+        + " |"
+    )
     lines = [head, "|---|---|" + "---|" * len(sr_tasks)]
     for name in models:
         rec = mean["recon"][name]["psnr_mask"]

@@ -58,5 +58,7 @@ def foreground_mask(ref: np.ndarray, modality: str = "mri", threshold: float = 0
     if modality == "ct":
         from scipy.ndimage import binary_fill_holes
 
-        return binary_fill_holes(np.asarray(ref) > (-200 + 1000) / 3000.0)  # CT normalised from [-1000, 2000] HU
+        from .intensity import CT_HIGH, CT_LOW
+
+        return binary_fill_holes(np.asarray(ref) > (-200.0 - CT_LOW) / (CT_HIGH - CT_LOW))  # -200 HU on the normalised scale
     return np.asarray(ref) > threshold

@@ -159,10 +159,12 @@ def export_model(net: MedILAutoencoder, folder: str | os.PathLike, name: str, ca
     folder.mkdir(parents=True, exist_ok=True)
     wpath = folder / f"{name}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(wpath))
+    # written beside the targets and renamed into place: a failed export leaves no half-written model
+    wtmp = folder / f".{name}.safetensors.part"
+    save_file(state, str(wtmp))
     full = dict(card)
     c = net.config
-    full.update(name=name, architecture=type(net).__name__, config=json.loads(c.to_json()), weights=wpath.name, sha256=sha256_file(wpath))
+    full.update(name=name, architecture=type(net).__name__, config=json.loads(c.to_json()), weights=wpath.name, sha256=sha256_file(wtmp))
     if isinstance(net, MedILAutoencoder):
         latent = {
             "spacing_mm": c.latent_spacing,
@@ -174,5 +176,8 @@ def export_model(net: MedILAutoencoder, folder: str | os.PathLike, name: str, ca
         latent = {"spacing_mm": f, "channels": c.latent_channels, "compression_vs_1mm": round(f**3 / c.latent_channels, 2)}
     full.setdefault("latent", latent)
     card_path = folder / f"{name}.json"
-    card_path.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    ctmp = folder / f".{name}.json.part"
+    ctmp.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    os.replace(wtmp, wpath)
+    os.replace(ctmp, card_path)
     return card_path

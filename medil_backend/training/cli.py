@@ -32,6 +32,29 @@ from .data import VolumeDataModule
 from .lit import MedILLitModule
 
 
+def training_card(*, description, tasks, datamodule, config_file, stage, steps_done, minutes, val_l1_best, **extra) -> dict:
+    """The model card of a ``medil train`` run (``ExportWeights`` and ``medil export`` both write it)."""
+    recipe = Path(config_file).read_text() if config_file and Path(config_file).exists() else None
+    return {
+        "description": description,
+        "tasks": tasks or ["reconstruct", "superres"],
+        "modality": datamodule.modality,
+        "training": {
+            "recipe": "medil train (LightningCLI)",
+            "reproduce": f"medil train --config {Path(config_file).as_posix()}" if config_file else None,
+            "config_yaml": recipe,
+            "stage": stage,
+            "steps_done": steps_done,
+            "minutes": minutes,
+            "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU",
+            "torch": torch.__version__,
+            "data": datamodule.manifest(),
+            **extra,
+        },
+        "metrics": {"val_l1_best": val_l1_best},
+    }
+
+
 class ExportWeights(L.Callback):
     """Write ``NAME.safetensors`` + ``NAME.json`` (config, recipe, data manifest, hardware, metrics) at the end of fit."""
 
@@ -56,33 +79,26 @@ class ExportWeights(L.Callback):
             state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
             net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
             best_score = float(best.best_model_score) if best.best_model_score is not None else None
-        dm = trainer.datamodule
-        recipe = Path(self.config_file).read_text() if self.config_file and Path(self.config_file).exists() else None
-        card = {
-            "description": self.description,
-            "tasks": self.tasks,
-            "modality": dm.modality,
-            "training": {
-                "recipe": "medil train (LightningCLI)",
-                "reproduce": f"medil train --config {self.config_file}" if self.config_file else None,
-                "config_yaml": recipe,
-                "stage": pl_module.hparams.stage,
-                "steps_done": trainer.global_step,
-                "minutes": round((time.time() - self.t0) / 60, 2),
-                "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU",
-                "devices": trainer.num_devices,
-                "num_nodes": trainer.num_nodes,
-                "precision": str(trainer.precision),
-                "torch": torch.__version__,
-                "data": dm.manifest(),
-            },
-            "metrics": {"val_l1_best": best_score},
-        }
+        card = training_card(
+            description=self.description,
+            tasks=self.tasks,
+            datamodule=trainer.datamodule,
+            config_file=self.config_file,
+            stage=pl_module.hparams.stage,
+            steps_done=trainer.global_step,
+            minutes=round((time.time() - self.t0) / 60, 2),
+            val_l1_best=best_score,
+            devices=trainer.num_devices,
+            num_nodes=trainer.num_nodes,
+            precision=str(trainer.precision),
+        )
         path = export_model(net, self.folder, self.name, card)
         print(json.dumps({"exported": str(path)}), flush=True)
 
 
-def export_checkpoint(checkpoint: str | Path, config: str | Path, folder: str | None = None, name: str | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, config: str | Path, folder: str | None = None, name: str | None = None, overwrite: bool = False
+) -> Path:
     """Export a Lightning checkpoint of a ``medil train`` run (e.g. one that was stopped before its end)
     as safetensors + model card, the way ``ExportWeights`` does at the end of a fit.
 
@@ -95,7 +111,10 @@ def export_checkpoint(checkpoint: str | Path, config: str | Path, folder: str | 
     for p in (checkpoint, config):
         if not p.is_file():
             raise MedILError(f"{p} does not exist")
-    conf = yaml.safe_load(config.read_text()) or {}
+    try:
+        conf = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MedILError(f"{config} is not valid YAML ({str(exc).splitlines()[0]}); give the run's recipe") from None
     cb = next(
         (
             c.get("init_args", {})
@@ -107,10 +126,16 @@ def export_checkpoint(checkpoint: str | Path, config: str | Path, folder: str | 
     folder, name = folder or cb.get("folder"), name or cb.get("name")
     if not folder or not name:
         raise MedILError(f"{config} has no ExportWeights callback; give --folder and --name")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if (Path(folder) / f"{name}.json").exists() and not overwrite:
+        raise MedILError(f"model {name!r} already exists in {folder}; pass --overwrite to replace it, or choose another --name")
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = ckpt["state_dict"]
+    except Exception as exc:
+        raise MedILError(f"{checkpoint} is not a Lightning checkpoint of medil train ({str(exc).splitlines()[0][:160]})") from None
     hparams = ckpt.get("hyper_parameters") or conf.get("model") or {}  # the run's own (incl. command-line overrides)
     lit = MedILLitModule(**{k: v for k, v in hparams.items() if k != "init_weights" and not k.startswith("_")})
-    lit.net.load_state_dict({k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
+    lit.net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
     data = conf.get("data") or {}
     dm = VolumeDataModule(**{k: v for k, v in data.items() if k in ("train", "val", "modality", "synthetic", "tissue_maps")})
     dm.setup()
@@ -118,24 +143,17 @@ def export_checkpoint(checkpoint: str | Path, config: str | Path, folder: str | 
     start = checkpoint.parent.parent / "hparams.yaml"
     minutes = round((checkpoint.stat().st_mtime - start.stat().st_mtime) / 60, 2) if start.exists() else None
     score = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("ModelCheckpoint") and "best_model_score" in v), {})
-    card = {
-        "description": cb.get("description", ""),
-        "tasks": cb.get("tasks") or ["reconstruct", "superres"],
-        "modality": dm.modality,
-        "training": {
-            "recipe": "medil train (LightningCLI)",
-            "reproduce": f"medil train --config {config.as_posix()}",
-            "config_yaml": config.read_text(),
-            "stage": lit.hparams.stage,
-            "steps_done": int(ckpt.get("global_step", 0)),
-            "minutes": minutes,
-            "hardware": f"{platform.machine()} CPU" if conf.get("trainer", {}).get("accelerator") == "cpu" else "see config",
-            "torch": torch.__version__,
-            "data": dm.manifest(),
-            "exported_from": checkpoint.name,
-        },
-        "metrics": {"val_l1_best": float(score["best_model_score"]) if score.get("best_model_score") is not None else None},
-    }
+    card = training_card(
+        description=cb.get("description", ""),
+        tasks=cb.get("tasks"),
+        datamodule=dm,
+        config_file=config,
+        stage=lit.hparams.stage,
+        steps_done=int(ckpt.get("global_step", 0)),
+        minutes=minutes,
+        val_l1_best=float(score["best_model_score"]) if score.get("best_model_score") is not None else None,
+        exported_from=checkpoint.name,
+    )
     return export_model(lit.net, folder, name, card)
 
 
