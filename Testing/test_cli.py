@@ -129,7 +129,7 @@ BAD = [
     ("zero_spacing.nii", [], ["spacing"]),
     ("nan_spacing.nrrd", [], ["spacing"]),
     (None, ["--model", "no-such-model"], ["unknown model", "medil models"]),
-    (None, ["--spacing", "0.01", "--max-memory", "0.05"], ["too big for the memory limit", "--max-memory"]),
+    (None, ["--spacing", "0.01", "--max-memory", "0.05"], ["over the memory limit", "--max-memory"]),
     (None, ["--spacing", "1", "2"], ["one value", "three"]),
     (None, ["--spacing", "-1"], ["positive"]),
     (None, ["--max-memory", "0"], ["--max-memory", "positive"]),

@@ -4,62 +4,58 @@ import numpy as np
 import pytest
 
 from medil_backend.errors import Cancelled, MedILError
-from medil_backend.geometry import output_grid
+from medil_backend.geometry import canonical_order, output_grid
 from medil_backend.io import read_volume
-from medil_backend.ops.reconstruct import plan_slabs, reconstruct
+from medil_backend.ops.reconstruct import RUNTIME_OVERHEAD_BYTES, reconstruct, resident_bytes
+
+
+def _just_enough(net, v, target) -> float:
+    """A memory limit (GB) just above what the call holds anyway: it forces many small tiles on both sides."""
+    c = canonical_order(v)
+    held = resident_bytes(net, c.grid, target, c.array.nbytes if c is not v else 0) + RUNTIME_OVERHEAD_BYTES
+    return (held + 34e6) / 2**30
 
 
 @pytest.mark.parametrize("orientation", ["input", "RAS", "aligned"])
-def test_slabwise_equals_whole(tiny_model, small_mri, orientation):
+def test_reconstruct_in_tiles_equals_one_tile(tiny_model, small_mri, orientation):
     v = read_volume(small_mri)
-    target = output_grid(v.grid, spacing=[1.9, 1.3, 2.3], orientation=orientation)
-    whole = reconstruct(v, target, tiny_model, device="cpu", slab=10_000)
-    assert whole.meta["slab_thickness"] == target.coarsened(tiny_model.factor).shape[whole.meta["slab_axis"]]
-    for slab in (1, 4):
-        parts = reconstruct(v, target, tiny_model, device="cpu", slab=slab)
-        np.testing.assert_allclose(parts.array, whole.array, atol=1e-5 * max(1.0, float(np.abs(whole.array).max())))
+    target = output_grid(v.grid, spacing=[0.9, 0.7, 1.1], orientation=orientation)
+    whole = reconstruct(v, target, tiny_model, device="cpu", precision="float32", max_memory_gb=8)
+    # a limit just above what the call holds anyway forces many small tiles on both sides
+    parts = reconstruct(v, target, tiny_model, device="cpu", precision="float32", max_memory_gb=_just_enough(tiny_model, v, target))
+    assert parts.meta["tiles"]["decode"] > 4
+    np.testing.assert_allclose(parts.array, whole.array, atol=1e-5 * max(1.0, float(np.abs(whole.array).max())))
     assert whole.grid.same_as(target, atol=0)
 
 
-def test_slabwise_equals_whole_with_guided_decoder(tiny_config, small_mri):
-    """The guide (interpolated input) read by the decoder's finest level is covered by the slab halo."""
-    from dataclasses import replace
-
-    import torch
-
-    from medil_backend.nn import MedILAutoencoder
-
-    torch.manual_seed(1)
-    net = MedILAutoencoder(replace(tiny_config, guide_decoder=True))
-    with torch.no_grad():
-        net.decoder.head.weight.normal_(0, 0.05)
-        net.decoder.guide.weight.normal_(0, 0.2)
-    net.eval()
+def test_memory_limit_too_small_for_the_volumes_themselves(tiny_model, small_mri):
     v = read_volume(small_mri)
-    target = output_grid(v.grid, spacing=[1.1, 0.9, 1.7], orientation="RAS")
-    whole = reconstruct(v, target, net, device="cpu", slab=10_000)
-    parts = reconstruct(v, target, net, device="cpu", slab=2)
-    np.testing.assert_allclose(parts.array, whole.array, atol=1e-5 * max(1.0, float(np.abs(whole.array).max())))
-    with pytest.raises(ValueError, match="guide_decoder needs global_skip"):
-        MedILAutoencoder(replace(tiny_config, guide_decoder=True, global_skip=False))
-
-
-def test_memory_limit_picks_thin_slabs_and_refuses_too_big(tiny_model, small_mri):
-    v = read_volume(small_mri)
-    target = output_grid(v.grid, spacing=0.5)
-    axis, thick = plan_slabs(tiny_model, target, budget_bytes=2e9)
-    axis2, thin = plan_slabs(tiny_model, target, budget_bytes=1.5e8)
-    assert axis == axis2 and 1 <= thin < thick
-    with pytest.raises(MedILError, match="too big for the memory limit"):
+    with pytest.raises(MedILError, match="over the memory limit"):
         reconstruct(v, output_grid(v.grid, spacing=0.05), tiny_model, device="cpu", max_memory_gb=0.01)
+
+
+@pytest.mark.parametrize("limit", [0, -1, float("nan"), float("inf"), 1e300, "lots"])
+def test_bad_memory_limit(tiny_model, small_mri, limit):
+    v = read_volume(small_mri)
+    with pytest.raises(MedILError, match="memory limit must be a (positive )?number"):
+        reconstruct(v, v.grid, tiny_model, device="cpu", max_memory_gb=limit)
 
 
 def test_progress_and_cancel(tiny_model, small_mri):
     v = read_volume(small_mri)
-    target = output_grid(v.grid, spacing=1.0)
-    seen = []
-    reconstruct(v, target, tiny_model, device="cpu", slab=2, progress=lambda f, m: seen.append(f))
+    target = output_grid(v.grid, spacing=0.7)
+    seen, messages = [], []
+    small = _just_enough(tiny_model, v, target)
+
+    def record(f, m):
+        seen.append(f)
+        messages.append(m)
+
+    reconstruct(v, target, tiny_model, device="cpu", max_memory_gb=small, progress=record)
     assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    # progress moves while encoding too, and later tiles carry an ETA
+    assert any(m.startswith("encoding tile") for m in messages) and any("left" in m for m in messages)
+    assert 0 < max(f for f, m in zip(seen, messages) if m.startswith("encoding")) < 1
     token = threading.Event()
 
     def cancel_after_first(f, m):
@@ -67,7 +63,7 @@ def test_progress_and_cancel(tiny_model, small_mri):
             token.set()
 
     with pytest.raises(Cancelled):
-        reconstruct(v, target, tiny_model, device="cpu", slab=2, progress=cancel_after_first, cancel=token)
+        reconstruct(v, target, tiny_model, device="cpu", max_memory_gb=small, progress=cancel_after_first, cancel=token)
 
 
 def test_output_in_input_units_and_modality(tiny_model, small_mri):
@@ -77,7 +73,7 @@ def test_output_in_input_units_and_modality(tiny_model, small_mri):
     with torch.no_grad():  # silence the decoder: the global skip alone is trilinear interpolation of the input
         tiny_model.decoder.head.weight.zero_()
         tiny_model.decoder.head.bias.zero_()
-    out = reconstruct(v, v.grid, tiny_model, device="cpu")
+    out = reconstruct(v, v.grid, tiny_model, device="cpu", precision="float32")
     assert out.modality == "mri" and out.array.dtype == np.float32
     np.testing.assert_allclose(out.array, v.array, atol=1e-3)
 
@@ -98,7 +94,7 @@ def test_cuda_requested_without_gpu(tiny_model, small_mri):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     v = read_volume(small_mri)
-    with pytest.raises(MedILError, match="no CUDA GPU"):
+    with pytest.raises(MedILError, match="CUDA GPU was asked for but none is available"):
         reconstruct(v, v.grid, tiny_model, device="cuda")
 
 

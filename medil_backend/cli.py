@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_geometry_args(r)
     r.add_argument("--modality", default="auto", choices=["mri", "ct", "auto"])
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    r.add_argument("--max-memory", type=float, default=None, metavar="GB", help="working-memory limit (default 3 GB)")
+    r.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of the job (default 3 GB)")
+    r.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="convolution precision (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32)",
+    )
     r.add_argument("--dtype", default="float32", choices=["float32", "input"], help="output voxel type (input: rounded, clipped)")
     r.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     r.add_argument(
@@ -111,6 +117,26 @@ def _progress_callback(mode: str):
     return update, bar.close
 
 
+#: how this frontend spells the settings that a core error names (MedILError.options)
+OPTION_FLAGS = {
+    "max_memory": "--max-memory",
+    "spacing": "--spacing",
+    "orientation": "--orientation",
+    "fov": "--fov",
+    "like": "--like",
+    "overwrite": "--overwrite",
+    "modality": "--modality",
+    "device": "--device",
+    "precision": "--precision",
+}
+
+
+def user_message(exc: MedILError) -> str:
+    """The core's message plus the command-line options that fix it."""
+    flags = [OPTION_FLAGS[o] for o in getattr(exc, "options", ()) if o in OPTION_FLAGS]
+    return f"{exc} ({', '.join(flags)})" if flags else str(exc)
+
+
 def _parse_orientation(value: str | None):
     if value is None or "," not in value:
         return value
@@ -144,7 +170,16 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     card_modality = model.card.get("modality")
     update, close = _progress_callback(args.progress)
     try:
-        result = run_model(volume, target, model.net, device=args.device, progress=update, max_memory_gb=args.max_memory, modality=modality)
+        result = run_model(
+            volume,
+            target,
+            model.net,
+            device=args.device,
+            progress=update,
+            max_memory_gb=args.max_memory,
+            modality=modality,
+            precision=args.precision,
+        )
     finally:
         close()
     if card_modality and result.modality != card_modality:
@@ -298,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medil: {exc}", file=sys.stderr)
         return 130
     except MedILError as exc:
-        print(f"medil: error: {exc}", file=sys.stderr)
+        print(f"medil: error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("medil: interrupted; no output was written", file=sys.stderr)

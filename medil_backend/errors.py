@@ -9,7 +9,15 @@ from __future__ import annotations
 
 
 class MedILError(Exception):
-    """A problem the user can fix; ``str(err)`` is the whole message."""
+    """A problem the user can fix; ``str(err)`` is the whole message, in the user's words, not a frontend's.
+
+    ``options`` names the settings that fix it (``max_memory``, ``spacing``, ``overwrite``, ...);
+    each frontend adds its own spelling (the CLI: ``--max-memory``; the Slicer panel: its fields).
+    """
+
+    def __init__(self, message: str, *, options: tuple[str, ...] | list[str] = ()) -> None:
+        super().__init__(message)
+        self.options = tuple(options)
 
 
 class Cancelled(MedILError):

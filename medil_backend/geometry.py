@@ -160,6 +160,19 @@ class Grid:
         aff[:3, 3] = self.voxel_to_world(np.full(3, (factor - 1) / 2.0))
         return Grid(shape, aff)
 
+    def refined(self, factor: int) -> Grid:
+        """Inverse of :meth:`coarsened`: the fine grid whose ``factor``^3 blocks are this grid's voxels."""
+        aff = self.affine.copy()
+        aff[:3, :3] = self.affine[:3, :3] / factor
+        aff[:3, 3] = self.affine[:3, 3] - aff[:3, :3] @ np.full(3, (factor - 1) / 2.0)
+        return Grid(tuple(s * factor for s in self.shape), aff)
+
+    def strided(self, factor: int, shape: Sequence[int]) -> Grid:
+        """The grid of a stride-``factor`` convolution's output (``shape``): voxel 0 keeps voxel 0's centre."""
+        aff = self.affine.copy()
+        aff[:3, :3] *= factor
+        return Grid(tuple(shape), aff)
+
     def validate(self, what: str = "the image") -> Grid:
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise MedILError(f"{what} has shape {self.shape}; a 3D volume with at least one voxel per axis is needed")
@@ -283,7 +296,10 @@ def output_grid(
     """
     if like is not None:
         if spacing is not None or orientation is not None or fov is not None:
-            raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
+            raise MedILError(
+                "a reference image fixes the whole output grid; give either the reference or a spacing, orientation and field of view",
+                options=("like", "spacing", "orientation", "fov"),
+            )
         return Grid(like.shape, like.affine.copy()).validate("the reference image")
     direction = resolve_direction(orientation, input_grid)
     if spacing is None:
@@ -303,9 +319,57 @@ def output_grid(
     else:
         box = np.asarray(fov, dtype=np.float64).ravel()
         if box.size != 6 or not np.all(np.isfinite(box)):
-            raise MedILError("--fov takes six numbers: XMIN XMAX YMIN YMAX ZMIN ZMAX (world RAS mm)")
+            raise MedILError("the field of view takes six numbers: XMIN XMAX YMIN YMAX ZMIN ZMAX (world RAS mm)", options=("fov",))
         lo, hi = box[0::2], box[1::2]
         if np.any(hi <= lo):
-            raise MedILError(f"--fov box is empty: each MAX must exceed its MIN, got {tuple(box)}")
+            raise MedILError(
+                f"the field of view box is empty: each MAX must exceed its MIN, got {tuple(float(b) for b in box)}", options=("fov",)
+            )
         points = np.array([[(lo, hi)[b][a] for a, b in enumerate(bits)] for bits in np.ndindex(2, 2, 2)])
     return covering_grid(points, sp, direction)
+
+
+# -- one grid seen from another ---------------------------------------------------------------------
+
+
+def voxel_map(source: Grid, query: Grid) -> np.ndarray:
+    """4x4 float64 map from ``query``'s voxel indices to continuous voxel coordinates of ``source``."""
+    return np.linalg.inv(source.affine) @ query.affine
+
+
+def voxel_coords(source: Sequence[Grid], query: Sequence[Grid], device=None):
+    """Continuous voxel coordinates in each ``source`` grid of every voxel of each ``query`` grid: torch (B, N, 3) float64.
+
+    The map is composed in float64 (float32 round-off pushes points on a grid's edge outside it).
+    """
+    import torch
+
+    shape = query[0].shape
+    axes = [torch.arange(s, dtype=torch.float64, device=device) for s in shape]
+    ijk = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    mats = torch.tensor(np.stack([voxel_map(s, q) for s, q in zip(source, query)]), device=device)
+    return ijk.unsqueeze(0) @ mats[:, :3, :3].transpose(1, 2) + mats[:, None, :3, 3]
+
+
+def query_cell(source: Sequence[Grid], query: Sequence[Grid]) -> np.ndarray:
+    """Each query grid's voxel size projected onto its source grid's axes, in source voxels: (B, 3)."""
+    return np.stack([(np.abs(s.direction.T @ q.direction) @ q.spacing) / s.spacing for s, q in zip(source, query)])
+
+
+def lookup_box(source: Sequence[Grid], query: Sequence[Grid]) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The voxel box [lo, hi) of the source grids that trilinear/LTE lookups at the query grids read,
+    and the same box grown by one voxel (within the grid) for the 3x3x3 convolutions before the lookup.
+
+    Lookups clamp to the grid (border padding), so the box is clamped too: preparing the grown box
+    and keeping [lo, hi) equals preparing the whole grid, voxel for voxel.
+    """
+    shape = np.asarray(source[0].shape)
+    lo, hi = np.full(3, np.iinfo(np.int64).max), np.full(3, np.iinfo(np.int64).min)
+    corners = np.array(list(np.ndindex(2, 2, 2)), dtype=np.float64)
+    for s, q in zip(source, query):
+        vox = s.world_to_voxel(q.voxel_to_world(corners * (np.asarray(q.shape) - 1)))
+        lo = np.minimum(lo, np.floor(vox.min(0)).astype(np.int64) - 1)
+        hi = np.maximum(hi, np.floor(vox.max(0)).astype(np.int64) + 2)
+    lo = np.clip(lo, 0, shape - 1)
+    hi = np.clip(hi, lo + 1, shape)
+    return (lo, hi), (np.maximum(lo - 1, 0), np.minimum(hi + 1, shape))

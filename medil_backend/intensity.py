@@ -62,6 +62,7 @@ def fit_normalizer(array: np.ndarray, modality: str = "auto") -> Normalizer:
         p99 = float(np.percentile(fg, 99)) if fg.size else 0.0
     if p99 <= 0:
         raise MedILError(
-            "the volume has no positive intensities; MRI normalisation needs a positive signal (is it a CT? pass --modality ct)"
+            "the volume has no positive intensities; MRI normalisation needs a positive signal (is it a CT? set the modality to CT)",
+            options=("modality",),
         )
     return Normalizer("mri", 0.0, p99)

@@ -150,7 +150,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise MedILError(f"{path} is a folder; give an output file name")
     if path.exists() and not overwrite:
-        raise MedILError(f"{path} already exists; choose another name or pass --overwrite")
+        raise MedILError(f"{path} already exists; choose another name or allow overwriting it", options=("overwrite",))
     if not os.access(parent, os.W_OK):
         raise MedILError(f"the output folder {parent} is not writable; choose another place")
     return path
@@ -216,7 +216,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, dtype: str | np.dty
         else:
             _write_itk(array, volume.affine, tmp)
         if path.exists() and not overwrite:  # appeared while we computed
-            raise MedILError(f"{path} already exists; choose another name or pass --overwrite")
+            raise MedILError(f"{path} already exists; choose another name or allow overwriting it", options=("overwrite",))
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):

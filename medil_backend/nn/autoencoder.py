@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..geometry import Grid, exscribed_grid
+from ..geometry import Grid, exscribed_grid, lookup_box, query_cell, voxel_coords
 from .backbone import Decoder, Encoder
-from .lte import LTE3d, trilinear_sample
+from .lte import LTE3d
+from .resample import sample_on_grids
 
 
 @dataclass
@@ -86,66 +87,21 @@ def _grids(grids: Grid | Sequence[Grid], batch: int) -> list[Grid]:
     return grids
 
 
-def grid_voxel_coords(source: Sequence[Grid], query: Sequence[Grid], device: torch.device) -> torch.Tensor:
-    """Continuous voxel coordinates in each ``source`` grid of every voxel of each ``query`` grid: (B, N, 3) float64."""
-    shape = query[0].shape
-    ijk = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device=device) for s in shape], indexing="ij"), dim=-1).reshape(
-        -1, 3
-    )
-    mats = torch.tensor(np.stack([np.linalg.inv(s.affine) @ q.affine for s, q in zip(source, query)]), device=device)
-    return ijk.unsqueeze(0) @ mats[:, :3, :3].transpose(1, 2) + mats[:, None, :3, 3]
+def lte_resample(lte: LTE3d, features: torch.Tensor, f_grids: Sequence[Grid], q_grids: Sequence[Grid]) -> torch.Tensor:
+    """``lte`` applied to ``features`` (on ``f_grids``) at every voxel of ``q_grids``: (B, out, *q_grids[0].shape).
 
-
-def query_cell(source: Sequence[Grid], query: Sequence[Grid]) -> torch.Tensor:
-    """The query grid's voxel size projected onto each source axis, in source voxels: (B, 3)."""
-    cells = []
-    for s, q in zip(source, query):
-        proj = np.abs(s.direction.T @ q.direction) @ q.spacing
-        cells.append(proj / s.spacing)
-    return torch.tensor(np.stack(cells), dtype=torch.float32)
-
-
-def refined(grid: Grid, factor: int) -> Grid:
-    """Inverse of :meth:`Grid.coarsened`: the fine grid whose ``factor``^3 blocks are ``grid``'s voxels."""
-    aff = grid.affine.copy()
-    aff[:3, :3] = grid.affine[:3, :3] / factor
-    aff[:3, 3] = grid.affine[:3, 3] - aff[:3, :3] @ np.full(3, (factor - 1) / 2.0)
-    return Grid(tuple(s * factor for s in grid.shape), aff)
-
-
-def latent_crop(source: Sequence[Grid], query: Sequence[Grid]) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The voxel box [lo, hi) of the source grids that trilinear/LTE lookups at the query grids read,
-    and the same box grown by one voxel (within the grid) for the 3x3x3 convolutions before the lookup.
-
-    Lookups clamp to the grid (border padding), so the box is clamped too: preparing the grown box
-    and keeping [lo, hi) equals preparing the whole grid, voxel for voxel.
+    Only the part of the features that the queries read is prepared (cropped exactly, see
+    :func:`~medil_backend.geometry.lookup_box`), so memory follows the query grid, not the features.
     """
-    shape = np.asarray(source[0].shape)
-    lo, hi = np.full(3, np.iinfo(np.int64).max), np.full(3, np.iinfo(np.int64).min)
-    for s, q in zip(source, query):
-        vox = s.world_to_voxel(q.voxel_to_world(np.array(list(np.ndindex(2, 2, 2))) * (np.asarray(q.shape) - 1)))
-        lo = np.minimum(lo, np.floor(vox.min(0)).astype(np.int64) - 1)
-        hi = np.maximum(hi, np.floor(vox.max(0)).astype(np.int64) + 2)
-    lo = np.clip(lo, 0, shape - 1)
-    hi = np.clip(hi, lo + 1, shape)
-    return (lo, hi), (np.maximum(lo - 1, 0), np.minimum(hi + 1, shape))
-
-
-def sample_on_grids(x: torch.Tensor, x_grids: Sequence[Grid], targets: Sequence[Grid], chunk_voxels: int = 1 << 20) -> torch.Tensor:
-    """Trilinear samples of ``x`` (on ``x_grids``) at every voxel of ``targets``: (B, C, *targets[0].shape).
-
-    Coordinates are generated a slab of the target at a time, so memory is bounded by ``chunk_voxels``.
-    """
-    shape = targets[0].shape
-    per_slice = max(1, shape[1] * shape[2])
-    step = max(1, chunk_voxels // per_slice)
-    parts = []
-    for a in range(0, shape[0], step):
-        b = min(a + step, shape[0])
-        sub = [t.sub_grid((a, 0, 0), (b, shape[1], shape[2])) for t in targets]
-        q = grid_voxel_coords(x_grids, sub, x.device)
-        parts.append(trilinear_sample(x, q).reshape(x.shape[0], x.shape[1], b - a, shape[1], shape[2]))
-    return torch.cat(parts, dim=2)
+    B = features.shape[0]
+    (lo, hi), (mlo, mhi) = lookup_box(f_grids, q_grids)
+    sub = [g.sub_grid(lo, hi) for g in f_grids]
+    region = features[:, :, mlo[0] : mhi[0], mlo[1] : mhi[1], mlo[2] : mhi[2]]
+    a, b = lo - mlo, hi - mlo
+    prepared = lte.prepare(region)[:, :, a[0] : b[0], a[1] : b[1], a[2] : b[2]]
+    q = voxel_coords(sub, q_grids, features.device)
+    cell = torch.as_tensor(query_cell(sub, q_grids), dtype=torch.float32, device=features.device)
+    return lte.query(prepared, q, cell).reshape(B, -1, *q_grids[0].shape)
 
 
 class MedILAutoencoder(nn.Module):
@@ -177,13 +133,40 @@ class MedILAutoencoder(nn.Module):
 
     def feature_grid(self, input_grid: Grid, shape: Sequence[int]) -> Grid:
         """Grid of the encoder backbone's output (strided convs keep voxel 0's centre)."""
-        aff = input_grid.affine.copy()
-        aff[:3, :3] *= self.factor
-        return Grid(tuple(shape), aff)
+        return input_grid.strided(self.factor, shape)
 
     def decoder_halo(self) -> int:
-        """Intermediate voxels each side that slab-wise decoding needs to match whole-volume decoding."""
+        """Intermediate voxels each side that a decoding tile needs to match whole-volume decoding."""
         return math.ceil(self.decoder.receptive_radius() / self.factor) + 1
+
+    def encoder_halo(self) -> int:
+        """Input voxels each side that an encoding tile needs to match whole-volume encoding."""
+        return self.encoder.receptive_radius()
+
+    # -- memory model (bytes), used by the tiling engine ------------------------------------------
+    def lte_query_bytes(self, lte: LTE3d, queries: float) -> float:
+        """Working bytes of one LTE query chunk: 8 corners x (prepared row + INR activations + float64 geometry), float32."""
+        width = lte.prepared_channels + 4 * max(self.config.inr_width, 2 * self.config.lte_frequencies) + 16
+        return 8.0 * min(float(lte.chunk), queries) * 4 * width * 1.5
+
+    def encode_tile_bytes(self, input_voxels: int, feature_voxels: int, latent_voxels: int, dtype_bytes: int = 4) -> float:
+        lte = self.encoder_lte
+        return (
+            input_voxels * self.encoder.bytes_per_input_voxel(dtype_bytes)
+            + feature_voxels * 4.0 * (lte.prepared_channels + self.config.channels[-1])
+            + latent_voxels * 4.0 * (lte.out_channels + 3 * 8)
+            + self.lte_query_bytes(lte, latent_voxels)
+        )
+
+    def decode_tile_bytes(self, output_voxels: int, latent_voxels: int, dtype_bytes: int = 4) -> float:
+        lte = self.decoder_lte
+        inter = output_voxels / self.factor**3
+        return (
+            output_voxels * self.decoder.bytes_per_output_voxel(dtype_bytes)
+            + latent_voxels * 4.0 * (lte.prepared_channels + self.config.latent_channels)
+            + inter * 4.0 * (lte.out_channels + 3 * 8)
+            + self.lte_query_bytes(lte, inter)
+        )
 
     # -- encode / decode ---------------------------------------------------------------------------
     def encode(
@@ -192,16 +175,28 @@ class MedILAutoencoder(nn.Module):
         """x (B, C, *x_grid.shape) -> (z, mean, logvar); z is (B, latent, *z_grid.shape)."""
         B = x.shape[0]
         xg, zg = _grids(x_grid, B), _grids(z_grid, B)
-        feats = self.encoder(x)
-        fg = [self.feature_grid(g, feats.shape[2:]) for g in xg]
-        q = grid_voxel_coords(fg, zg, x.device)
-        out = self.encoder_lte(feats, q, query_cell(fg, zg).to(x.device)).reshape(B, -1, *zg[0].shape)
+        return self.split_latent(self.encode_block(x, xg, zg), sample)
+
+    def split_latent(self, out: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The encoder's raw output -> (z, mean, logvar): with ``kl``, z is the mean unless ``sample``."""
         if not self.config.kl:
             return out, None, None
         mean, logvar = out.chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
         return z, mean, logvar
+
+    def encode_block(self, x: torch.Tensor, x_grid: Grid | Sequence[Grid], z_grid: Grid | Sequence[Grid]) -> torch.Tensor:
+        """The encoder's raw output (mean and log-variance stacked with ``kl``) on ``z_grid`` for the input ``x`` on ``x_grid``.
+
+        ``x`` may be a crop of a larger input (a tile): the result equals the whole input's
+        wherever the crop covers the encoder's receptive field (see :mod:`medil_backend.ops.tiling`).
+        """
+        B = x.shape[0]
+        xg, zg = _grids(x_grid, B), _grids(z_grid, B)
+        feats = self.encoder(x)
+        fg = [self.feature_grid(g, feats.shape[2:]) for g in xg]
+        return lte_resample(self.encoder_lte, feats, fg, zg)
 
     def decode_block(
         self,
@@ -212,27 +207,23 @@ class MedILAutoencoder(nn.Module):
     ) -> torch.Tensor:
         """Decode onto the fine grid of an intermediate grid: (B, out, *(inter_grid.shape * factor)).
 
-        Only the part of the latent that the queries touch is prepared (cropped exactly, see
-        :func:`latent_crop`), and the global skip is sampled in chunks, so memory follows the
-        block, not the latent or the input.
+        Only the part of the latent that the queries touch is prepared, and the global skip is
+        sampled in chunks, so memory follows the block, not the latent or the input.
         """
         B = z.shape[0]
         zg, ig = _grids(z_grid, B), _grids(inter_grid, B)
-        (lo, hi), (mlo, mhi) = latent_crop(zg, ig)
-        sub = [g.sub_grid(lo, hi) for g in zg]
-        region = z[:, :, mlo[0] : mhi[0], mlo[1] : mhi[1], mlo[2] : mhi[2]]
-        prepared = self.decoder_lte.prepare(region)
-        a, b = lo - mlo, hi - mlo
-        prepared = prepared[:, :, a[0] : b[0], a[1] : b[1], a[2] : b[2]]
-        q = grid_voxel_coords(sub, ig, z.device)
-        h = self.decoder_lte.query(prepared, q, query_cell(sub, ig).to(z.device)).reshape(B, -1, *ig[0].shape)
+        h = lte_resample(self.decoder_lte, z, zg, ig)
         if not self.config.global_skip:
             return self.decoder(h)
         if skip is None:
             raise ValueError("this model has a global skip: pass skip=(input, input_grid)")
         x, x_grid = skip
-        base = sample_on_grids(x, _grids(x_grid, B), [refined(g, self.factor) for g in ig])
-        return self.decoder(h, base if self.config.guide_decoder else None) + base
+        base = sample_on_grids(x, _grids(x_grid, B), [g.refined(self.factor) for g in ig])
+        y = self.decoder(h, base if self.config.guide_decoder else None)
+        if torch.is_grad_enabled():
+            return y + base
+        base += y
+        return base
 
     def decode(
         self,

@@ -13,8 +13,12 @@ corner neighbours ``c``::
 ``amp`` and ``freq`` are 3x3x3 convolutions of ``F``; ``phase`` is a bias-free linear map of the
 query cell (query spacing in ``F``'s voxel units); ``w_c`` are trilinear weights. The INR's last
 layer starts at zero, so a fresh LTE is trilinear interpolation of ``skip(F)`` (and ``skip`` is
-the identity when the channel counts match). Corners outside ``F`` take border values. Queries
-are processed in chunks, so memory is bounded by the chunk size.
+the identity when the channel counts match). Corners outside ``F`` take border values.
+
+Speed: the prepared maps are read as channels-last rows (one contiguous row per corner), the 8
+corners of a chunk of queries go through the INR as one matrix product, and the INR's 1x1
+convolutions run as ``F.linear`` on the channels-last rows (same parameters as ``Conv1d``).
+Memory is bounded by the chunk size.
 """
 
 from __future__ import annotations
@@ -28,8 +32,16 @@ from torch import nn
 _CORNERS = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
 
 
+def _linear(conv: nn.Conv1d, h: torch.Tensor) -> torch.Tensor:
+    """A 1x1 ``Conv1d`` applied to channels-last rows ``h`` (..., C_in) -> (..., C_out)."""
+    return F.linear(h, conv.weight.squeeze(-1), conv.bias)
+
+
 class INR(nn.Module):
-    """Residual MLP of 1x1 convolutions on (B, C, N); the last layer is zero-initialised."""
+    """Residual MLP of 1x1 convolutions; the last layer is zero-initialised.
+
+    ``forward`` takes (B, C, N) like a Conv1d stack; :meth:`rows` takes channels-last rows (..., C).
+    """
 
     def __init__(self, in_channels: int, width: int, blocks: int, out_channels: int) -> None:
         super().__init__()
@@ -41,45 +53,54 @@ class INR(nn.Module):
         nn.init.zeros_(self.tail[1].weight)
         nn.init.zeros_(self.tail[1].bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.head(h)
+    def rows(self, h: torch.Tensor) -> torch.Tensor:
+        h = _linear(self.head, h)
         for block in self.blocks:
-            h = h + block(h)
-        return self.tail(h)
+            h = h + _linear(block[3], F.silu(_linear(block[1], F.silu(h))))
+        return _linear(self.tail[1], F.silu(h))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.rows(h.transpose(1, 2)).transpose(1, 2)
 
 
-def _gather(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """flat (B, C, V), index (B, n) -> (B, C, n)."""
-    return torch.gather(flat, 2, index.unsqueeze(1).expand(-1, flat.shape[1], -1))
+def _corner_geometry(q: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For queries q (B, n, 3) float64: flat corner indices (B, 8, n), offsets q - c (B, 8, n, 3) float64, trilinear weights (B, 8, n) float64."""
+    offsets = torch.tensor(_CORNERS, dtype=q.dtype, device=q.device)  # (8, 3)
+    c = torch.floor(q).unsqueeze(1) + offsets[None, :, None, :]  # (B, 8, n, 3)
+    delta = q.unsqueeze(1) - c
+    w = (1 - delta.abs()).clamp_min(0).prod(-1)
+    ci = c.long()
+    ci = torch.minimum(torch.maximum(ci, torch.zeros_like(ci)), size - 1)
+    idx = (ci[..., 0] * size[1] + ci[..., 1]) * size[2] + ci[..., 2]
+    return idx, delta, w
 
 
-def trilinear_sample(features: torch.Tensor, query_vox: torch.Tensor, chunk: int = 262144) -> torch.Tensor:
+def _gather_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """rows (B, V, C), idx (B, ...) -> (B, ..., C), one contiguous row per index."""
+    B, V, C = rows.shape
+    flat = idx.reshape(B, -1) + torch.arange(B, device=idx.device).unsqueeze(1) * V
+    return rows.reshape(B * V, C).index_select(0, flat.reshape(-1)).reshape(*idx.shape, C)
+
+
+def channels_last_rows(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, X, Y, Z) -> (B, X*Y*Z, C)."""
+    B, C = features.shape[:2]
+    return features.permute(0, 2, 3, 4, 1).reshape(B, -1, C)
+
+
+def trilinear_sample(features: torch.Tensor, query_vox: torch.Tensor, chunk: int = 131072) -> torch.Tensor:
     """Trilinear interpolation with border padding at float64 voxel coordinates.
 
     features (B, C, X, Y, Z); query_vox (B, N, 3) in voxel units of ``features`` -> (B, C, N).
     """
-    B, C = features.shape[:2]
     size = torch.tensor(features.shape[2:], device=features.device)
-    flat = features.reshape(B, C, -1)
+    rows = channels_last_rows(features)
     out = []
     for start in range(0, query_vox.shape[1], chunk):
-        q = query_vox[:, start : start + chunk]
-        base = torch.floor(q)
-        acc = None
-        for off in _CORNERS:
-            c = base + torch.tensor(off, dtype=q.dtype, device=q.device)
-            w = (1 - (q - c).abs()).clamp_min(0).prod(-1).to(features.dtype)
-            idx = _linear_index(c, size)
-            term = _gather(flat, idx) * w.unsqueeze(1)
-            acc = term if acc is None else acc + term
-        out.append(acc)
+        idx, _, w = _corner_geometry(query_vox[:, start : start + chunk], size)
+        g = _gather_rows(rows, idx)  # (B, 8, n, C)
+        out.append((g * w.to(features.dtype).unsqueeze(-1)).sum(1).transpose(1, 2))
     return torch.cat(out, dim=2)
-
-
-def _linear_index(corner: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    c = corner.long()
-    c = torch.minimum(torch.maximum(c, torch.zeros_like(c)), size - 1)
-    return (c[..., 0] * size[1] + c[..., 1]) * size[2] + c[..., 2]
 
 
 class LTE3d(nn.Module):
@@ -97,12 +118,13 @@ class LTE3d(nn.Module):
         inr_width: int = 64,
         inr_blocks: int = 2,
         interp_only: bool = False,
-        chunk: int = 65536,
+        chunk: int = 4096,
     ) -> None:
         super().__init__()
         self.interp_only = interp_only
         self.chunk = chunk
         self.frequencies = frequencies
+        self.out_channels = out_channels
         self.skip = nn.Conv3d(in_channels, out_channels, 1)
         if in_channels == out_channels:
             with torch.no_grad():
@@ -115,8 +137,12 @@ class LTE3d(nn.Module):
             self.phase = nn.Linear(3, k, bias=False)
             self.inr = INR(2 * k, inr_width, inr_blocks, out_channels)
 
+    @property
+    def prepared_channels(self) -> int:
+        return self.out_channels if self.interp_only else 5 * self.frequencies + self.out_channels
+
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-grid work (amplitude, frequency and skip maps), done once and reused for every query chunk or slab."""
+        """Per-grid work (amplitude, frequency and skip maps), done once and reused for every query chunk or tile."""
         skip = self.skip(features)
         if self.interp_only:
             return skip
@@ -130,29 +156,23 @@ class LTE3d(nn.Module):
     def query(self, prepared: torch.Tensor, query_vox: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Sample a :meth:`prepare`-d grid at ``query_vox``: (B, out, N)."""
         if self.interp_only:
-            return trilinear_sample(prepared, query_vox, chunk=self.chunk)
+            return trilinear_sample(prepared, query_vox)
         B = prepared.shape[0]
         k = self.frequencies
         size = torch.tensor(prepared.shape[2:], device=prepared.device)
-        stacked = prepared.reshape(B, prepared.shape[1], -1)
+        rows = channels_last_rows(prepared)
         dtype = prepared.dtype
-        phase = self.phase(cell.to(dtype)).unsqueeze(-1)  # (B, k, 1)
+        phase = self.phase(cell.to(device=prepared.device, dtype=torch.float32)).to(dtype)[:, None, None, :]  # (B, 1, 1, k)
         outputs = []
         for start in range(0, query_vox.shape[1], self.chunk):
-            q = query_vox[:, start : start + self.chunk]
-            n = q.shape[1]
-            base = torch.floor(q)
-            acc = None
-            for off in _CORNERS:
-                c = base + torch.tensor(off, dtype=q.dtype, device=q.device)
-                delta64 = q - c
-                w = (1 - delta64.abs()).clamp_min(0).prod(-1).to(dtype)  # (B, n)
-                delta = delta64.to(dtype)
-                g = _gather(stacked, _linear_index(c, size))
-                amp, freq, sk = g[:, : 2 * k], g[:, 2 * k : 5 * k], g[:, 5 * k :]
-                theta = math.pi * ((freq.reshape(B, k, 3, n) * delta.transpose(1, 2).unsqueeze(1)).sum(2) + phase)
-                h = amp * torch.cat([torch.cos(theta), torch.sin(theta)], dim=1)
-                term = (self.inr(h) + sk) * w.unsqueeze(1)
-                acc = term if acc is None else acc + term
-            outputs.append(acc)
+            idx, delta64, w = _corner_geometry(query_vox[:, start : start + self.chunk], size)
+            g = _gather_rows(rows, idx)  # (B, 8, n, 5k + out)
+            amp, freq, sk = g[..., : 2 * k], g[..., 2 * k : 5 * k], g[..., 5 * k :]
+            delta = delta64.to(dtype)
+            n = idx.shape[2]
+            theta = math.pi * (torch.matmul(freq.reshape(B, 8, n, k, 3), delta.unsqueeze(-1)).squeeze(-1) + phase)
+            h = amp * torch.cat([torch.cos(theta), torch.sin(theta)], dim=-1)
+            y = self.inr.rows(h) + sk  # (B, 8, n, out)
+            acc = (y * w.to(y.dtype).unsqueeze(-1)).sum(1)  # (B, n, out)
+            outputs.append(acc.transpose(1, 2))
         return torch.cat(outputs, dim=2)

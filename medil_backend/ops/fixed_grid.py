@@ -1,15 +1,24 @@
-"""Reconstruct with the fixed-grid baseline: resample to its grid, autoencode, resample to the target."""
+"""Reconstruct with the fixed-grid baseline: resample to its grid, autoencode, resample to the target.
+
+The baseline's group norms see the whole working grid, so it is not tiled: the job is refused
+before any work when the memory model says it does not fit the limit.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import MedILError
 from ..geometry import Grid, Volume, covering_grid
 from ..intensity import fit_normalizer
-from ..nn.autoencoder import sample_on_grids
 from ..nn.fixed_grid import FixedGridAutoencoder
-from .common import Progress, report, resolve_device
+from ..nn.resample import sample_on_grids
+from .reconstruct import check_memory_limit
+from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
+from .tiling import GB
 
 
 def fixed_grid_for(volume_grid: Grid, spacing: float, multiple: int) -> Grid:
@@ -20,6 +29,12 @@ def fixed_grid_for(volume_grid: Grid, spacing: float, multiple: int) -> Grid:
     return Grid(tuple(int(s) for s in padded), g.affine).sub_grid(-(padded - shape) // 2, padded - (padded - shape) // 2)
 
 
+def working_bytes(model: FixedGridAutoencoder, volume_grid: Grid, work: Grid, target: Grid) -> float:
+    """Peak bytes: input, working-grid activations (about four of the widest level alive at once), output."""
+    widest = max(c / 8**i for i, c in enumerate(model.config.channels))
+    return 4.0 * (volume_grid.num_voxels + target.num_voxels) + work.num_voxels * (4 * widest * 4.0 + 16.0)
+
+
 def fixed_grid_reconstruct(
     volume: Volume,
     target: Grid,
@@ -27,19 +42,37 @@ def fixed_grid_reconstruct(
     *,
     device: str = "auto",
     progress: Progress | None = None,
+    cancel: Any = None,
+    max_memory_gb: float | None = None,
     modality: str | None = None,
+    precision: str = "auto",
 ) -> Volume:
+    budget = check_memory_limit(max_memory_gb)
     dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
     norm = fit_normalizer(volume.array, modality or volume.modality)
     work = fixed_grid_for(volume.grid, model.config.spacing, model.config.multiple)
+    need = working_bytes(model, volume.grid, work, target)
+    if need > budget:
+        raise MedILError(
+            f"the fixed-grid baseline works on the whole volume at once ({work.shape} voxels) and needs about {need / GB:.1f} GB, "
+            f"over the memory limit ({budget / GB:.1f} GB): raise the memory limit or crop the input",
+            options=("max_memory",),
+        )
     model = model.to(dev).eval()
+    check_cancel(cancel)
     report(progress, 0.0, "resampling to the model's grid")
     with torch.inference_mode():
         x = torch.from_numpy(norm.forward(volume.array)).to(dev)[None, None]
         x1 = sample_on_grids(x, [volume.grid], [work])
+        check_cancel(cancel)
         report(progress, 0.3, "autoencoding")
-        y1 = model(x1)[0]
+        with autocast(dev, dtype):
+            y1 = model(x1)[0].float()
+        check_cancel(cancel)
         report(progress, 0.7, "resampling to the output grid")
-        y = sample_on_grids(y1, [work], [target])[0, 0].float().cpu().numpy()
+        y = sample_on_grids(y1, [work], [target])[0, 0].cpu().numpy()
+    check_cancel(cancel)
     report(progress, 1.0, "done")
-    return Volume(norm.inverse(y), target.affine, modality=norm.modality, meta={"normalization": norm.to_dict(), "work_grid": repr(work)})
+    meta = {"normalization": norm.to_dict(), "work_grid": repr(work), "precision": str(dtype).replace("torch.", "")}
+    return Volume(norm.inverse(y), target.affine, modality=norm.modality, meta=meta)

@@ -1,8 +1,13 @@
 """Reconstruct / resample a volume onto any output grid with a MedIL autoencoder.
 
-The input is encoded once on its native grid; the output is decoded slab by slab along its
-longest axis, each slab with a halo that covers the decoder's receptive field, so the working
-memory depends on the slab size, not on the output size, and the slabs join exactly.
+The input is encoded on its native grid in latent tiles and decoded onto the output grid in
+intermediate-grid tiles, both by the tiling engine (:mod:`.tiling`), so the working memory
+follows the memory limit, not the volume, and the tiles join exactly.
+
+Memory: the limit covers what the call holds for its whole duration (the normalised input, its
+latent and the output volume: the *resident* part) plus the largest tile's working memory, as
+the network's memory model estimates it. ``Testing/test_tiling.py`` measures the peak RSS of a
+subprocess against the limit.
 """
 
 from __future__ import annotations
@@ -16,33 +21,33 @@ from ..errors import MedILError
 from ..geometry import Grid, Volume, canonical_order
 from ..intensity import fit_normalizer
 from ..nn.autoencoder import MedILAutoencoder
-from .common import Progress, check_cancel, report, resolve_device
+from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
+from .tiling import GB, decode_tiled, encode_tiled
 
 DEFAULT_MAX_MEMORY_GB = 3.0
+#: what the interpreter and torch allocate on top of the tensors during a run (thread pools, allocator slack)
+RUNTIME_OVERHEAD_BYTES = 160 * 2**20
 
 
-def _encoder_bytes(model: MedILAutoencoder, n_voxels: int) -> float:
-    # the encoder's activations mirror the decoder's, level for level
-    return n_voxels * model.decoder.block_bytes_per_output_voxel()
+def check_memory_limit(max_memory_gb: float | None) -> float:
+    """The memory limit in bytes (default 3 GB); a non-positive or non-finite limit is a user error."""
+    if max_memory_gb is None:
+        return DEFAULT_MAX_MEMORY_GB * GB
+    try:
+        value = float(max_memory_gb)
+    except (TypeError, ValueError):
+        raise MedILError(f"the memory limit must be a number of GB, got {max_memory_gb!r}", options=("max_memory",)) from None
+    if not np.isfinite(value) or value <= 0 or value > 1e6:
+        raise MedILError(f"the memory limit must be a positive number of GB (at most 1e6), got {max_memory_gb!r}", options=("max_memory",))
+    return value * GB
 
 
-def plan_slabs(model: MedILAutoencoder, target: Grid, budget_bytes: float, slab: int | None = None) -> tuple[int, int]:
-    """(axis, thickness in intermediate voxels) of the decoding slabs that fit ``budget_bytes``."""
-    inter = target.coarsened(model.factor)
-    axis = int(np.argmax(inter.shape))
-    halo = model.decoder_halo()
-    per_slice = float(np.prod([s for a, s in enumerate(inter.shape) if a != axis])) * model.factor**3
-    per_slice *= model.decoder.block_bytes_per_output_voxel()
-    if slab is None:
-        fit = int(budget_bytes // per_slice) - 2 * halo
-        if fit < 1:
-            need = (1 + 2 * halo) * per_slice / 2**30
-            raise MedILError(
-                f"the output grid {target.shape} is too big for the memory limit "
-                f"({budget_bytes / 2**30:.2f} GB; one slab needs {need:.2f} GB): raise --max-memory or choose a coarser spacing or smaller --fov"
-            )
-        slab = fit
-    return axis, max(1, min(int(slab), inter.shape[axis]))
+def resident_bytes(model: MedILAutoencoder, input_grid: Grid, target: Grid, input_copy_bytes: int = 0) -> float:
+    """Bytes held for the whole call: normalised input, raw latent, output volume (float32), a re-ordered input copy."""
+    z_grid = model.latent_grid(input_grid)
+    return (
+        4.0 * input_grid.num_voxels + 4.0 * model.encoder_lte.out_channels * z_grid.num_voxels + 4.0 * target.num_voxels + input_copy_bytes
+    )
 
 
 def reconstruct(
@@ -54,61 +59,82 @@ def reconstruct(
     progress: Progress | None = None,
     cancel: Any = None,
     max_memory_gb: float | None = None,
-    slab: int | None = None,
     modality: str | None = None,
+    precision: str = "auto",
 ) -> Volume:
     """Encode ``volume`` on its native grid (axes re-indexed closest to RAS) and decode it onto ``target``.
 
-    ``modality`` (``mri``/``ct``/``auto``) overrides ``volume.modality``. ``slab`` forces the slab
-    thickness (intermediate voxels); by default it is the largest that fits ``max_memory_gb``.
+    ``modality`` (``mri``/``ct``/``auto``) overrides ``volume.modality``. ``max_memory_gb``
+    bounds the call's peak memory (default 3 GB). ``precision``: ``auto`` (bfloat16 convolutions
+    on CUDA and on CPUs with native bf16, else float32), ``float32`` or ``bfloat16``.
     Returns a float32 :class:`Volume` on ``target``, in the input's intensity units.
     """
     target = Grid(target.shape, target.affine).validate("the output grid")
     volume.grid.validate("the input")
-    volume = canonical_order(volume)  # the network sees the same array however the file was stored
-    grid = volume.grid
-    if max_memory_gb is not None and not max_memory_gb > 0:
-        raise MedILError("--max-memory must be a positive number of GB")
+    budget = check_memory_limit(max_memory_gb)
     dev = resolve_device(device)
-    budget = (max_memory_gb or DEFAULT_MAX_MEMORY_GB) * 2**30
+    dtype = resolve_precision(precision, dev)
+    reordered = canonical_order(volume)  # the network sees the same array however the file was stored
+    copy_bytes = reordered.array.nbytes if reordered is not volume else 0
+    volume = reordered
+    grid = volume.grid
     norm = fit_normalizer(volume.array, modality or volume.modality)
 
-    need = _encoder_bytes(model, grid.num_voxels)
-    if need > budget:
+    resident = resident_bytes(model, grid, target, copy_bytes) + RUNTIME_OVERHEAD_BYTES
+    work = budget - resident
+    if work <= 0:
         raise MedILError(
-            f"encoding the input {grid.shape} needs about {need / 2**30:.1f} GB, over the memory limit "
-            f"({budget / 2**30:.1f} GB): raise --max-memory or crop the input"
+            f"the input, its latent and the output volume alone need about {resident / GB:.1f} GB, over the memory limit "
+            f"({budget / GB:.1f} GB): raise the memory limit, or choose a coarser output spacing or a smaller field of view",
+            options=("max_memory", "spacing", "fov"),
         )
-    # the encoder's activations are freed before decoding; the input and the latent stay
-    resident = 4.0 * grid.num_voxels + 4.0 * model.config.latent_channels * model.latent_grid(grid).num_voxels
-    axis, thick = plan_slabs(model, target, budget - resident, slab)
     model = model.to(dev).eval()
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last_3d)
+    dtype_bytes = 2 if dtype != torch.float32 else 4
+    z_grid = model.latent_grid(grid)
+    check_cancel(cancel)
     report(progress, 0.0, "encoding")
-    check_cancel(cancel)
-    with torch.inference_mode():
+    # encoding works on the input's voxels, decoding on the output's: share the progress bar by volume
+    enc_share = min(0.8, max(0.05, grid.num_voxels / (grid.num_voxels + target.num_voxels)))
+    with torch.inference_mode(), autocast(dev, dtype):
         x = torch.from_numpy(norm.forward(volume.array)).to(dev)[None, None]
-        z_grid = model.latent_grid(grid)
-        z = model.encode(x, grid, z_grid)[0]
-        out = np.empty(target.shape, dtype=np.float32)
-        inter = target.coarsened(model.factor)
-        halo, F, M = model.decoder_halo(), model.factor, inter.shape[axis]
-        starts = list(range(0, M, thick))
-        for n, a in enumerate(starts):
-            check_cancel(cancel)
-            report(progress, n / len(starts), f"decoding slab {n + 1}/{len(starts)}")
-            b = min(a + thick, M)
-            lo, hi = max(0, a - halo), min(M, b + halo)
-            start = [0, 0, 0]
-            stop = list(inter.shape)
-            start[axis], stop[axis] = lo, hi
-            y = model.decode_block(z, z_grid, inter.sub_grid(start, stop), skip=(x, grid))[0, 0]
-            f0, f1 = a * F, min(b * F, target.shape[axis])
-            index = [slice(0, s) for s in target.shape]
-            index[axis] = slice(f0 - lo * F, f1 - lo * F)
-            dest = [slice(None)] * 3
-            dest[axis] = slice(f0, f1)
-            out[tuple(dest)] = y[tuple(index)].float().cpu().numpy()
+        tiles: dict = {}
+        raw = encode_tiled(
+            model,
+            x,
+            grid,
+            z_grid,
+            budget_bytes=work,
+            dtype_bytes=dtype_bytes,
+            progress=progress,
+            cancel=cancel,
+            span=(0.0, enc_share),
+            plan_out=tiles,
+        )
+        z = model.split_latent(raw)[0]
+        out = decode_tiled(
+            model,
+            z,
+            z_grid,
+            target,
+            skip=(x, grid) if model.config.global_skip else None,
+            budget_bytes=work,
+            dtype_bytes=dtype_bytes,
+            progress=progress,
+            cancel=cancel,
+            span=(enc_share, 1.0),
+            plan_out=tiles,
+        )
+        del raw, z, x
     check_cancel(cancel)
+    if not np.isfinite(np.sum(out, dtype=np.float64)):  # NaN and inf propagate through the sum; no N-voxel mask
+        raise MedILError(
+            "the reconstruction is not finite (the network overflowed); use float32 precision and check the input's intensities",
+            options=("precision",),
+        )
+    out *= norm.scale  # back to the input's units, in place (no second copy of the output)
+    out += norm.offset
     report(progress, 1.0, "done")
-    meta = {"normalization": norm.to_dict(), "slab_axis": axis, "slab_thickness": thick, "device": str(dev)}
-    return Volume(norm.inverse(out), target.affine, modality=norm.modality, meta=meta)
+    meta = {"normalization": norm.to_dict(), "device": str(dev), "precision": str(dtype).replace("torch.", ""), "tiles": tiles}
+    return Volume(out, target.affine, modality=norm.modality, meta=meta)

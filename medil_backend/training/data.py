@@ -58,12 +58,10 @@ def manifest_entries(paths: list[Path]) -> list[dict]:
 
 def resample_to_grid(array: np.ndarray, grid: Grid, target: Grid) -> np.ndarray:
     """Trilinear resampling in world coordinates (border values outside), for stage-1 global grids."""
-    from ..nn.autoencoder import grid_voxel_coords
-    from ..nn.lte import trilinear_sample
+    from ..nn.resample import sample_on_grids
 
-    q = grid_voxel_coords([grid], [target], torch.device("cpu"))
-    out = trilinear_sample(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None], q)
-    return out.reshape(target.shape).numpy()
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    return sample_on_grids(x, [grid], [target])[0, 0].numpy()
 
 
 def foreground_centres(array: np.ndarray, modality: str, limit: int = 20000) -> np.ndarray:

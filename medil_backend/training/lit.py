@@ -25,8 +25,9 @@ import importlib
 import lightning as L
 import torch
 
-from ..nn.autoencoder import MedILAutoencoder, MedILConfig, sample_on_grids
+from ..nn.autoencoder import MedILAutoencoder, MedILConfig
 from ..nn.fixed_grid import FixedGridAutoencoder, FixedGridConfig
+from ..nn.resample import sample_on_grids
 
 
 def _load_callable(spec: str | None):

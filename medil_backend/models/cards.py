@@ -1,4 +1,4 @@
-"""Registry of bundled and user-installed MedIL models.
+"""Model cards: the bundled and user-installed models, loading them and exporting new ones.
 
 A model is two files side by side: ``NAME.safetensors`` (the weights; never a pickle) and
 ``NAME.json`` (its model card: architecture config, tasks, training data and recipe, metrics,
@@ -15,10 +15,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MedILError
-from .nn.autoencoder import MedILAutoencoder, MedILConfig
+from torch import nn
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+from ..errors import MedILError
+from .registry import architecture_of, get_architecture
+
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_MODELS = {"mri": "medil-brain-t1", "ct": "medil-ct"}
 DEFAULT_MODEL = DEFAULT_MODELS["mri"]
 
@@ -58,21 +60,21 @@ class ModelEntry:
         return list(self.card.get("tasks", ["reconstruct"]))
 
 
-def build_network(card: dict):
-    """The network a card describes: a MedIL autoencoder, or the fixed-grid convolutional baseline."""
-    if card.get("architecture") == "FixedGridAutoencoder":
-        from .nn.fixed_grid import FixedGridAutoencoder, FixedGridConfig
-
-        return FixedGridAutoencoder(FixedGridConfig(**card["config"]))
-    return MedILAutoencoder(MedILConfig.from_dict(card["config"]))
+def build_network(card: dict) -> nn.Module:
+    """The (untrained) network a card describes, built by its registered architecture."""
+    return get_architecture(card.get("architecture", "MedILAutoencoder")).build(card["config"])
 
 
 @dataclass
 class LoadedModel:
     name: str
-    net: MedILAutoencoder
+    net: nn.Module
     card: dict
     sha256: str
+
+    def reconstruct(self, volume, target, **options):
+        """Run this model's architecture on ``volume`` onto ``target`` (see :func:`~medil_backend.models.registry.run_model`)."""
+        return architecture_of(self.net).reconstruct(volume, target, self.net, **options)
 
 
 def _read_card(path: Path) -> dict:
@@ -151,7 +153,7 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> LoadedModel:
     return LoadedModel(entry.name, net, entry.card, digest)
 
 
-def export_model(net: MedILAutoencoder, folder: str | os.PathLike, name: str, card: dict) -> Path:
+def export_model(net: nn.Module, folder: str | os.PathLike, name: str, card: dict) -> Path:
     """Write ``NAME.safetensors`` and ``NAME.json`` (card completed with config, weights file and sha256)."""
     from safetensors.torch import save_file
 
@@ -165,15 +167,7 @@ def export_model(net: MedILAutoencoder, folder: str | os.PathLike, name: str, ca
     full = dict(card)
     c = net.config
     full.update(name=name, architecture=type(net).__name__, config=json.loads(c.to_json()), weights=wpath.name, sha256=sha256_file(wtmp))
-    if isinstance(net, MedILAutoencoder):
-        latent = {
-            "spacing_mm": c.latent_spacing,
-            "channels": c.latent_channels,
-            "compression_vs_1mm": round(c.latent_spacing**3 / c.latent_channels, 2),
-        }
-    else:  # fixed grid: a latent voxel spans 2^(levels-1) grid voxels
-        f = c.multiple * c.spacing
-        latent = {"spacing_mm": f, "channels": c.latent_channels, "compression_vs_1mm": round(f**3 / c.latent_channels, 2)}
+    latent = architecture_of(net).latent(net)
     full.setdefault("latent", latent)
     card_path = folder / f"{name}.json"
     ctmp = folder / f".{name}.json.part"

@@ -1,0 +1,107 @@
+"""Architecture registry: a model card names its architecture; the registry builds the network and runs it.
+
+Each :class:`Architecture` brings its config type, its network, a *runner* (how the network
+reconstructs a volume onto a grid, with every option the operations take) and the latent summary
+written into its card. Adding an architecture is one :func:`register` call; nothing else
+branches on network types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import MedILError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    build: Callable[[dict], nn.Module]  # card config -> network (untrained)
+    reconstruct: Callable[..., Any]  # (volume, target, net, *, device, progress, cancel, max_memory_gb, modality, precision) -> Volume
+    latent: Callable[[nn.Module], dict]  # the card's latent summary: spacing_mm, channels, compression_vs_1mm
+    tasks: tuple[str, ...] = ("reconstruct",)
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    _REGISTRY[arch.name] = arch
+    return arch
+
+
+def architectures() -> dict[str, Architecture]:
+    _register_builtins()
+    return dict(_REGISTRY)
+
+
+def get_architecture(name: str) -> Architecture:
+    _register_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise MedILError(f"architecture {name!r} is not known to this version of MedIL (known: {known}); update medil-backend") from None
+
+
+def architecture_of(net: nn.Module) -> Architecture:
+    """The registered architecture of a network instance (by its class name, as cards record it)."""
+    return get_architecture(type(net).__name__)
+
+
+def run_model(volume, target, net: nn.Module, **options):
+    """Reconstruct ``volume`` onto ``target`` with any registered network, passing every option to its runner."""
+    return architecture_of(net).reconstruct(volume, target, net, **options)
+
+
+# -- built-in architectures ----------------------------------------------------------------------------
+
+
+def _medil_latent(net) -> dict:
+    c = net.config
+    return {
+        "spacing_mm": c.latent_spacing,
+        "channels": c.latent_channels,
+        "compression_vs_1mm": round(c.latent_spacing**3 / c.latent_channels, 2),
+    }
+
+
+def _fixed_grid_latent(net) -> dict:
+    c = net.config
+    f = c.multiple * c.spacing  # a latent voxel spans 2^(levels-1) grid voxels
+    return {"spacing_mm": f, "channels": c.latent_channels, "compression_vs_1mm": round(f**3 / c.latent_channels, 2)}
+
+
+def _build_medil(config: dict) -> nn.Module:
+    from ..nn.autoencoder import MedILAutoencoder, MedILConfig
+
+    return MedILAutoencoder(MedILConfig.from_dict(config))
+
+
+def _build_fixed_grid(config: dict) -> nn.Module:
+    from ..nn.fixed_grid import FixedGridAutoencoder, FixedGridConfig
+
+    return FixedGridAutoencoder(FixedGridConfig(**config))
+
+
+def _run_medil(*args, **kwargs):
+    from ..ops.reconstruct import reconstruct
+
+    return reconstruct(*args, **kwargs)
+
+
+def _run_fixed_grid(*args, **kwargs):
+    from ..ops.fixed_grid import fixed_grid_reconstruct
+
+    return fixed_grid_reconstruct(*args, **kwargs)
+
+
+def _register_builtins() -> None:
+    if _REGISTRY:
+        return
+    register(Architecture("MedILAutoencoder", _build_medil, _run_medil, _medil_latent, ("reconstruct", "superres")))
+    register(Architecture("FixedGridAutoencoder", _build_fixed_grid, _run_fixed_grid, _fixed_grid_latent, ("reconstruct",)))

@@ -1,0 +1,345 @@
+"""One tiling engine: encode and decode any volume in bounded memory, exactly.
+
+A network is run on boxes of a grid (the *tiled grid*) that each fit a memory budget. Each box
+is computed with a halo that covers the network's receptive field, and only its core is kept,
+so the tiled result equals the whole-volume result (voxel-local norms only; see
+:mod:`medil_backend.nn.backbone`).
+
+- :func:`plan_tiles` splits a grid into the fewest boxes whose working memory, as the network's
+  own memory model estimates it, fits the budget;
+- :func:`run_tiles` computes the boxes one by one (cancel, progress with ETA, optional
+  activation checkpointing) and writes each core into a destination: a numpy array (no
+  gradients, e.g. the output volume) or a torch tensor (with gradients, e.g. a latent
+  optimised through the decoder);
+- :func:`encode_tiled` and :func:`decode_tiled` wire a MedIL autoencoder to the engine. The
+  encoder is tiled over the *latent* grid (each latent box reads an input crop grown by the
+  encoder's receptive radius, aligned to its stride); the decoder over the *intermediate* grid
+  (the output grid coarsened by the decoder's factor). Decoding needs no input volume when the
+  network has no global skip (sampling decodes a latent drawn from a diffusion model).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import MedILError
+from ..geometry import Grid, lookup_box
+from .runtime import Progress, check_cancel, format_seconds, report
+
+GB = float(2**30)
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Boxes [lo, hi) covering a grid of ``shape``; each is computed on itself grown by ``halo`` (clipped)."""
+
+    shape: tuple[int, int, int]
+    splits: tuple[int, int, int]
+    halo: int
+    cores: tuple[Box, ...]
+    peak_bytes: float  # the memory model's estimate for the largest box
+
+    def __len__(self) -> int:
+        return len(self.cores)
+
+    def grown(self, core: Box) -> Box:
+        lo, hi = core
+        return (
+            tuple(max(0, a - self.halo) for a in lo),
+            tuple(min(n, b + self.halo) for b, n in zip(hi, self.shape)),
+        )
+
+
+def _edges(n: int, s: int) -> list[tuple[int, int]]:
+    step = -(-n // s)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _cores(shape: Sequence[int], splits: Sequence[int], picks: Sequence[Sequence[int]] | None = None) -> list[Box]:
+    """The boxes of a split grid (or only those at the ``picks`` indices along each axis)."""
+    edges = [_edges(n, s) for n, s in zip(shape, splits)]
+    if picks is not None:
+        edges = [[e[i] for i in sorted(set(p)) if i < len(e)] for e, p in zip(edges, picks)]
+    return [tuple(zip(*combo)) for combo in itertools.product(*edges)]  # type: ignore[misc]
+
+
+def _representatives(shape: Sequence[int], splits: Sequence[int]) -> list[Box]:
+    """The first, second, middle and last box along each axis: the largest grown boxes are among them."""
+    return _cores(shape, splits, [(0, 1, s // 2, s - 1) for s in splits])
+
+
+def plan_tiles(
+    shape: Sequence[int],
+    halo: int,
+    box_bytes: Callable[[Box], float],
+    budget_bytes: float,
+    what: str,
+    min_splits: Sequence[int] = (1, 1, 1),
+) -> TilePlan:
+    """The fewest boxes (split the longest side first) whose grown box costs at most ``budget_bytes``.
+
+    ``box_bytes`` is the network's memory model for computing one grown box. Raises
+    :class:`MedILError` only when a box of a single voxel does not fit. ``min_splits`` forces at
+    least that many boxes per axis (tests use it to compare tiled with whole results).
+    """
+    shape = tuple(int(n) for n in shape)
+    splits = [max(1, min(int(m), n)) for m, n in zip(min_splits, shape)]
+    while True:
+        plan = TilePlan(shape, tuple(splits), halo, (), 0.0)
+        peak = max(box_bytes(plan.grown(c)) for c in _representatives(shape, splits))
+        if peak <= budget_bytes:
+            return TilePlan(shape, tuple(splits), halo, tuple(_cores(shape, splits)), peak)
+        sizes = [-(-n // s) for n, s in zip(shape, splits)]
+        axis = int(np.argmax(sizes))
+        if sizes[axis] <= 1:
+            raise MedILError(
+                f"{what} needs about {peak / GB:.2f} GB of working memory for its smallest tile, more than the "
+                f"{max(budget_bytes, 0) / GB:.2f} GB left under the memory limit: raise the memory limit",
+                options=("max_memory",),
+            )
+        # the next split count that makes the box smaller along that axis
+        s = splits[axis]
+        while -(-shape[axis] // s) == sizes[axis]:
+            s += 1
+        splits[axis] = s
+
+
+class ArrayDestination:
+    """Writes tile cores into a numpy array (no gradients): ``array[index] = tensor``."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __call__(self, index: tuple[slice, ...], value: torch.Tensor) -> None:
+        self.array[index] = value.detach().float().cpu().numpy()
+
+
+class TensorDestination:
+    """Writes tile cores into a torch tensor (B, C, ...), keeping the autograd graph."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __call__(self, index: tuple[slice, ...], value: torch.Tensor) -> None:
+        self.tensor[(slice(None), slice(None), *index)] = value
+
+
+def run_tiles(
+    plan: TilePlan,
+    compute: Callable[[Box], torch.Tensor],
+    write: Callable[[tuple[slice, ...], torch.Tensor], None],
+    *,
+    scale: int = 1,
+    out_shape: Sequence[int] | None = None,
+    progress: Progress | None = None,
+    cancel: Any = None,
+    checkpoint: bool = False,
+    label: str = "tile",
+    span: tuple[float, float] = (0.0, 1.0),
+    box_cost: Callable[[Box], float] | None = None,
+) -> None:
+    """Compute every box of ``plan`` and write its core.
+
+    ``compute(box)`` returns (B, C, *(box size * scale)) for the grown box; the core's part of it
+    is written at ``core * scale`` (cropped to ``out_shape``). Progress runs over ``span``,
+    weighted by ``box_cost`` (default: the grown box's voxels), with an ETA in the message.
+    """
+    out_shape = tuple(out_shape or (n * scale for n in plan.shape))
+    cost = box_cost or (lambda box: float(np.prod(np.subtract(box[1], box[0]))))
+    costs = [cost(plan.grown(c)) for c in plan.cores]
+    total = sum(costs) or 1.0
+    done = 0.0
+    t0 = time.perf_counter()
+    n = len(plan.cores)
+    for i, (core, c) in enumerate(zip(plan.cores, costs)):
+        check_cancel(cancel)
+        frac = done / total
+        eta = ""
+        if done > 0:
+            eta = f", about {format_seconds((time.perf_counter() - t0) * (total - done) / done)} left"
+        report(progress, span[0] + (span[1] - span[0]) * frac, f"{label} {i + 1}/{n}{eta}")
+        box = plan.grown(core)
+        if checkpoint and torch.is_grad_enabled():
+            y = torch.utils.checkpoint.checkpoint(compute, box, use_reentrant=False)
+        else:
+            y = compute(box)
+        src, dst = [], []
+        for a in range(3):
+            f0 = core[0][a] * scale
+            f1 = min(core[1][a] * scale, out_shape[a])
+            off = box[0][a] * scale
+            src.append(slice(f0 - off, f1 - off))
+            dst.append(slice(f0, f1))
+        write(tuple(dst), y[(slice(None), slice(None), *src)])
+        del y
+        done += c
+    report(progress, span[1], f"{label} {n}/{n} done")
+
+
+# -- MedIL autoencoders on the engine ------------------------------------------------------------------
+
+
+def _input_crop(model, x_shape: Sequence[int], feature_box: Box) -> Box:
+    """Input voxels an encoder tile must read so its features on ``feature_box`` are exact (start aligned to the stride)."""
+    F, R = model.factor, model.encoder_halo()
+    lo = [max(0, a * F - R) // F * F for a in feature_box[0]]
+    hi = [min(n, (b - 1) * F + 1 + R) for b, n in zip(feature_box[1], x_shape)]
+    return tuple(lo), tuple(hi)  # type: ignore[return-value]
+
+
+def encode_tiled(
+    model,
+    x: torch.Tensor,
+    x_grid: Grid,
+    z_grid: Grid,
+    *,
+    budget_bytes: float,
+    dtype_bytes: int = 4,
+    progress: Progress | None = None,
+    cancel: Any = None,
+    checkpoint: bool = False,
+    span: tuple[float, float] = (0.0, 1.0),
+    plan_out: dict | None = None,
+    min_splits: Sequence[int] = (1, 1, 1),
+) -> torch.Tensor:
+    """The encoder's raw output on ``z_grid`` for the input ``x`` (1, C, *x_grid.shape), computed in latent tiles.
+
+    Equal to ``model.encode_block(x, x_grid, z_grid)`` (voxel-local encoders; an instance-norm
+    encoder runs on the whole input, when it fits). With gradients enabled the result keeps the
+    graph; ``checkpoint`` recomputes each tile's activations in the backward pass.
+    """
+    x_shape = tuple(x.shape[2:])
+    F = model.factor
+    f_grid = model.feature_grid(x_grid, [-(-n // F) for n in x_shape])
+    raw_channels = model.encoder_lte.out_channels
+
+    def crop_of(box: Box) -> tuple[Box, Box]:
+        zsub = z_grid.sub_grid(*box)
+        _, grown = lookup_box([f_grid], [zsub])
+        fbox = (tuple(int(v) for v in grown[0]), tuple(int(v) for v in grown[1]))
+        return fbox, _input_crop(model, x_shape, fbox)
+
+    def box_bytes(box: Box) -> float:
+        fbox, ibox = crop_of(box)
+        vox = lambda b: float(np.prod(np.subtract(b[1], b[0])))  # noqa: E731
+        return model.encode_tile_bytes(vox(ibox), vox(fbox), vox(box), dtype_bytes)
+
+    if not model.encoder.tileable:
+        whole = ((0, 0, 0), tuple(z_grid.shape))
+        need = model.encode_tile_bytes(float(np.prod(x_shape)), float(f_grid.num_voxels), float(z_grid.num_voxels), dtype_bytes)
+        if need > budget_bytes:
+            raise MedILError(
+                f"this model's encoder (instance norm) sees the whole input at once and needs about {need / GB:.1f} GB, "
+                f"more than the {budget_bytes / GB:.1f} GB left under the memory limit: raise the memory limit or crop the input",
+                options=("max_memory",),
+            )
+        plan = TilePlan(tuple(z_grid.shape), (1, 1, 1), 0, (whole,), need)
+    else:
+        plan = plan_tiles(z_grid.shape, 0, box_bytes, budget_bytes, "encoding the input", min_splits)
+    if plan_out is not None:
+        plan_out.update(encode=len(plan), encode_tile_gb=round(plan.peak_bytes / GB, 4))
+
+    def compute(box: Box) -> torch.Tensor:
+        if len(plan) == 1:
+            return model.encode_block(x, x_grid, z_grid.sub_grid(*box))
+        _, (ilo, ihi) = crop_of(box)
+        crop = x[:, :, ilo[0] : ihi[0], ilo[1] : ihi[1], ilo[2] : ihi[2]]
+        return model.encode_block(crop, x_grid.sub_grid(ilo, ihi), z_grid.sub_grid(*box))
+
+    grad = torch.is_grad_enabled()
+    if grad:
+        out = torch.zeros((x.shape[0], raw_channels, *z_grid.shape), dtype=torch.float32, device=x.device)
+        write: Callable = TensorDestination(out)
+    else:
+        out = torch.empty((x.shape[0], raw_channels, *z_grid.shape), dtype=torch.float32, device=x.device)
+        write = lambda index, value: out.__setitem__((slice(None), slice(None), *index), value.float())  # noqa: E731
+    run_tiles(
+        plan,
+        compute,
+        write,
+        progress=progress,
+        cancel=cancel,
+        checkpoint=checkpoint,
+        label="encoding tile",
+        span=span,
+        box_cost=lambda box: float(np.prod(np.subtract(crop_of(box)[1][1], crop_of(box)[1][0]))),
+    )
+    return out
+
+
+def decode_tiled(
+    model,
+    z: torch.Tensor,
+    z_grid: Grid,
+    out_grid: Grid,
+    *,
+    skip: tuple[torch.Tensor, Grid] | None = None,
+    budget_bytes: float,
+    dtype_bytes: int = 4,
+    out: np.ndarray | None = None,
+    progress: Progress | None = None,
+    cancel: Any = None,
+    checkpoint: bool = False,
+    span: tuple[float, float] = (0.0, 1.0),
+    plan_out: dict | None = None,
+    min_splits: Sequence[int] = (1, 1, 1),
+) -> torch.Tensor | np.ndarray:
+    """Decode ``z`` (1, C, *z_grid.shape) onto ``out_grid`` in tiles of the intermediate grid.
+
+    Equal to ``model.decode(z, z_grid, out_grid, skip)``. Without gradients the result goes
+    into ``out`` (a float32 numpy array of ``out_grid.shape``, e.g. a memory map; allocated when
+    not given) and that array is returned; with gradients a (1, C, *out_grid.shape) tensor that
+    keeps the graph is returned (``checkpoint`` keeps only one tile's activations alive).
+    ``skip`` is (input, input grid) for networks with a global skip, ``None`` otherwise.
+    """
+    if model.config.global_skip and skip is None:
+        raise ValueError("this model has a global skip: pass skip=(input, input_grid)")
+    F = model.factor
+    inter = out_grid.coarsened(F)
+
+    def box_bytes(box: Box) -> float:
+        _, grown = lookup_box([z_grid], [inter.sub_grid(*box)])
+        fine = float(np.prod(np.subtract(box[1], box[0]))) * F**3
+        return model.decode_tile_bytes(fine, float(np.prod(grown[1] - grown[0])), dtype_bytes)
+
+    plan = plan_tiles(
+        inter.shape, model.decoder_halo(), box_bytes, budget_bytes, f"decoding onto the output grid {out_grid.shape}", min_splits
+    )
+    if plan_out is not None:
+        plan_out.update(decode=len(plan), decode_tile_gb=round(plan.peak_bytes / GB, 4))
+
+    def compute(box: Box) -> torch.Tensor:
+        return model.decode_block(z, z_grid, inter.sub_grid(*box), skip=skip)
+
+    kwargs = dict(
+        scale=F, out_shape=out_grid.shape, progress=progress, cancel=cancel, checkpoint=checkpoint, label="decoding tile", span=span
+    )
+    if torch.is_grad_enabled():
+        result = torch.zeros((z.shape[0], model.config.out_channels, *out_grid.shape), dtype=torch.float32, device=z.device)
+        run_tiles(plan, compute, TensorDestination(result), **kwargs)
+        return result
+    if z.shape[0] != 1 or model.config.out_channels != 1:
+        raise ValueError("decoding into an array takes one latent and a one-channel network")
+    if out is None:
+        out = np.empty(out_grid.shape, dtype=np.float32)
+    run_tiles(plan, compute, lambda index, value: ArrayDestination(out)(index, value[0, 0]), **kwargs)
+    return out
+
+
+__all__ = [
+    "ArrayDestination",
+    "TensorDestination",
+    "TilePlan",
+    "decode_tiled",
+    "encode_tiled",
+    "plan_tiles",
+    "run_tiles",
+]
