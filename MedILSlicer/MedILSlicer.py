@@ -29,12 +29,13 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace, listModels  # noqa: E402
+from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
+from MedILSlicerLib.tasks import task_by_label  # noqa: E402
 
 #: Choices shown in the panel (parameter values; the .ui lists the same texts).
 SPACING_PRESETS = ["input", "finest isotropic", "1 mm", "custom"]
 ORIENTATIONS = ["input", "axial (RAS-aligned)", "like reference"]
 FOV_MODES = ["input extent", "ROI", "like reference"]
-TASKS = ["Reconstruct / resample", "Super-resolve", "Sample"]
 DEVICES = ["auto", "cuda", "cpu"]
 MODALITIES = ["auto", "mri", "ct"]
 
@@ -189,13 +190,14 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self._job is not None:
             return
-        ok = bool(self._parameterNode and self._parameterNode.inputVolume) and self._parameterNode.task == TASKS[0]
+        task = task_by_label(self._parameterNode.task) if self._parameterNode else None
+        ok = bool(task and task.available and (self._parameterNode.inputVolume or not task.needs_input))
         self.ui.applyButton.enabled = ok
         self.ui.applyButton.toolTip = "Run MedIL" if ok else "Select an input volume (and an available task)"
 
     def updateTaskOptions(self, *args) -> None:
         task = self.ui.taskComboBox.currentText
-        self.ui.reconstructOptionsCollapsibleButton.visible = task == TASKS[0]
+        self.ui.reconstructOptionsCollapsibleButton.visible = task_by_label(task).key == "reconstruct"
         self._checkCanApply()
 
     def updateGeometryOptions(self, *args) -> None:

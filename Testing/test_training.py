@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import EXAMPLE, REPO, TINY_CONFIG
 
+from medil_backend.acquisition import slice_gap, thick_slices
 from medil_backend.geometry import Grid
-from medil_backend.training.degrade import slice_gap, thick_slices
 from medil_backend.training.patches import input_shape_for, sample_patch
 
 pytest.importorskip("lightning", reason="needs the train extra")

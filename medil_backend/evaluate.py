@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .acquisition import thick_slices
 from .baselines import resample_sitk
 from .geometry import Volume
 from .intensity import fit_normalizer
 from .io import read_volume
 from .metrics import foreground_mask, l1, ms_ssim, psnr, ssim
 from .ops import run_model
-from .training.degrade import thick_slices
 
 
 def degraded_inputs(volume: Volume, thick_mm: Sequence[float]) -> dict[str, Volume]:

@@ -3,12 +3,14 @@
 The .ui is committed; rerun this after changing the panel: ``python tools/gen_ui.py``.
 """
 
+import sys
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 OUT = Path(__file__).resolve().parents[1] / "MedILSlicer" / "Resources" / "UI" / "MedILSlicer.ui"
+sys.path.insert(0, str(OUT.parents[2]))
+from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402  (the one task list)
 
-TASKS = ["Reconstruct / resample", "Super-resolve", "Sample"]
 SPACING = ["input", "finest isotropic", "1 mm", "custom"]
 ORIENT = ["input", "axial (RAS-aligned)", "like reference"]
 FOV = ["input extent", "ROI", "like reference"]

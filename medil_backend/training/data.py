@@ -5,7 +5,7 @@ and resolution, served as batches of MedIL samples (input, grids, native target)
   the model sees the whole field of view;
 - stage 2/3 (``mode="patch"``): native-resolution patches with exscribed latent and input grids
   (:mod:`.patches`), never resampled;
-- in a share of samples the input is a simulated clinical acquisition (:mod:`.degrade`);
+- in a share of samples the input is a simulated clinical acquisition (:mod:`medil_backend.acquisition`);
 - TorchIO augments whole volumes (random affine and elastic deformation, bias field, gamma,
   noise) before sampling, where ``augment=True``.
 
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..acquisition import add_noise, slice_gap, thick_slices
 from ..errors import MedILError
 from ..geometry import Grid, covering_grid
 from ..intensity import fit_normalizer
 from ..io import read_volume
 from ..models import sha256_file
-from .degrade import add_noise, slice_gap, thick_slices
 from .patches import input_shape_for, sample_patch
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")

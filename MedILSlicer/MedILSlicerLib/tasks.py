@@ -1,0 +1,41 @@
+"""The one list of tasks that the panel, the logic and the generated .ui share (pure Python, no Slicer).
+
+A task becomes available in the panel and the logic by flipping ``available`` here, once the
+backend has it; ``tools/gen_ui.py`` writes the same labels into the .ui.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str  # the backend's name for it (logic, provenance attributes)
+    label: str  # the panel's text
+    available: bool  # the backend can run it in this version
+    needs_input: bool  # it reads an input volume (sampling does not)
+
+
+TASKS: tuple[Task, ...] = (
+    Task("reconstruct", "Reconstruct / resample", available=True, needs_input=True),
+    Task("superres", "Super-resolve", available=False, needs_input=True),
+    Task("sample", "Sample", available=False, needs_input=False),
+)
+
+LABELS: list[str] = [t.label for t in TASKS]
+AVAILABLE_KEYS: tuple[str, ...] = tuple(t.key for t in TASKS if t.available)
+
+
+def task_by_label(label: str) -> Task:
+    for t in TASKS:
+        if t.label == label:
+            return t
+    raise KeyError(label)
+
+
+def task_by_key(key: str) -> Task:
+    for t in TASKS:
+        if t.key == key:
+            return t
+    raise KeyError(key)
