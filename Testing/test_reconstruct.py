@@ -9,11 +9,11 @@ from medil_backend.io import read_volume
 from medil_backend.ops.reconstruct import RUNTIME_OVERHEAD_BYTES, reconstruct, resident_bytes
 
 
-def _just_enough(net, v, target) -> float:
+def _just_enough(net, v, target, extra: float = 34e6) -> float:
     """A memory limit (GB) just above what the call holds anyway: it forces many small tiles on both sides."""
     c = canonical_order(v)
     held = resident_bytes(net, c.grid, target, c.array.nbytes if c is not v else 0) + RUNTIME_OVERHEAD_BYTES
-    return (held + 34e6) / 2**30
+    return (held + extra) / 2**30
 
 
 @pytest.mark.parametrize("orientation", ["input", "RAS", "aligned"])
@@ -109,3 +109,19 @@ def test_gpu_matches_cpu(tiny_model, small_mri):
     a = reconstruct(v, target, tiny_model, device="cpu")
     b = reconstruct(v, target, tiny_model, device="cuda")
     np.testing.assert_allclose(a.array, b.array, atol=1e-3 * float(np.abs(a.array).max()))
+
+
+def test_an_output_spilled_to_disk_equals_one_in_ram(tiny_model, small_mri, monkeypatch):
+    """Outputs bigger than a share of the limit go tile by tile into a memory-mapped temporary file."""
+    import importlib
+
+    rec = importlib.import_module("medil_backend.ops.reconstruct")  # the module (the package exports a function of that name)
+
+    v = read_volume(small_mri)
+    target = output_grid(v.grid, spacing=0.9, orientation="RAS")
+    ram = reconstruct(v, target, tiny_model, device="cpu", precision="float32")
+    assert not ram.meta["output_on_disk"] and not isinstance(ram.array, np.memmap)
+    monkeypatch.setattr(rec, "SPILL_FRACTION", 0.0)
+    disk = reconstruct(v, target, tiny_model, device="cpu", precision="float32", max_memory_gb=_just_enough(tiny_model, v, target, 40e6))
+    assert disk.meta["output_on_disk"] and isinstance(disk.array, np.memmap) and disk.meta["tiles"]["decode"] > 1
+    np.testing.assert_allclose(np.asarray(disk.array), ram.array, atol=1e-5 * float(np.abs(ram.array).max()))

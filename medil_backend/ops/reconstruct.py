@@ -6,8 +6,10 @@ follows the memory limit, not the volume, and the tiles join exactly.
 
 Memory: the limit covers what the call holds for its whole duration (the normalised input, its
 latent and the output volume: the *resident* part) plus the largest tile's working memory, as
-the network's memory model estimates it. ``Testing/test_tiling.py`` measures the peak RSS of a
-subprocess against the limit.
+the network's memory model estimates it. An output that would take more than
+:data:`SPILL_FRACTION` of the limit is *spilled*: written tile by tile into a memory-mapped
+temporary file whose pages leave RAM as soon as they are written, so nothing that fits on disk
+is refused. ``Testing/test_tiling.py`` measures the peak RSS of a subprocess against the limit.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from ..geometry import Grid, Volume, canonical_order
 from ..intensity import fit_normalizer
 from ..nn.autoencoder import MedILAutoencoder
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
-from .tiling import GB, decode_tiled, encode_tiled
+from .tiling import GB, OutputArray, decode_tiled, encode_tiled
 
 DEFAULT_MAX_MEMORY_GB = 3.0
 #: what the interpreter and torch allocate on top of the tensors during a run (thread pools, allocator slack)
 RUNTIME_OVERHEAD_BYTES = 160 * 2**20
+#: an output volume larger than this share of the memory limit goes to a memory-mapped temporary file
+SPILL_FRACTION = 0.4
 
 
 def check_memory_limit(max_memory_gb: float | None) -> float:
@@ -42,12 +46,11 @@ def check_memory_limit(max_memory_gb: float | None) -> float:
     return value * GB
 
 
-def resident_bytes(model: MedILAutoencoder, input_grid: Grid, target: Grid, input_copy_bytes: int = 0) -> float:
-    """Bytes held for the whole call: normalised input, raw latent, output volume (float32), a re-ordered input copy."""
+def resident_bytes(model: MedILAutoencoder, input_grid: Grid, target: Grid | None, input_copy_bytes: int = 0) -> float:
+    """Bytes held for the whole call: normalised input, raw latent, output volume (float32; ``None``: spilled), a re-ordered input copy."""
     z_grid = model.latent_grid(input_grid)
-    return (
-        4.0 * input_grid.num_voxels + 4.0 * model.encoder_lte.out_channels * z_grid.num_voxels + 4.0 * target.num_voxels + input_copy_bytes
-    )
+    out = 4.0 * target.num_voxels if target is not None else 0.0
+    return 4.0 * input_grid.num_voxels + 4.0 * model.encoder_lte.out_channels * z_grid.num_voxels + out + input_copy_bytes
 
 
 def reconstruct(
@@ -80,11 +83,12 @@ def reconstruct(
     grid = volume.grid
     norm = fit_normalizer(volume.array, modality or volume.modality)
 
-    resident = resident_bytes(model, grid, target, copy_bytes) + RUNTIME_OVERHEAD_BYTES
+    spill = 4.0 * target.num_voxels > SPILL_FRACTION * budget
+    resident = resident_bytes(model, grid, None if spill else target, copy_bytes) + RUNTIME_OVERHEAD_BYTES
     work = budget - resident
     if work <= 0:
         raise MedILError(
-            f"the input, its latent and the output volume alone need about {resident / GB:.1f} GB, over the memory limit "
+            f"the input and its latent alone need about {resident / GB:.1f} GB, over the memory limit "
             f"({budget / GB:.1f} GB): raise the memory limit, or choose a coarser output spacing or a smaller field of view",
             options=("max_memory", "spacing", "fov"),
         )
@@ -113,6 +117,9 @@ def reconstruct(
             plan_out=tiles,
         )
         z = model.split_latent(raw)[0]
+        del raw
+        scale, offset = np.float32(norm.scale), np.float32(norm.offset)
+        output = OutputArray(target.shape, spill=spill, transform=lambda a: a * scale + offset)  # back to the input's units, per tile
         out = decode_tiled(
             model,
             z,
@@ -125,16 +132,21 @@ def reconstruct(
             cancel=cancel,
             span=(enc_share, 1.0),
             plan_out=tiles,
+            out=output,
         )
-        del raw, z, x
+        del z, x
     check_cancel(cancel)
-    if not np.isfinite(np.sum(out, dtype=np.float64)):  # NaN and inf propagate through the sum; no N-voxel mask
+    if not output.finite:
         raise MedILError(
             "the reconstruction is not finite (the network overflowed); use float32 precision and check the input's intensities",
             options=("precision",),
         )
-    out *= norm.scale  # back to the input's units, in place (no second copy of the output)
-    out += norm.offset
     report(progress, 1.0, "done")
-    meta = {"normalization": norm.to_dict(), "device": str(dev), "precision": str(dtype).replace("torch.", ""), "tiles": tiles}
+    meta = {
+        "normalization": norm.to_dict(),
+        "device": str(dev),
+        "precision": str(dtype).replace("torch.", ""),
+        "tiles": tiles,
+        "output_on_disk": spill,
+    }
     return Volume(out, target.affine, modality=norm.modality, meta=meta)

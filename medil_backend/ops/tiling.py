@@ -112,6 +112,56 @@ def plan_tiles(
         splits[axis] = s
 
 
+class OutputArray:
+    """A float32 output volume, in RAM or *spilled* to an unlinked temporary file (a memory map).
+
+    A spilled array releases each written tile from RAM (flushed, then dropped with
+    ``MADV_DONTNEED``), so an output larger than the memory limit is written with a few tiles'
+    worth of RAM; the file disappears when the array does. ``transform`` (e.g. back to the
+    input's intensity units) is applied to each tile as it is written, so there is no second
+    pass over the output; :attr:`finite` says whether every written value was finite.
+    """
+
+    def __init__(self, shape: Sequence[int], spill: bool = False, folder: str | None = None, transform=None) -> None:
+        import shutil
+        import tempfile
+
+        self.spill = spill
+        self.transform = transform
+        self.finite = True
+        nbytes = 4 * int(np.prod(shape))
+        if spill:
+            folder = folder or tempfile.gettempdir()
+            free = shutil.disk_usage(folder).free
+            if free < nbytes * 1.05:
+                raise MedILError(
+                    f"the output ({nbytes / GB:.1f} GB) is larger than the memory limit and does not fit on disk in {folder} "
+                    f"({free / GB:.1f} GB free): free disk space there (or set TMPDIR), or choose a coarser spacing or a smaller field of view",
+                    options=("spacing", "fov"),
+                )
+            self._file = tempfile.TemporaryFile(dir=folder, prefix="medil-output-")
+            self.array = np.memmap(self._file, dtype=np.float32, mode="w+", shape=tuple(shape))
+        else:
+            self.array = np.empty(tuple(shape), dtype=np.float32)
+
+    def __call__(self, index: tuple[slice, ...], value: torch.Tensor) -> None:
+        values = value.detach().float().cpu().numpy()
+        if self.transform is not None:
+            values = self.transform(values)
+        self.finite = self.finite and bool(np.isfinite(values).all())
+        self.array[index] = values
+        if self.spill:
+            self.release()
+
+    def release(self) -> None:
+        """Write the map's dirty pages to the file and drop them from this process's memory."""
+        import mmap
+
+        if self.spill:
+            self.array.flush()
+            self.array._mmap.madvise(mmap.MADV_DONTNEED)
+
+
 class ArrayDestination:
     """Writes tile cores into a numpy array (no gradients): ``array[index] = tensor``."""
 
@@ -284,7 +334,7 @@ def decode_tiled(
     skip: tuple[torch.Tensor, Grid] | None = None,
     budget_bytes: float,
     dtype_bytes: int = 4,
-    out: np.ndarray | None = None,
+    out: np.ndarray | OutputArray | None = None,
     progress: Progress | None = None,
     cancel: Any = None,
     checkpoint: bool = False,
@@ -295,8 +345,8 @@ def decode_tiled(
     """Decode ``z`` (1, C, *z_grid.shape) onto ``out_grid`` in tiles of the intermediate grid.
 
     Equal to ``model.decode(z, z_grid, out_grid, skip)``. Without gradients the result goes
-    into ``out`` (a float32 numpy array of ``out_grid.shape``, e.g. a memory map; allocated when
-    not given) and that array is returned; with gradients a (1, C, *out_grid.shape) tensor that
+    into ``out`` (a float32 numpy array of ``out_grid.shape`` or an :class:`OutputArray`;
+    allocated in RAM when not given) and that array is returned; with gradients a (1, C, *out_grid.shape) tensor that
     keeps the graph is returned (``checkpoint`` keeps only one tile's activations alive).
     ``skip`` is (input, input grid) for networks with a global skip, ``None`` otherwise.
     """
@@ -330,12 +380,14 @@ def decode_tiled(
         raise ValueError("decoding into an array takes one latent and a one-channel network")
     if out is None:
         out = np.empty(out_grid.shape, dtype=np.float32)
-    run_tiles(plan, compute, lambda index, value: ArrayDestination(out)(index, value[0, 0]), **kwargs)
-    return out
+    dest = out if isinstance(out, OutputArray) else ArrayDestination(out)
+    run_tiles(plan, compute, lambda index, value: dest(index, value[0, 0]), **kwargs)
+    return out.array if isinstance(out, OutputArray) else out
 
 
 __all__ = [
     "ArrayDestination",
+    "OutputArray",
     "TensorDestination",
     "TilePlan",
     "decode_tiled",
