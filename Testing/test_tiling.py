@@ -18,7 +18,7 @@ from conftest import REPO
 from medil_backend.errors import MedILError
 from medil_backend.geometry import Grid, direction_from_code
 from medil_backend.nn import MedILAutoencoder
-from medil_backend.ops.tiling import decode_tiled, encode_tiled, plan_tiles
+from medil_backend.ops.tiling import DecodePlan, EncodePlan, decode_tiled, encode_tiled, plan_tiles
 
 
 def _rotation(deg_x: float, deg_z: float) -> np.ndarray:
@@ -62,12 +62,11 @@ def test_tiled_encode_and_decode_equal_whole(tiny_config, changes):
     with torch.no_grad():
         z_whole = net.encode_block(x, X_GRID, z_grid)
         y_whole = net.decode(net.split_latent(z_whole)[0], z_grid, out_grid, skip=(x, X_GRID))[0, 0].numpy()
-        plans: dict = {}
-        z_tiled = encode_tiled(net, x, X_GRID, z_grid, budget_bytes=1e9, plan_out=plans, min_splits=(3, 2, 2))
-        y_tiled = decode_tiled(
-            net, net.split_latent(z_tiled)[0], z_grid, out_grid, skip=(x, X_GRID), budget_bytes=1e9, plan_out=plans, min_splits=(3, 2, 2)
-        )
-    assert plans["encode"] == 12 and plans["decode"] == 12, plans
+        enc = EncodePlan(net, X_GRID.shape, X_GRID, z_grid, 1e9, 4, min_splits=(3, 2, 2))
+        dec = DecodePlan(net, z_grid, out_grid, 1e9, 4, min_splits=(3, 2, 2))
+        assert len(enc.tiles) == 12 and len(dec.tiles) == 12
+        z_tiled = encode_tiled(net, x, X_GRID, z_grid, plan=enc)
+        y_tiled = decode_tiled(net, net.split_latent(z_tiled)[0], z_grid, out_grid, skip=(x, X_GRID), plan=dec)
     torch.testing.assert_close(z_tiled, z_whole, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(y_tiled, y_whole, atol=1e-5 * max(1.0, float(np.abs(y_whole).max())))
 
@@ -122,13 +121,12 @@ def test_tiled_encode_with_gradients(tiny_config):
 def test_instance_norm_encoder_is_not_tiled(tiny_config):
     net = _net(tiny_config, encoder_norm="instance")
     x, z_grid, _ = _case(net)
-    plans: dict = {}
     with torch.no_grad():
-        z = encode_tiled(net, x, X_GRID, z_grid, budget_bytes=1e9, plan_out=plans)
-        torch.testing.assert_close(z, net.encode_block(x, X_GRID, z_grid))
+        plan = EncodePlan(net, X_GRID.shape, X_GRID, z_grid, 1e9, 4, min_splits=(2, 2, 2))
+        assert len(plan.tiles) == 1
+        torch.testing.assert_close(encode_tiled(net, x, X_GRID, z_grid, plan=plan), net.encode_block(x, X_GRID, z_grid))
         with pytest.raises(MedILError, match="whole input at once"):
             encode_tiled(net, x, X_GRID, z_grid, budget_bytes=1e6)
-    assert plans["encode"] == 1
 
 
 def test_plan_fits_the_budget_and_refuses_only_the_impossible():
@@ -189,3 +187,25 @@ def test_peak_memory_of_a_process_stays_under_the_limit(precision):
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["finite"] and info["tiles"]["decode"] > 1
     assert info["increase"] <= 1.1 * limit * 2**30, info
+
+
+@pytest.mark.parametrize(
+    "shape,spacing,out_spacing",
+    [
+        ((179, 256, 251), (1.0, 1.0, 1.0), None),  # a whole 1 mm head at defaults
+        ((512, 512, 500), (0.57, 0.57, 0.48), 1.0),  # a 512x512x500 CT -> 1 mm
+        ((195, 195, 160), (1.5, 1.5, 1.5), 0.7),  # a 1.5 mm chest CT -> 0.7 mm (about 417x417x343)
+        ((512, 512, 512), (1.0, 1.0, 1.0), 0.5),  # 1024^3 output: 4 GiB, spilled to disk
+    ],
+)
+def test_nothing_that_fits_on_disk_is_refused_at_the_default_limit(shape, spacing, out_spacing):
+    from medil_backend import load_model
+    from medil_backend.geometry import output_grid
+    from medil_backend.ops.reconstruct import DEFAULT_MAX_MEMORY_GB, plan_reconstruction
+
+    net = load_model("medil-brain-t1").net
+    grid = Grid.from_parts(shape, spacing)
+    target = output_grid(grid, spacing=out_spacing) if out_spacing else grid
+    plan = plan_reconstruction(net, grid, target, precision="float32")
+    assert plan.peak_bytes <= DEFAULT_MAX_MEMORY_GB * 2**30
+    assert plan.spill == (target.num_voxels * 4 > 0.4 * DEFAULT_MAX_MEMORY_GB * 2**30)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..geometry import Grid, exscribed_grid, lookup_box, query_cell, voxel_coords
 from .backbone import Decoder, Encoder
@@ -194,9 +195,11 @@ class MedILAutoencoder(nn.Module):
         """
         B = x.shape[0]
         xg, zg = _grids(x_grid, B), _grids(z_grid, B)
-        feats = self.encoder(x)
+        with record_function("medil.encoder"):
+            feats = self.encoder(x)
         fg = [self.feature_grid(g, feats.shape[2:]) for g in xg]
-        return lte_resample(self.encoder_lte, feats, fg, zg)
+        with record_function("medil.encoder_lte"):
+            return lte_resample(self.encoder_lte, feats, fg, zg)
 
     def decode_block(
         self,
@@ -212,14 +215,18 @@ class MedILAutoencoder(nn.Module):
         """
         B = z.shape[0]
         zg, ig = _grids(z_grid, B), _grids(inter_grid, B)
-        h = lte_resample(self.decoder_lte, z, zg, ig)
+        with record_function("medil.decoder_lte"):
+            h = lte_resample(self.decoder_lte, z, zg, ig)
         if not self.config.global_skip:
-            return self.decoder(h)
+            with record_function("medil.decoder"):
+                return self.decoder(h)
         if skip is None:
             raise ValueError("this model has a global skip: pass skip=(input, input_grid)")
         x, x_grid = skip
-        base = sample_on_grids(x, _grids(x_grid, B), [g.refined(self.factor) for g in ig])
-        y = self.decoder(h, base if self.config.guide_decoder else None)
+        with record_function("medil.global_skip"):
+            base = sample_on_grids(x, _grids(x_grid, B), [g.refined(self.factor) for g in ig])
+        with record_function("medil.decoder"):
+            y = self.decoder(h, base if self.config.guide_decoder else None)
         if torch.is_grad_enabled():
             return y + base
         base += y

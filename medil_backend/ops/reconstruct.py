@@ -14,6 +14,7 @@ is refused. ``Testing/test_tiling.py`` measures the peak RSS of a subprocess aga
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..geometry import Grid, Volume, canonical_order
 from ..intensity import fit_normalizer
 from ..nn.autoencoder import MedILAutoencoder
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
-from .tiling import GB, OutputArray, decode_tiled, encode_tiled
+from .tiling import GB, DecodePlan, EncodePlan, OutputArray, decode_tiled, encode_tiled
 
 DEFAULT_MAX_MEMORY_GB = 3.0
 #: what the interpreter and torch allocate on top of the tensors during a run (thread pools, allocator slack)
@@ -53,6 +54,61 @@ def resident_bytes(model: MedILAutoencoder, input_grid: Grid, target: Grid | Non
     return 4.0 * input_grid.num_voxels + 4.0 * model.encoder_lte.out_channels * z_grid.num_voxels + out + input_copy_bytes
 
 
+@dataclass
+class ReconstructionPlan:
+    """Everything decided before any work: tiles on both sides, where the output lives, the estimated peak."""
+
+    encode: EncodePlan
+    decode: DecodePlan
+    spill: bool
+    resident_bytes: float
+    budget_bytes: float
+    dtype: torch.dtype
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.resident_bytes + max(self.encode.tiles.peak_bytes, self.decode.tiles.peak_bytes)
+
+    def summary(self) -> dict:
+        return {
+            "encode": len(self.encode.tiles),
+            "decode": len(self.decode.tiles),
+            "output_on_disk": self.spill,
+            "estimated_peak_gb": round(self.peak_bytes / GB, 3),
+            "limit_gb": round(self.budget_bytes / GB, 3),
+        }
+
+
+def plan_reconstruction(
+    model: MedILAutoencoder,
+    input_grid: Grid,
+    target: Grid,
+    *,
+    max_memory_gb: float | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+    input_copy_bytes: int = 0,
+) -> ReconstructionPlan:
+    """Plan a reconstruction of an input on ``input_grid`` (in canonical axis order) onto ``target``; refuses before any work."""
+    budget = check_memory_limit(max_memory_gb)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    dtype = resolve_precision(precision, dev)
+    dtype_bytes = 2 if dtype != torch.float32 else 4
+    spill = 4.0 * target.num_voxels > SPILL_FRACTION * budget
+    resident = resident_bytes(model, input_grid, None if spill else target, input_copy_bytes) + RUNTIME_OVERHEAD_BYTES
+    work = budget - resident
+    if work <= 0:
+        raise MedILError(
+            f"the input and its latent alone need about {resident / GB:.1f} GB, over the memory limit "
+            f"({budget / GB:.1f} GB): raise the memory limit, or choose a coarser output spacing or a smaller field of view",
+            options=("max_memory", "spacing", "fov"),
+        )
+    z_grid = model.latent_grid(input_grid)
+    enc = EncodePlan(model, input_grid.shape, input_grid, z_grid, work, dtype_bytes)
+    dec = DecodePlan(model, z_grid, target, work, dtype_bytes)
+    return ReconstructionPlan(enc, dec, spill, resident, budget, dtype)
+
+
 def reconstruct(
     volume: Volume,
     target: Grid,
@@ -68,71 +124,50 @@ def reconstruct(
     """Encode ``volume`` on its native grid (axes re-indexed closest to RAS) and decode it onto ``target``.
 
     ``modality`` (``mri``/``ct``/``auto``) overrides ``volume.modality``. ``max_memory_gb``
-    bounds the call's peak memory (default 3 GB). ``precision``: ``auto`` (bfloat16 convolutions
-    on CUDA and on CPUs with native bf16, else float32), ``float32`` or ``bfloat16``.
-    Returns a float32 :class:`Volume` on ``target``, in the input's intensity units.
+    bounds the call's peak memory (default 3 GB); the tiles are planned, and a job that cannot
+    fit is refused, before any work. ``precision``: ``auto`` (bfloat16 convolutions on CUDA and
+    on CPUs with native bf16, else float32), ``float32`` or ``bfloat16``.
+    Returns a float32 :class:`Volume` on ``target``, in the input's intensity units (its array is
+    a memory map of a temporary file when the output was spilled to disk).
     """
     target = Grid(target.shape, target.affine).validate("the output grid")
     volume.grid.validate("the input")
-    budget = check_memory_limit(max_memory_gb)
+    check_memory_limit(max_memory_gb)
     dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
     reordered = canonical_order(volume)  # the network sees the same array however the file was stored
     copy_bytes = reordered.array.nbytes if reordered is not volume else 0
     volume = reordered
     grid = volume.grid
     norm = fit_normalizer(volume.array, modality or volume.modality)
+    plan = plan_reconstruction(
+        model, grid, target, max_memory_gb=max_memory_gb, device=dev, precision=precision, input_copy_bytes=copy_bytes
+    )
 
-    spill = 4.0 * target.num_voxels > SPILL_FRACTION * budget
-    resident = resident_bytes(model, grid, None if spill else target, copy_bytes) + RUNTIME_OVERHEAD_BYTES
-    work = budget - resident
-    if work <= 0:
-        raise MedILError(
-            f"the input and its latent alone need about {resident / GB:.1f} GB, over the memory limit "
-            f"({budget / GB:.1f} GB): raise the memory limit, or choose a coarser output spacing or a smaller field of view",
-            options=("max_memory", "spacing", "fov"),
-        )
     model = model.to(dev).eval()
     if dev.type == "cpu":
         model = model.to(memory_format=torch.channels_last_3d)
-    dtype_bytes = 2 if dtype != torch.float32 else 4
-    z_grid = model.latent_grid(grid)
     check_cancel(cancel)
     report(progress, 0.0, "encoding")
-    # encoding works on the input's voxels, decoding on the output's: share the progress bar by volume
+    # share the progress bar between the two sides by the voxels each works on
     enc_share = min(0.8, max(0.05, grid.num_voxels / (grid.num_voxels + target.num_voxels)))
-    with torch.inference_mode(), autocast(dev, dtype):
+    scale, offset = np.float32(norm.scale), np.float32(norm.offset)
+    output = OutputArray(target.shape, spill=plan.spill, transform=lambda a: a * scale + offset)  # back to the input's units, per tile
+    with torch.inference_mode(), autocast(dev, plan.dtype):
         x = torch.from_numpy(norm.forward(volume.array)).to(dev)[None, None]
-        tiles: dict = {}
-        raw = encode_tiled(
-            model,
-            x,
-            grid,
-            z_grid,
-            budget_bytes=work,
-            dtype_bytes=dtype_bytes,
-            progress=progress,
-            cancel=cancel,
-            span=(0.0, enc_share),
-            plan_out=tiles,
-        )
+        raw = encode_tiled(model, x, grid, plan.encode.z_grid, plan=plan.encode, progress=progress, cancel=cancel, span=(0.0, enc_share))
         z = model.split_latent(raw)[0]
         del raw
-        scale, offset = np.float32(norm.scale), np.float32(norm.offset)
-        output = OutputArray(target.shape, spill=spill, transform=lambda a: a * scale + offset)  # back to the input's units, per tile
-        out = decode_tiled(
+        decode_tiled(
             model,
             z,
-            z_grid,
+            plan.encode.z_grid,
             target,
             skip=(x, grid) if model.config.global_skip else None,
-            budget_bytes=work,
-            dtype_bytes=dtype_bytes,
+            plan=plan.decode,
+            out=output,
             progress=progress,
             cancel=cancel,
             span=(enc_share, 1.0),
-            plan_out=tiles,
-            out=output,
         )
         del z, x
     check_cancel(cancel)
@@ -145,8 +180,8 @@ def reconstruct(
     meta = {
         "normalization": norm.to_dict(),
         "device": str(dev),
-        "precision": str(dtype).replace("torch.", ""),
-        "tiles": tiles,
-        "output_on_disk": spill,
+        "precision": str(plan.dtype).replace("torch.", ""),
+        "tiles": plan.summary(),
+        "output_on_disk": plan.spill,
     }
-    return Volume(out, target.affine, modality=norm.modality, meta=meta)
+    return Volume(output.array, target.affine, modality=norm.modality, meta=meta)

@@ -237,12 +237,63 @@ def run_tiles(
 # -- MedIL autoencoders on the engine ------------------------------------------------------------------
 
 
-def _input_crop(model, x_shape: Sequence[int], feature_box: Box) -> Box:
-    """Input voxels an encoder tile must read so its features on ``feature_box`` are exact (start aligned to the stride)."""
-    F, R = model.factor, model.encoder_halo()
-    lo = [max(0, a * F - R) // F * F for a in feature_box[0]]
-    hi = [min(n, (b - 1) * F + 1 + R) for b, n in zip(feature_box[1], x_shape)]
-    return tuple(lo), tuple(hi)  # type: ignore[return-value]
+def _voxels(box: Box) -> float:
+    return float(np.prod(np.subtract(box[1], box[0])))
+
+
+class EncodePlan:
+    """How an input is encoded: boxes of the latent grid, each reading an input crop grown by the encoder's receptive radius."""
+
+    def __init__(
+        self, model, x_shape: Sequence[int], x_grid: Grid, z_grid: Grid, budget_bytes: float, dtype_bytes: int, min_splits=(1, 1, 1)
+    ):
+        self.model, self.x_shape, self.x_grid, self.z_grid = model, tuple(x_shape), x_grid, z_grid
+        F = model.factor
+        self.f_grid = model.feature_grid(x_grid, [-(-n // F) for n in self.x_shape])
+        if not model.encoder.tileable:
+            need = model.encode_tile_bytes(
+                float(np.prod(self.x_shape)), float(self.f_grid.num_voxels), float(z_grid.num_voxels), dtype_bytes
+            )
+            if need > budget_bytes:
+                raise MedILError(
+                    f"this model's encoder (instance norm) sees the whole input at once and needs about {need / GB:.1f} GB, "
+                    f"more than the {budget_bytes / GB:.1f} GB left under the memory limit: raise the memory limit or crop the input",
+                    options=("max_memory",),
+                )
+            self.tiles = TilePlan(tuple(z_grid.shape), (1, 1, 1), 0, (((0, 0, 0), tuple(z_grid.shape)),), need)
+        else:
+            box_bytes = lambda box: model.encode_tile_bytes(  # noqa: E731
+                *(_voxels(b) for b in (self.crop(box)[1], self.crop(box)[0], box)), dtype_bytes
+            )
+            self.tiles = plan_tiles(z_grid.shape, 0, box_bytes, budget_bytes, "encoding the input", min_splits)
+
+    def crop(self, box: Box) -> tuple[Box, Box]:
+        """(feature box, input box) that the latent ``box`` reads; the input box starts on the encoder's stride."""
+        _, grown = lookup_box([self.f_grid], [self.z_grid.sub_grid(*box)])
+        fbox = (tuple(int(v) for v in grown[0]), tuple(int(v) for v in grown[1]))
+        F, R = self.model.factor, self.model.encoder_halo()
+        lo = tuple(max(0, a * F - R) // F * F for a in fbox[0])
+        hi = tuple(min(n, (b - 1) * F + 1 + R) for b, n in zip(fbox[1], self.x_shape))
+        return fbox, (lo, hi)  # type: ignore[return-value]
+
+    def input_voxels(self, box: Box) -> float:
+        return _voxels(self.crop(box)[1])
+
+
+class DecodePlan:
+    """How a latent is decoded onto a grid: boxes of the intermediate grid (the output grid coarsened by the decoder's factor)."""
+
+    def __init__(self, model, z_grid: Grid, out_grid: Grid, budget_bytes: float, dtype_bytes: int, min_splits=(1, 1, 1)):
+        self.model, self.z_grid, self.out_grid = model, z_grid, out_grid
+        self.inter = out_grid.coarsened(model.factor)
+
+        def box_bytes(box: Box) -> float:
+            _, grown = lookup_box([z_grid], [self.inter.sub_grid(*box)])
+            return model.decode_tile_bytes(_voxels(box) * model.factor**3, float(np.prod(grown[1] - grown[0])), dtype_bytes)
+
+        self.tiles = plan_tiles(
+            self.inter.shape, model.decoder_halo(), box_bytes, budget_bytes, f"decoding onto the output grid {out_grid.shape}", min_splits
+        )
 
 
 def encode_tiled(
@@ -251,68 +302,39 @@ def encode_tiled(
     x_grid: Grid,
     z_grid: Grid,
     *,
-    budget_bytes: float,
+    budget_bytes: float = float("inf"),
     dtype_bytes: int = 4,
+    plan: EncodePlan | None = None,
     progress: Progress | None = None,
     cancel: Any = None,
     checkpoint: bool = False,
     span: tuple[float, float] = (0.0, 1.0),
-    plan_out: dict | None = None,
     min_splits: Sequence[int] = (1, 1, 1),
 ) -> torch.Tensor:
-    """The encoder's raw output on ``z_grid`` for the input ``x`` (1, C, *x_grid.shape), computed in latent tiles.
+    """The encoder's raw output on ``z_grid`` for the input ``x`` (B, C, *x_grid.shape), computed in latent tiles.
 
     Equal to ``model.encode_block(x, x_grid, z_grid)`` (voxel-local encoders; an instance-norm
     encoder runs on the whole input, when it fits). With gradients enabled the result keeps the
-    graph; ``checkpoint`` recomputes each tile's activations in the backward pass.
+    graph; ``checkpoint`` recomputes each tile's activations in the backward pass. ``plan``
+    (from :class:`EncodePlan`) is made from ``budget_bytes`` when not given.
     """
-    x_shape = tuple(x.shape[2:])
-    F = model.factor
-    f_grid = model.feature_grid(x_grid, [-(-n // F) for n in x_shape])
-    raw_channels = model.encoder_lte.out_channels
-
-    def crop_of(box: Box) -> tuple[Box, Box]:
-        zsub = z_grid.sub_grid(*box)
-        _, grown = lookup_box([f_grid], [zsub])
-        fbox = (tuple(int(v) for v in grown[0]), tuple(int(v) for v in grown[1]))
-        return fbox, _input_crop(model, x_shape, fbox)
-
-    def box_bytes(box: Box) -> float:
-        fbox, ibox = crop_of(box)
-        vox = lambda b: float(np.prod(np.subtract(b[1], b[0])))  # noqa: E731
-        return model.encode_tile_bytes(vox(ibox), vox(fbox), vox(box), dtype_bytes)
-
-    if not model.encoder.tileable:
-        whole = ((0, 0, 0), tuple(z_grid.shape))
-        need = model.encode_tile_bytes(float(np.prod(x_shape)), float(f_grid.num_voxels), float(z_grid.num_voxels), dtype_bytes)
-        if need > budget_bytes:
-            raise MedILError(
-                f"this model's encoder (instance norm) sees the whole input at once and needs about {need / GB:.1f} GB, "
-                f"more than the {budget_bytes / GB:.1f} GB left under the memory limit: raise the memory limit or crop the input",
-                options=("max_memory",),
-            )
-        plan = TilePlan(tuple(z_grid.shape), (1, 1, 1), 0, (whole,), need)
-    else:
-        plan = plan_tiles(z_grid.shape, 0, box_bytes, budget_bytes, "encoding the input", min_splits)
-    if plan_out is not None:
-        plan_out.update(encode=len(plan), encode_tile_gb=round(plan.peak_bytes / GB, 4))
+    plan = plan or EncodePlan(model, x.shape[2:], x_grid, z_grid, budget_bytes, dtype_bytes, min_splits)
+    single = len(plan.tiles) == 1
 
     def compute(box: Box) -> torch.Tensor:
-        if len(plan) == 1:
+        if single:
             return model.encode_block(x, x_grid, z_grid.sub_grid(*box))
-        _, (ilo, ihi) = crop_of(box)
+        _, (ilo, ihi) = plan.crop(box)
         crop = x[:, :, ilo[0] : ihi[0], ilo[1] : ihi[1], ilo[2] : ihi[2]]
         return model.encode_block(crop, x_grid.sub_grid(ilo, ihi), z_grid.sub_grid(*box))
 
-    grad = torch.is_grad_enabled()
-    if grad:
-        out = torch.zeros((x.shape[0], raw_channels, *z_grid.shape), dtype=torch.float32, device=x.device)
+    out = torch.zeros((x.shape[0], model.encoder_lte.out_channels, *z_grid.shape), dtype=torch.float32, device=x.device)
+    if torch.is_grad_enabled():
         write: Callable = TensorDestination(out)
     else:
-        out = torch.empty((x.shape[0], raw_channels, *z_grid.shape), dtype=torch.float32, device=x.device)
         write = lambda index, value: out.__setitem__((slice(None), slice(None), *index), value.float())  # noqa: E731
     run_tiles(
-        plan,
+        plan.tiles,
         compute,
         write,
         progress=progress,
@@ -320,7 +342,7 @@ def encode_tiled(
         checkpoint=checkpoint,
         label="encoding tile",
         span=span,
-        box_cost=lambda box: float(np.prod(np.subtract(crop_of(box)[1][1], crop_of(box)[1][0]))),
+        box_cost=plan.input_voxels,
     )
     return out
 
@@ -332,61 +354,59 @@ def decode_tiled(
     out_grid: Grid,
     *,
     skip: tuple[torch.Tensor, Grid] | None = None,
-    budget_bytes: float,
+    budget_bytes: float = float("inf"),
     dtype_bytes: int = 4,
+    plan: DecodePlan | None = None,
     out: np.ndarray | OutputArray | None = None,
     progress: Progress | None = None,
     cancel: Any = None,
     checkpoint: bool = False,
     span: tuple[float, float] = (0.0, 1.0),
-    plan_out: dict | None = None,
     min_splits: Sequence[int] = (1, 1, 1),
 ) -> torch.Tensor | np.ndarray:
-    """Decode ``z`` (1, C, *z_grid.shape) onto ``out_grid`` in tiles of the intermediate grid.
+    """Decode ``z`` (B, C, *z_grid.shape) onto ``out_grid`` in tiles of the intermediate grid.
 
     Equal to ``model.decode(z, z_grid, out_grid, skip)``. Without gradients the result goes
     into ``out`` (a float32 numpy array of ``out_grid.shape`` or an :class:`OutputArray`;
-    allocated in RAM when not given) and that array is returned; with gradients a (1, C, *out_grid.shape) tensor that
-    keeps the graph is returned (``checkpoint`` keeps only one tile's activations alive).
-    ``skip`` is (input, input grid) for networks with a global skip, ``None`` otherwise.
+    allocated in RAM when not given) and that array is returned; with gradients a
+    (B, C, *out_grid.shape) tensor that keeps the graph is returned (``checkpoint`` keeps only
+    one tile's activations alive). ``skip`` is (input, input grid) for networks with a global
+    skip, ``None`` otherwise (sampling decodes a latent that no input produced).
     """
     if model.config.global_skip and skip is None:
         raise ValueError("this model has a global skip: pass skip=(input, input_grid)")
-    F = model.factor
-    inter = out_grid.coarsened(F)
-
-    def box_bytes(box: Box) -> float:
-        _, grown = lookup_box([z_grid], [inter.sub_grid(*box)])
-        fine = float(np.prod(np.subtract(box[1], box[0]))) * F**3
-        return model.decode_tile_bytes(fine, float(np.prod(grown[1] - grown[0])), dtype_bytes)
-
-    plan = plan_tiles(
-        inter.shape, model.decoder_halo(), box_bytes, budget_bytes, f"decoding onto the output grid {out_grid.shape}", min_splits
-    )
-    if plan_out is not None:
-        plan_out.update(decode=len(plan), decode_tile_gb=round(plan.peak_bytes / GB, 4))
+    plan = plan or DecodePlan(model, z_grid, out_grid, budget_bytes, dtype_bytes, min_splits)
+    inter = plan.inter
 
     def compute(box: Box) -> torch.Tensor:
         return model.decode_block(z, z_grid, inter.sub_grid(*box), skip=skip)
 
     kwargs = dict(
-        scale=F, out_shape=out_grid.shape, progress=progress, cancel=cancel, checkpoint=checkpoint, label="decoding tile", span=span
+        scale=model.factor,
+        out_shape=out_grid.shape,
+        progress=progress,
+        cancel=cancel,
+        checkpoint=checkpoint,
+        label="decoding tile",
+        span=span,
     )
     if torch.is_grad_enabled():
         result = torch.zeros((z.shape[0], model.config.out_channels, *out_grid.shape), dtype=torch.float32, device=z.device)
-        run_tiles(plan, compute, TensorDestination(result), **kwargs)
+        run_tiles(plan.tiles, compute, TensorDestination(result), **kwargs)
         return result
     if z.shape[0] != 1 or model.config.out_channels != 1:
         raise ValueError("decoding into an array takes one latent and a one-channel network")
     if out is None:
         out = np.empty(out_grid.shape, dtype=np.float32)
     dest = out if isinstance(out, OutputArray) else ArrayDestination(out)
-    run_tiles(plan, compute, lambda index, value: dest(index, value[0, 0]), **kwargs)
+    run_tiles(plan.tiles, compute, lambda index, value: dest(index, value[0, 0]), **kwargs)
     return out.array if isinstance(out, OutputArray) else out
 
 
 __all__ = [
     "ArrayDestination",
+    "DecodePlan",
+    "EncodePlan",
     "OutputArray",
     "TensorDestination",
     "TilePlan",
