@@ -6,14 +6,22 @@ import pytest
 from medil_backend.errors import Cancelled, MedILError
 from medil_backend.geometry import canonical_order, output_grid
 from medil_backend.io import read_volume
-from medil_backend.ops.reconstruct import RUNTIME_OVERHEAD_BYTES, reconstruct, resident_bytes
+from medil_backend.ops.reconstruct import RUNTIME_OVERHEAD_BYTES, plan_reconstruction, reconstruct, resident_bytes
 
 
-def _just_enough(net, v, target, extra: float = 34e6) -> float:
-    """A memory limit (GB) just above what the call holds anyway: it forces many small tiles on both sides."""
+def _just_enough(net, v, target, tiles: tuple[int, int] = (8, 400)) -> float:
+    """A memory limit (GB) just above what the call holds anyway, so that decoding takes several tiles."""
     c = canonical_order(v)
     held = resident_bytes(net, c.grid, target, c.array.nbytes if c is not v else 0) + RUNTIME_OVERHEAD_BYTES
-    return (held + extra) / 2**30
+    for extra in np.arange(60e6, 5e6, -1e6):
+        limit = (held + extra) / 2**30
+        try:
+            n = plan_reconstruction(net, c.grid, target, max_memory_gb=limit, precision="float32").summary()["decode"]
+        except MedILError:
+            continue
+        if tiles[0] <= n <= tiles[1]:
+            return limit
+    raise AssertionError("no memory limit gives the wanted number of tiles")
 
 
 @pytest.mark.parametrize("orientation", ["input", "RAS", "aligned"])
@@ -26,6 +34,14 @@ def test_reconstruct_in_tiles_equals_one_tile(tiny_model, small_mri, orientation
     assert parts.meta["tiles"]["decode"] > 4
     np.testing.assert_allclose(parts.array, whole.array, atol=1e-5 * max(1.0, float(np.abs(whole.array).max())))
     assert whole.grid.same_as(target, atol=0)
+
+
+def test_a_limit_that_would_only_fit_absurdly_small_tiles_is_refused(tiny_model, small_mri):
+    v = read_volume(small_mri)
+    target = output_grid(v.grid, spacing=[0.9, 0.7, 1.1], orientation="RAS")
+    held = resident_bytes(tiny_model, v.grid, target) + RUNTIME_OVERHEAD_BYTES
+    with pytest.raises(MedILError, match="more than 8 times over: raise the memory limit"):
+        plan_reconstruction(tiny_model, v.grid, target, max_memory_gb=(held + 14e6) / 2**30, precision="float32")
 
 
 def test_memory_limit_too_small_for_the_volumes_themselves(tiny_model, small_mri):
@@ -122,6 +138,6 @@ def test_an_output_spilled_to_disk_equals_one_in_ram(tiny_model, small_mri, monk
     ram = reconstruct(v, target, tiny_model, device="cpu", precision="float32")
     assert not ram.meta["output_on_disk"] and not isinstance(ram.array, np.memmap)
     monkeypatch.setattr(rec, "SPILL_FRACTION", 0.0)
-    disk = reconstruct(v, target, tiny_model, device="cpu", precision="float32", max_memory_gb=_just_enough(tiny_model, v, target, 40e6))
+    disk = reconstruct(v, target, tiny_model, device="cpu", precision="float32", max_memory_gb=_just_enough(tiny_model, v, target, (2, 12)))
     assert disk.meta["output_on_disk"] and isinstance(disk.array, np.memmap) and disk.meta["tiles"]["decode"] > 1
     np.testing.assert_allclose(np.asarray(disk.array), ram.array, atol=1e-5 * float(np.abs(ram.array).max()))

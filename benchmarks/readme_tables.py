@@ -24,28 +24,42 @@ def quality(name: str) -> str:
     return markdown_table(res) + "\n\nTargets of the training issue (mean over the held-out volumes):\n\n" + target_table(res, models)
 
 
+CASE_TITLES = {
+    "main": "main job: 2x2x3 mm T1 example -> 1 mm",
+    "head1mm": "1 mm T1 head, own grid",
+    "ct512": "512x512x500 CT -> 1 mm",
+    "chest0p7": "1.5 mm chest CT -> 0.7 mm",
+}
+
+
 def speed() -> str:
     d = json.loads((RESULTS / "bench_reconstruct.json").read_text())
-    model = d.get("model", "?")
     rows = [
-        "| method | memory limit | seconds | peak RSS increase (MB) | decoding slab (intermediate voxels) |",
-        "|---|---|---|---|---|",
+        "| case | input -> output | method | limit | seconds | x B-spline | peak RSS increase (MB) | peak RSS (MB) | tiles enc/dec |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    b = d["baseline_bspline"]
-    rows.append(f"| SimpleITK B-spline | – | {b['seconds']:.1f} | {b['peak_rss_increase_mb']:.0f} | – |")
-    for key, v in d.items():
-        if not key.startswith("medil_max"):
-            continue
-        limit = key[len("medil_max") :]
-        if "error" in v:
-            rows.append(f"| MedIL `{model}` | {limit} | refused before any work: one slab does not fit | – | – |")
-        else:
-            rows.append(f"| MedIL `{model}` | {limit} | {v['seconds']:.1f} | {v['peak_rss_increase_mb']:.0f} | {v['slab_thickness']} |")
+    for case, c in d["cases"].items():
+        b = c["baseline_bspline"]
+        shapes = f"{'x'.join(map(str, b['input_shape']))} -> {'x'.join(map(str, b['output_shape']))}"
+        title = CASE_TITLES.get(case, case)
+        rows.append(
+            f"| {title} | {shapes} | SimpleITK B-spline | - | {b['seconds']:.1f} | 1 | {b['peak_rss_increase_mb']:.0f} | {b['peak_rss_mb']:.0f} | - |"
+        )
+        for key, v in c.items():
+            if not key.startswith("medil_max"):
+                continue
+            limit = key[len("medil_max") :]
+            if "error" in v:
+                rows.append(f"| {title} | {shapes} | MedIL | {limit} | refused: {v['error']} | | | | |")
+                continue
+            t = v["tiles"]
+            disk = ", output spilled to disk" if v.get("output_on_disk") else ""
+            rows.append(
+                f"| {title} | {shapes} | MedIL `{v['model']}` ({v['precision']}) | {limit} | {v['seconds']:.1f} | "
+                f"{v['seconds'] / b['seconds']:.1f} | {v['peak_rss_increase_mb']:.0f} | {v['peak_rss_mb']:.0f} | {t['encode']}/{t['decode']}{disk} |"
+            )
     rows.append("")
-    rows.append(
-        f"Output grid {d['baseline_bspline']['output_shape']} on {d['machine']}; MedIL took "
-        f"{d['medil_over_bspline_time']:.1f}x the time of B-spline at the first limit."
-    )
+    rows.append(f"Measured on {d['machine']} (each run in a fresh process, B-spline in the same run).")
     return "\n".join(rows)
 
 

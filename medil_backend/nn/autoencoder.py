@@ -150,24 +150,28 @@ class MedILAutoencoder(nn.Module):
         width = lte.prepared_channels + 4 * max(self.config.inr_width, 2 * self.config.lte_frequencies) + 16
         return 8.0 * min(float(lte.chunk), queries) * 4 * width * 1.5
 
-    def encode_tile_bytes(self, input_voxels: int, feature_voxels: int, latent_voxels: int, dtype_bytes: int = 4) -> float:
+    def encode_tile_bytes(self, input_voxels: float, feature_voxels: float, latent_voxels: float, dtype_bytes: int = 4) -> float:
+        """Peak working bytes of one encoding tile. The backbone runs first, then the LTE on its
+        features (the backbone's activations are gone by then), so the peak is the larger phase."""
         lte = self.encoder_lte
-        return (
-            input_voxels * self.encoder.bytes_per_input_voxel(dtype_bytes)
-            + feature_voxels * 4.0 * (lte.prepared_channels + self.config.channels[-1])
-            + latent_voxels * 4.0 * (lte.out_channels + 3 * 8)
+        backbone = input_voxels * self.encoder.bytes_per_input_voxel(dtype_bytes)
+        resample = (
+            feature_voxels * dtype_bytes * (lte.prepared_channels + self.config.channels[-1])
+            + latent_voxels * 4.0 * (lte.out_channels + 3 * 8)  # result + float64 query coordinates
             + self.lte_query_bytes(lte, latent_voxels)
         )
+        return max(backbone, resample) + input_voxels * 4.0  # the input crop
 
-    def decode_tile_bytes(self, output_voxels: int, latent_voxels: int, dtype_bytes: int = 4) -> float:
+    def decode_tile_bytes(self, output_voxels: float, latent_voxels: float, dtype_bytes: int = 4) -> float:
+        """Peak working bytes of one decoding tile: the LTE phase (prepared latent region + queries),
+        then the decoder phase (its activations, the guide and the skip); only their result is shared."""
         lte = self.decoder_lte
         inter = output_voxels / self.factor**3
-        return (
-            output_voxels * self.decoder.bytes_per_output_voxel(dtype_bytes)
-            + latent_voxels * 4.0 * (lte.prepared_channels + self.config.latent_channels)
-            + inter * 4.0 * (lte.out_channels + 3 * 8)
-            + self.lte_query_bytes(lte, inter)
-        )
+        h = inter * dtype_bytes * lte.out_channels
+        resample = latent_voxels * dtype_bytes * (lte.prepared_channels + self.config.latent_channels) + inter * 3 * 8.0
+        resample += self.lte_query_bytes(lte, inter)
+        decoder = output_voxels * self.decoder.bytes_per_output_voxel(dtype_bytes)
+        return max(resample, decoder) + h
 
     # -- encode / decode ---------------------------------------------------------------------------
     def encode(

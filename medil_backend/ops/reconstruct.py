@@ -29,7 +29,7 @@ from .tiling import GB, DecodePlan, EncodePlan, OutputArray, decode_tiled, encod
 
 DEFAULT_MAX_MEMORY_GB = 3.0
 #: what the interpreter and torch allocate on top of the tensors during a run (thread pools, allocator slack)
-RUNTIME_OVERHEAD_BYTES = 160 * 2**20
+RUNTIME_OVERHEAD_BYTES = 224 * 2**20
 #: an output volume larger than this share of the memory limit goes to a memory-mapped temporary file
 SPILL_FRACTION = 0.4
 

@@ -86,3 +86,27 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _load_malloc_trim():
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the C allocator's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Tiles of varying shapes leave freed blocks scattered in glibc's arenas, which still count as
+    resident memory; trimming after each tile keeps the peak at what one tile needs.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

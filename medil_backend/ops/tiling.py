@@ -31,7 +31,7 @@ import torch
 
 from ..errors import MedILError
 from ..geometry import Grid, lookup_box
-from .runtime import Progress, check_cancel, format_seconds, report
+from .runtime import Progress, check_cancel, format_seconds, release_free_memory, report
 
 GB = float(2**30)
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]
@@ -76,6 +76,18 @@ def _representatives(shape: Sequence[int], splits: Sequence[int]) -> list[Box]:
     return _cores(shape, splits, [(0, 1, s // 2, s - 1) for s in splits])
 
 
+#: refuse a plan whose halos would make the tiles compute more than this many times the grid's voxels
+MAX_RECOMPUTE = 8.0
+
+
+def recompute_factor(shape: Sequence[int], splits: Sequence[int], halo: int) -> float:
+    """Voxels computed by all grown boxes over the grid's voxels (1 = no overlap)."""
+    f = 1.0
+    for n, s in zip(shape, splits):
+        f *= sum(min(n, b + halo) - max(0, a - halo) for a, b in _edges(n, s)) / n
+    return f
+
+
 def plan_tiles(
     shape: Sequence[int],
     halo: int,
@@ -97,6 +109,12 @@ def plan_tiles(
         peak = max(box_bytes(plan.grown(c)) for c in _representatives(shape, splits))
         if peak <= budget_bytes:
             return TilePlan(shape, tuple(splits), halo, tuple(_cores(shape, splits)), peak)
+        if recompute_factor(shape, splits, halo) > MAX_RECOMPUTE:
+            raise MedILError(
+                f"{what} does not fit the {max(budget_bytes, 0) / GB:.2f} GB left under the memory limit without tiles so small "
+                f"that their overlaps would compute the volume more than {MAX_RECOMPUTE:g} times over: raise the memory limit",
+                options=("max_memory",),
+            )
         sizes = [-(-n // s) for n, s in zip(shape, splits)]
         axis = int(np.argmax(sizes))
         if sizes[axis] <= 1:
@@ -230,6 +248,8 @@ def run_tiles(
             dst.append(slice(f0, f1))
         write(tuple(dst), y[(slice(None), slice(None), *src)])
         del y
+        if not torch.is_grad_enabled():
+            release_free_memory()
         done += c
     report(progress, span[1], f"{label} {n}/{n} done")
 
