@@ -8,7 +8,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO, shared
+from conftest import EXAMPLE, REPO, shared
 
 from medil_backend.cli import main
 from medil_backend.geometry import Volume
@@ -239,3 +239,25 @@ def test_bundled_model_cards_say_how_they_were_made(name):
     held = card["metrics"]["held_out"]
     assert held["command"].startswith("medil evaluate") and {"recon", "sr4mm", "sr8mm"} <= set(held["mean"])
     assert card["latent"]["spacing_mm"] <= 2.0 and card["latent"]["channels"] >= 8
+
+
+def test_backend_errors_reach_the_panel_in_its_own_words(tmp_path):
+    """The core names settings, the CLI adds its flags on stderr, and the panel gets the core's words plus its field names."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "MedILSlicer"))
+    from MedILSlicerLib.jobs import BackendJob
+
+    job = BackendJob(
+        ["reconstruct", str(EXAMPLE), str(tmp_path / "o.nii.gz"), "--spacing", "0.05", "--max-memory", "0.3", "--progress", "json"]
+    )
+    job.start()
+    job.process.wait(timeout=120)
+    for t in job._threads:
+        t.join(timeout=10)
+    assert job.process.returncode == 1
+    message = job.error_message()
+    assert "memory limit" in message and "--" not in message
+    assert "(panel: Memory limit" in message and message.endswith(")")
+    assert any(line.startswith("medil: error:") and "(--max-memory" in line for line in job.stderr_lines)
+    assert not (tmp_path / "o.nii.gz").exists()

@@ -209,3 +209,19 @@ def test_nothing_that_fits_on_disk_is_refused_at_the_default_limit(shape, spacin
     plan = plan_reconstruction(net, grid, target, precision="float32")
     assert plan.peak_bytes <= DEFAULT_MAX_MEMORY_GB * 2**30
     assert plan.spill == (target.num_voxels * 4 > 0.4 * DEFAULT_MAX_MEMORY_GB * 2**30)
+
+
+@pytest.mark.slow
+def test_a_512_cubed_volume_at_the_default_limit():
+    """512^3 in, 512^3 out, at the default 3 GB limit: a few minutes on 2 cores."""
+    res = subprocess.run(
+        [sys.executable, "-c", _MEASURE, json.dumps([[512, 512, 512], [1.0, 1.0, 1.0], 3.0, "auto"])],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=3600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["finite"] and info["tiles"]["encode"] > 1
+    assert info["increase"] <= 1.1 * 3.0 * 2**30, info

@@ -34,14 +34,14 @@ def _status(key: str) -> int:
         return [int(line.split()[1]) * 1024 for line in fh if line.startswith(key)][0]
 
 
-def _job(kind: str, path: str, spacing, max_memory, queue) -> None:
+def _job(kind: str, path: str, spacing, max_memory, device, queue) -> None:
     try:
-        queue.put(_run(kind, path, spacing, max_memory))
+        queue.put(_run(kind, path, spacing, max_memory, device))
     except Exception as exc:  # report, never leave the parent waiting
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _run(kind: str, path: str, spacing, max_memory) -> dict:
+def _run(kind: str, path: str, spacing, max_memory, device: str = "cpu") -> dict:
     import numpy as np
     import torch
 
@@ -63,7 +63,9 @@ def _run(kind: str, path: str, spacing, max_memory) -> dict:
     t0 = time.perf_counter()
     meta: dict = {}
     if kind == "medil":
-        out = run_model(vol, target, model.net, device="cpu", max_memory_gb=max_memory, modality=modality)
+        out = run_model(vol, target, model.net, device=device, max_memory_gb=max_memory, modality=modality)
+        if device != "cpu":
+            torch.cuda.synchronize()
         meta = {
             "model": model.name,
             "tiles": out.meta["tiles"],
@@ -85,10 +87,16 @@ def _run(kind: str, path: str, spacing, max_memory) -> dict:
     }
 
 
-def measure(kind: str, path: str, spacing, max_memory=None) -> dict:
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+
+
+def measure(kind: str, path: str, spacing, max_memory=None, device: str = "cpu") -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_job, args=(kind, path, spacing, max_memory, q))
+    p = ctx.Process(target=_job, args=(kind, path, spacing, max_memory, device, q))
     p.start()
     res = q.get()
     p.join()
@@ -135,10 +143,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="+", default=["main", "head1mm", "ct512", "chest0p7"])
     ap.add_argument("--max-memory", type=float, nargs="+", default=[3.0, 1.0, 0.75], help="memory limits of the main job (GB)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (MedIL only; B-spline runs on the CPU)")
     args = ap.parse_args()
     report: dict = {
         "benchmark": "reconstruct vs SimpleITK B-spline",
-        "machine": f"{platform.machine()}, {mp.cpu_count()} cores, CPU",
+        "machine": f"{platform.machine()}, {mp.cpu_count()} cores, " + ("CPU" if args.device == "cpu" else _gpu_name()),
         "cases": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +155,7 @@ def main() -> None:
             path, spacing = _prepare(case, Path(tmp))
             bspline = measure("bspline", path, spacing)
             limits = args.max_memory if case == "main" else [3.0]
-            runs = {f"medil_max{m:g}GB": measure("medil", path, spacing, m) for m in limits}
+            runs = {f"medil_max{m:g}GB": measure("medil", path, spacing, m, args.device) for m in limits}
             first = runs[next(iter(runs))]
             entry = {"input": Path(path).name, "spacing": spacing, "baseline_bspline": bspline, **runs}
             if "error" not in first and "error" not in bspline:

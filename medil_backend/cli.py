@@ -333,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medil: {exc}", file=sys.stderr)
         return 130
     except MedILError as exc:
+        if getattr(args, "progress", None) == "json":  # a frontend reads stdout: the core's words and the settings to change
+            print(json.dumps({"error": str(exc), "options": list(getattr(exc, "options", ()))}), flush=True)
         print(f"medil: error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

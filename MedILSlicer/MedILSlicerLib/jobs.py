@@ -17,6 +17,19 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+#: how the panel names the settings that a backend error points at (MedILError.options)
+PANEL_FIELDS = {
+    "max_memory": "Memory limit",
+    "spacing": "Spacing",
+    "orientation": "Orientation",
+    "fov": "Field of view",
+    "like": "Reference volume",
+    "overwrite": "Output volume",
+    "modality": "Modality",
+    "device": "Device",
+    "precision": "Device",
+}
+
 
 class BackendJob:
     def __init__(self, args: Sequence[str], python: str | None = None, env: dict | None = None) -> None:
@@ -26,6 +39,7 @@ class BackendJob:
         self.events: queue.Queue = queue.Queue()
         self.stderr_lines: list[str] = []
         self.result: dict | None = None
+        self.error: dict | None = None  # {"error": message, "options": [setting, ...]} from the backend
         self.cancelled = False
         self._threads: list[threading.Thread] = []
 
@@ -59,6 +73,8 @@ class BackendJob:
                 msg = {"log": line}
             if msg.get("done"):
                 self.result = msg
+            if "error" in msg:
+                self.error = msg
             self.events.put(msg)
 
     def _read_stderr(self) -> None:
@@ -127,7 +143,10 @@ class BackendJob:
         self.process.wait()
 
     def error_message(self) -> str:
-        """The backend's one-line error (``medil: error: ...``), or the last line it printed."""
+        """The backend's one-line error in the panel's words (its settings named as the panel shows them), or the last line it printed."""
+        if self.error:
+            fields = [PANEL_FIELDS[o] for o in self.error.get("options", []) if o in PANEL_FIELDS]
+            return self.error["error"] + (f" (panel: {', '.join(fields)})" if fields else "")
         for line in reversed(self.stderr_lines):
             if line.startswith("medil: error:"):
                 return line[len("medil: error:") :].strip()

@@ -25,7 +25,7 @@ from ..geometry import Grid, Volume, canonical_order
 from ..intensity import fit_normalizer
 from ..nn.autoencoder import MedILAutoencoder
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
-from .tiling import GB, DecodePlan, EncodePlan, OutputArray, decode_tiled, encode_tiled
+from .tiling import GB, DecodePlan, EncodePlan, OutputArray, check_disk_space, decode_tiled, encode_tiled
 
 DEFAULT_MAX_MEMORY_GB = 3.0
 #: what the interpreter and torch allocate on top of the tensors during a run (thread pools, allocator slack)
@@ -103,6 +103,8 @@ def plan_reconstruction(
             f"({budget / GB:.1f} GB): raise the memory limit, or choose a coarser output spacing or a smaller field of view",
             options=("max_memory", "spacing", "fov"),
         )
+    if spill:
+        check_disk_space(4.0 * target.num_voxels)
     z_grid = model.latent_grid(input_grid)
     enc = EncodePlan(model, input_grid.shape, input_grid, z_grid, work, dtype_bytes)
     dec = DecodePlan(model, z_grid, target, work, dtype_bytes)

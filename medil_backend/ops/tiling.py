@@ -130,6 +130,22 @@ def plan_tiles(
         splits[axis] = s
 
 
+def check_disk_space(nbytes: float, folder: str | None = None) -> None:
+    """Refuse (before any work) an output to be spilled that does not fit on the temporary folder's disk."""
+    import shutil
+    import tempfile
+
+    folder = folder or tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if free < nbytes * 1.05:
+        raise MedILError(
+            f"the output ({nbytes / GB:.1f} GB) is larger than the memory limit and does not fit on disk in {folder} "
+            f"({free / GB:.1f} GB free): free disk space there (or point TMPDIR elsewhere), raise the memory limit, "
+            "or choose a coarser spacing or a smaller field of view",
+            options=("max_memory", "spacing", "fov"),
+        )
+
+
 class OutputArray:
     """A float32 output volume, in RAM or *spilled* to an unlinked temporary file (a memory map).
 
@@ -141,7 +157,6 @@ class OutputArray:
     """
 
     def __init__(self, shape: Sequence[int], spill: bool = False, folder: str | None = None, transform=None) -> None:
-        import shutil
         import tempfile
 
         self.spill = spill
@@ -150,13 +165,7 @@ class OutputArray:
         nbytes = 4 * int(np.prod(shape))
         if spill:
             folder = folder or tempfile.gettempdir()
-            free = shutil.disk_usage(folder).free
-            if free < nbytes * 1.05:
-                raise MedILError(
-                    f"the output ({nbytes / GB:.1f} GB) is larger than the memory limit and does not fit on disk in {folder} "
-                    f"({free / GB:.1f} GB free): free disk space there (or set TMPDIR), or choose a coarser spacing or a smaller field of view",
-                    options=("spacing", "fov"),
-                )
+            check_disk_space(nbytes, folder)
             self._file = tempfile.TemporaryFile(dir=folder, prefix="medil-output-")
             self.array = np.memmap(self._file, dtype=np.float32, mode="w+", shape=tuple(shape))
         else:

@@ -1,0 +1,61 @@
+"""The architecture registry: every bundled model round-trips (card -> network -> card), and every
+option reaches every architecture's runner."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from medil_backend.errors import Cancelled, MedILError
+from medil_backend.io import read_volume
+from medil_backend.models import BUNDLED_DIR, architecture_of, architectures, export_model, load_model, run_model
+
+BUNDLED = sorted(p.stem for p in BUNDLED_DIR.glob("*.json"))
+
+
+def test_every_bundled_architecture_is_registered():
+    assert BUNDLED
+    names = {json.loads((BUNDLED_DIR / f"{n}.json").read_text())["architecture"] for n in BUNDLED}
+    assert names <= set(architectures())
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_registry_round_trips_every_bundled_model(name, tmp_path):
+    model = load_model(name)
+    arch = architecture_of(model.net)
+    assert arch.name == model.card["architecture"]
+    card = {k: v for k, v in model.card.items() if k not in ("name", "architecture", "config", "weights", "sha256", "latent")}
+    path = export_model(model.net, tmp_path, "copy", card)
+    again = load_model(path)
+    assert type(again.net) is type(model.net)
+    assert again.card["config"] == model.card["config"] and again.card["latent"] == model.card["latent"]
+    a, b = model.net.state_dict(), again.net.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_architecture_is_a_clear_error(tmp_path):
+    card = json.loads((BUNDLED_DIR / "medil-brain-t1.json").read_text())
+    card["architecture"] = "TransformerOfTheFuture"
+    card["weights"] = "future.safetensors"
+    (tmp_path / "future.json").write_text(json.dumps(card))
+    (tmp_path / "future.safetensors").write_bytes((BUNDLED_DIR / "medil-brain-t1.safetensors").read_bytes())
+    with pytest.raises(MedILError, match="architecture 'TransformerOfTheFuture' is not known"):
+        load_model(tmp_path / "future.json")
+
+
+def test_every_option_reaches_the_fixed_grid_runner(small_mri):
+    """No option is silently dropped: cancel, the memory limit and the precision reach the baseline too."""
+    v = read_volume(small_mri)
+    net = load_model("conv-baseline-brain-t1").net
+    out = run_model(v, v.grid, net, device="cpu", precision="float32", max_memory_gb=2)
+    assert out.meta["precision"] == "float32" and np.isfinite(out.array).all()
+    with pytest.raises(MedILError, match="fixed-grid baseline works on the whole volume"):
+        run_model(v, v.grid, net, device="cpu", max_memory_gb=0.001)
+    token = threading.Event()
+    token.set()
+    with pytest.raises(Cancelled):
+        run_model(v, v.grid, net, device="cpu", cancel=token)
