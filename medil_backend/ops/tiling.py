@@ -270,12 +270,27 @@ def _voxels(box: Box) -> float:
     return float(np.prod(np.subtract(box[1], box[0])))
 
 
+#: latent voxels per encoding tile at most, so that progress moves while encoding (the LTE, most of
+#: the encoding time, is not repeated between tiles; only the backbone's halo is)
+ENCODE_TILE_LATENT_VOXELS = 1 << 18
+
+
+def progress_splits(shape: Sequence[int], max_voxels: int) -> tuple[int, int, int]:
+    """Splits of the longest sides until a box holds at most ``max_voxels``."""
+    splits = [1, 1, 1]
+    while np.prod([-(-n // s) for n, s in zip(shape, splits)]) > max_voxels:
+        sizes = [-(-n // s) for n, s in zip(shape, splits)]
+        a = int(np.argmax(sizes))
+        if sizes[a] <= 1:
+            break
+        splits[a] += 1
+    return tuple(splits)  # type: ignore[return-value]
+
+
 class EncodePlan:
     """How an input is encoded: boxes of the latent grid, each reading an input crop grown by the encoder's receptive radius."""
 
-    def __init__(
-        self, model, x_shape: Sequence[int], x_grid: Grid, z_grid: Grid, budget_bytes: float, dtype_bytes: int, min_splits=(1, 1, 1)
-    ):
+    def __init__(self, model, x_shape: Sequence[int], x_grid: Grid, z_grid: Grid, budget_bytes: float, dtype_bytes: int, min_splits=None):
         self.model, self.x_shape, self.x_grid, self.z_grid = model, tuple(x_shape), x_grid, z_grid
         F = model.factor
         self.f_grid = model.feature_grid(x_grid, [-(-n // F) for n in self.x_shape])
@@ -294,6 +309,8 @@ class EncodePlan:
             box_bytes = lambda box: model.encode_tile_bytes(  # noqa: E731
                 *(_voxels(b) for b in (self.crop(box)[1], self.crop(box)[0], box)), dtype_bytes
             )
+            if min_splits is None:
+                min_splits = progress_splits(z_grid.shape, ENCODE_TILE_LATENT_VOXELS)
             self.tiles = plan_tiles(z_grid.shape, 0, box_bytes, budget_bytes, "encoding the input", min_splits)
 
     def crop(self, box: Box) -> tuple[Box, Box]:
@@ -338,7 +355,7 @@ def encode_tiled(
     cancel: Any = None,
     checkpoint: bool = False,
     span: tuple[float, float] = (0.0, 1.0),
-    min_splits: Sequence[int] = (1, 1, 1),
+    min_splits: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The encoder's raw output on ``z_grid`` for the input ``x`` (B, C, *x_grid.shape), computed in latent tiles.
 
