@@ -48,7 +48,11 @@ SOURCES = {
     # real abdomen CT/MR, spine CT/T2 crops, a brain b0 and a mean head with face (issue 12). Only these two files
     # of totalsegmentator's tests/reference_files are used: the rest is reserved for independent evaluation.
     "ct/abdomen_ct_3mm.nii.gz": ("sdist", "totalsegmentator==2.18.0", "totalsegmentator-2.18.0/tests/reference_files/example_ct.nii.gz"),
-    "mri/abdomen_mr_3mm.nii.gz": ("sdist", "totalsegmentator==2.18.0", "totalsegmentator-2.18.0/tests/reference_files/example_mr_sm.nii.gz"),
+    "mri/abdomen_mr_3mm.nii.gz": (
+        "sdist",
+        "totalsegmentator==2.18.0",
+        "totalsegmentator-2.18.0/tests/reference_files/example_mr_sm.nii.gz",
+    ),
     "ct/spine_ct_1p5mm.nii.gz": ("pypi", "tptbox==1.1.0", "TPTBox/tests/sample_ct/sub-ct_label-22_ct.nii.gz"),
     "mri/spine_t2_1p5mm.nii.gz": ("pypi", "tptbox==1.1.0", "TPTBox/tests/sample_mri/sub-mri_label-6_T2w.nii.gz"),
     "mri/brain_dwi_b0_2p5mm.nii.gz": ("sdist-b0", "tractseg==2.10", "examples/Diffusion.nii.gz"),

@@ -197,7 +197,11 @@ class VolumeDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         seed: sampling seed.
         synthetic: how many SynthSeg-style random-contrast volumes to add to the training set,
-            made from ``tissue_maps`` (``{"gm": path, "wm": path, "brain": path}``).
+            made from ``tissue_maps`` (``{"gm": path, "wm": path, "brain": path}``, or a data pack
+            holding volumes of those names).
+
+    ``train``/``val`` may also be data packs (``.npz`` from ``training/pack.py``): then nothing
+    but numpy is needed to read the data (the GPU machine has neither nibabel nor SimpleITK).
     """
 
     def __init__(
@@ -212,7 +216,7 @@ class VolumeDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         synthetic: int = 0,
-        tissue_maps: dict | None = None,
+        tissue_maps: dict | str | None = None,
     ) -> None:
         super().__init__()
         self.synthetic, self.tissue_maps = synthetic, tissue_maps
@@ -225,14 +229,21 @@ class VolumeDataModule(L.LightningDataModule):
         self.val_volumes: list[dict] = []
 
     def _load(self, source) -> list[dict]:
+        """Volumes from a folder or manifest (read with nibabel/SimpleITK) or from a data pack (``.npz``, numpy only)."""
+        if str(source).endswith(".npz"):
+            from .pack import read_pack
+
+            items = [(f"{Path(source).name}#{name}", v, e["sha256"]) for name, v, e in read_pack(source)]
+        else:
+            items = [(str(p), read_volume(p), None) for p in find_volumes(source)]
         vols = []
-        for p in find_volumes(source):
-            v = read_volume(p)
+        for path, v, sha in items:
             norm = fit_normalizer(v.array, self.modality)
             a = norm.forward(v.array)
-            vols.append(
-                {"path": str(p), "array": a, "grid": v.grid, "centres": foreground_centres(a, norm.modality), "modality": norm.modality}
-            )
+            vol = {"path": path, "array": a, "grid": v.grid, "centres": foreground_centres(a, norm.modality), "modality": norm.modality}
+            if sha:
+                vol["sha256"] = sha
+            vols.append(vol)
         if not vols:
             raise MedILError(f"no volumes found in {source}")
         return vols
@@ -247,9 +258,9 @@ class VolumeDataModule(L.LightningDataModule):
             return []
         from .synth import synthesize, tissue_labels
 
-        if not self.tissue_maps or not {"gm", "wm", "brain"} <= set(self.tissue_maps):
-            raise MedILError("synthetic volumes need tissue_maps with gm, wm and brain images")
-        maps = {k: read_volume(v) for k, v in self.tissue_maps.items()}
+        if not self.tissue_maps or (not isinstance(self.tissue_maps, str) and not {"gm", "wm", "brain"} <= set(self.tissue_maps)):
+            raise MedILError("synthetic volumes need tissue_maps: gm, wm and brain images, or a data pack holding them")
+        maps = self._tissue_maps()
         labels = tissue_labels(maps["gm"].array, maps["wm"].array, maps["brain"].array)
         rng = np.random.default_rng(self.seed + 999)
         out = []
@@ -266,15 +277,40 @@ class VolumeDataModule(L.LightningDataModule):
             )
         return out
 
+    def _tissue_maps(self) -> dict:
+        """gm/wm/brain volumes from files, or from a data pack holding volumes of those names."""
+        if isinstance(self.tissue_maps, str):
+            from .pack import read_pack
+
+            maps = {name: v for name, v, _ in read_pack(self.tissue_maps)}
+            if not {"gm", "wm", "brain"} <= set(maps):
+                raise MedILError(f"the tissue-map pack {self.tissue_maps} needs volumes named gm, wm and brain")
+            return maps
+        return {k: read_volume(v) for k, v in self.tissue_maps.items()}
+
+    @staticmethod
+    def _entries(vols: list[dict]) -> list[dict]:
+        out = []
+        for v in vols:
+            if v["path"].startswith("synthetic-"):
+                continue
+            out.append({"file": v["path"], "sha256": v["sha256"]} if "sha256" in v else manifest_entries([Path(v["path"])])[0])
+        return out
+
     def manifest(self) -> dict:
-        real = [Path(v["path"]) for v in self.train_volumes if not v["path"].startswith("synthetic-")]
+        if isinstance(self.tissue_maps, str):
+            from .pack import read_meta
+
+            maps = {
+                e["name"]: {"file": f"{Path(self.tissue_maps).name}#{e['name']}", "sha256": e["sha256"]}
+                for e in read_meta(self.tissue_maps)["volumes"]
+            }
+        else:
+            maps = {k: manifest_entries([Path(p)])[0] for k, p in (self.tissue_maps or {}).items()}
         return {
-            "train": manifest_entries(real),
-            "synthetic": {
-                "count": self.synthetic,
-                "tissue_maps": {k: manifest_entries([Path(p)])[0] for k, p in (self.tissue_maps or {}).items()},
-            },
-            "val": manifest_entries([Path(v["path"]) for v in self.val_volumes]),
+            "train": self._entries(self.train_volumes),
+            "synthetic": {"count": self.synthetic, "tissue_maps": maps},
+            "val": self._entries(self.val_volumes),
         }
 
     def train_dataloader(self) -> DataLoader:
