@@ -6,7 +6,7 @@
 Reads ``training/data_manifest.json`` (split and region of every file, sha256 checked), crops each
 volume to its body mask and writes ``packs/<list>.npz`` (see ``medil_backend/training/pack.py``):
 ``brain-{train,val}`` (head MR), ``ct-{train,val}`` (every CT), ``mr-train`` (every MR) and
-``tissue`` (the MNI tissue maps for synthetic volumes). The device tool carries at most 64 MiB
+``tissue`` (the MNI tissue maps for synthetic volumes, uncropped: they share one grid). The device tool carries at most 64 MiB
 with the repository: the sizes are printed, and a pack over ``--max-mb`` is an error.
 """
 
@@ -74,7 +74,7 @@ def main() -> int:
             vol = read_volume(path, modality="ct" if rel.startswith("ct/") else "mri")
             items.append((entry, vol, sha))
         out = args.out / f"{name}.npz"
-        write_pack(items, out)
+        write_pack(items, out, crop=name != "tissue")  # the tissue maps must keep one common grid
         mb = out.stat().st_size / 2**20
         print(f"{out}: {len(items)} volumes, {mb:.1f} MB")
         if mb > args.max_mb:
