@@ -27,7 +27,8 @@ def test_gpu_run_and_poll_dry_run_on_the_cpu(tmp_path):
         start = subprocess.run(
             ["bash", "training/gpu/run.sh", recipe, "2", "--data.train", str(pack), "--data.val", str(pack)],
             capture_output=True,
-            text=True,
+            encoding="utf-8",
+            errors="replace",
             cwd=REPO,
             env=env,
             timeout=120,
