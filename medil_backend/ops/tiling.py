@@ -272,7 +272,7 @@ def _voxels(box: Box) -> float:
 
 #: latent voxels per encoding tile at most, so that progress moves while encoding (the LTE, most of
 #: the encoding time, is not repeated between tiles; only the backbone's halo is)
-ENCODE_TILE_LATENT_VOXELS = 1 << 18
+ENCODE_TILE_LATENT_VOXELS = 1 << 19
 
 
 def progress_splits(shape: Sequence[int], max_voxels: int) -> tuple[int, int, int]:
