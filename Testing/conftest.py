@@ -82,3 +82,19 @@ def small_mri(tmp_path):
     path = tmp_path / "small.nii.gz"
     write_volume(v, path, dtype=v.array.dtype)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _utf8_locale():
+    """Qt and VTK (Slicer's MRML) reset the C locale when they start, which makes later tests decode
+    their subprocesses' output as ASCII; keep the character type UTF-8 whatever ran before."""
+    import locale
+
+    yield
+    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+        for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+            try:
+                locale.setlocale(locale.LC_CTYPE, name)
+                break
+            except locale.Error:
+                continue

@@ -141,3 +141,11 @@ def test_an_output_spilled_to_disk_equals_one_in_ram(tiny_model, small_mri, monk
     disk = reconstruct(v, target, tiny_model, device="cpu", precision="float32", max_memory_gb=_just_enough(tiny_model, v, target, (2, 12)))
     assert disk.meta["output_on_disk"] and isinstance(disk.array, np.memmap) and disk.meta["tiles"]["decode"] > 1
     np.testing.assert_allclose(np.asarray(disk.array), ram.array, atol=1e-5 * float(np.abs(ram.array).max()))
+
+
+def test_an_output_grid_that_misses_the_input_is_refused(tiny_model, small_mri):
+    v = read_volume(small_mri)
+    lo, hi = v.grid.extent()
+    far = output_grid(v.grid, fov=[lo[0] + 1000, hi[0] + 1000, lo[1], hi[1], lo[2], hi[2]])
+    with pytest.raises(MedILError, match="does not overlap the input"):
+        reconstruct(v, far, tiny_model, device="cpu")

@@ -96,8 +96,8 @@ def test_logic_like_reference_is_exact(scene, tmp_path, model_dir):
     scene.AddNode(ref)
     ref.SetAndObserveImageData(node.GetImageData())
     aff = np.diag([0.7, -1.3, 2.1, 1.0])
-    aff[:3, 3] = [-12.5, 3.25, 7.0]
     aff[:3, :3] = np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]) @ aff[:3, :3]
+    aff[:3, 3] = ijk_to_ras(node)[:3, 3] + [0.5, -0.25, 0.75]  # an odd grid that still meets the input (no overlap is refused)
     ref.SetIJKToRASMatrix(numpy_to_vtk_matrix(aff))
     out = MedILLogicCore().process(node, OutputSpace(like=ref), model="tiny")
     np.testing.assert_allclose(ijk_to_ras(out), aff, atol=1e-5)

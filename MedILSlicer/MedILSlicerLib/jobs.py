@@ -50,8 +50,17 @@ class BackendJob:
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
         else:
             kwargs["start_new_session"] = True
+        # UTF-8 both ways, whatever locale the host application (Qt, VTK) left behind
+        env = {**(self.env if self.env is not None else os.environ), "PYTHONIOENCODING": "utf-8"}
         self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=self.env, **kwargs
+            self.command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            encoding="utf-8",
+            errors="replace",
+            env=env,
+            **kwargs,
         )
         self._threads = [
             threading.Thread(target=self._read_stdout, daemon=True),

@@ -47,6 +47,19 @@ def check_memory_limit(max_memory_gb: float | None) -> float:
     return value * GB
 
 
+def check_overlap(input_grid: Grid, target: Grid) -> None:
+    """Refuse an output grid that does not meet the input's region: every voxel would be a border copy."""
+    in_lo, in_hi = input_grid.extent()
+    out_lo, out_hi = target.extent()
+    if np.any(out_hi <= in_lo) or np.any(out_lo >= in_hi):
+        box = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(in_lo, in_hi))
+        raise MedILError(
+            f"the output grid does not overlap the input (the input covers {box} mm in world RAS): "
+            "choose a field of view that meets the input",
+            options=("fov", "like"),
+        )
+
+
 def resident_bytes(model: MedILAutoencoder, input_grid: Grid, target: Grid | None, input_copy_bytes: int = 0) -> float:
     """Bytes held for the whole call: normalised input, raw latent, output volume (float32; ``None``: spilled), a re-ordered input copy."""
     z_grid = model.latent_grid(input_grid)
@@ -134,6 +147,7 @@ def reconstruct(
     """
     target = Grid(target.shape, target.affine).validate("the output grid")
     volume.grid.validate("the input")
+    check_overlap(volume.grid, target)
     check_memory_limit(max_memory_gb)
     dev = resolve_device(device)
     reordered = canonical_order(volume)  # the network sees the same array however the file was stored
