@@ -171,21 +171,27 @@ _MEASURE = textwrap.dedent(
 )
 
 
+def _measure(shape, spacing, limit: float, precision: str, timeout: int) -> dict:
+    """Reconstruct a random volume in a fresh process; its peak RSS increase, tiles and finiteness."""
+    res = subprocess.run(
+        [sys.executable, "-c", _MEASURE, json.dumps([shape, spacing, limit, precision])],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        cwd=REPO,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_peak_memory_of_a_process_stays_under_the_limit(precision):
     """A volume whose whole-volume decoder activations (several GB) would not fit a 0.75 GB limit."""
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/status")
-    shape, spacing, limit = [96, 96, 40], [2.0, 2.0, 3.0], 0.75
-    res = subprocess.run(
-        [sys.executable, "-c", _MEASURE, json.dumps([shape, spacing, limit, precision])],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    info = json.loads(res.stdout.strip().splitlines()[-1])
+    limit = 0.75
+    info = _measure([96, 96, 40], [2.0, 2.0, 3.0], limit, precision, timeout=600)
     assert info["finite"] and info["tiles"]["decode"] > 1
     assert info["increase"] <= 1.1 * limit * 2**30, info
 
@@ -215,14 +221,6 @@ def test_nothing_that_fits_on_disk_is_refused_at_the_default_limit(shape, spacin
 @pytest.mark.slow
 def test_a_512_cubed_volume_at_the_default_limit():
     """512^3 in, 512^3 out, at the default 3 GB limit: a few minutes on 2 cores."""
-    res = subprocess.run(
-        [sys.executable, "-c", _MEASURE, json.dumps([[512, 512, 512], [1.0, 1.0, 1.0], 3.0, "auto"])],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=3600,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    info = json.loads(res.stdout.strip().splitlines()[-1])
+    info = _measure([512, 512, 512], [1.0, 1.0, 1.0], 3.0, "auto", timeout=3600)
     assert info["finite"] and info["tiles"]["encode"] > 1
     assert info["increase"] <= 1.1 * 3.0 * 2**30, info
