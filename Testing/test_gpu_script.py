@@ -15,6 +15,10 @@ from medil_backend.io import read_volume
 from medil_backend.training.pack import write_pack
 
 
+def bash(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", *args], capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, env=env, timeout=timeout)
+
+
 @pytest.mark.skipif(shutil.which("setsid") is None or not sys.platform.startswith("linux"), reason="needs setsid (Linux)")
 def test_gpu_run_and_poll_dry_run_on_the_cpu(tmp_path):
     root = REPO / "runs" / "gpu" / "tiny-dry-run"
@@ -24,25 +28,9 @@ def test_gpu_run_and_poll_dry_run_on_the_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
     recipe = "training/configs/gpu/tiny-dry-run.yaml"
     try:
-        start = subprocess.run(
-            ["bash", "training/gpu/run.sh", recipe, "2", "--data.train", str(pack), "--data.val", str(pack)],
-            capture_output=True,
-            encoding="utf-8",
-            errors="replace",
-            cwd=REPO,
-            env=env,
-            timeout=120,
-        )
+        start = bash(["training/gpu/run.sh", recipe, "2", "--data.train", str(pack), "--data.val", str(pack)], env, 120)
         assert start.returncode == 0 and "started tiny-dry-run" in start.stdout, start.stdout + start.stderr
-        poll = subprocess.run(
-            ["bash", "training/gpu/poll.sh", recipe, "300"],
-            capture_output=True,
-            encoding="utf-8",
-            errors="replace",
-            cwd=REPO,
-            env=env,
-            timeout=400,
-        )
+        poll = bash(["training/gpu/poll.sh", recipe, "300"], env, 400)
         assert poll.returncode == 0 and poll.stdout.strip().endswith("finished"), poll.stdout + poll.stderr
         out = tmp_path / "out"
         names = sorted(p.name for p in out.iterdir())

@@ -65,13 +65,6 @@ def slice_gap(array: np.ndarray, grid: Grid, axis: int, stride: int = 2) -> tupl
     return a, Grid(a.shape, aff)
 
 
-def slice_axis(grid: Grid, ratio: float = 1.5) -> int | None:
-    """The voxel axis whose spacing is at least ``ratio`` times the finest one (a thick-slice axis), else ``None``."""
-    sp = grid.spacing
-    axis = int(np.argmax(sp))
-    return axis if sp[axis] >= ratio * sp.min() else None
-
-
 # -- the operator (torch, differentiable) -----------------------------------------------------------------
 
 

@@ -23,7 +23,6 @@ class Architecture:
     build: Callable[[dict], nn.Module]  # card config -> network (untrained)
     reconstruct: Callable[..., Any]  # (volume, target, net, *, device, progress, cancel, max_memory_gb, modality, precision) -> Volume
     latent: Callable[[nn.Module], dict]  # the card's latent summary: spacing_mm, channels, compression_vs_1mm
-    tasks: tuple[str, ...] = ("reconstruct",)
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -103,5 +102,5 @@ def _run_fixed_grid(*args, **kwargs):
 def _register_builtins() -> None:
     if _REGISTRY:
         return
-    register(Architecture("MedILAutoencoder", _build_medil, _run_medil, _medil_latent, ("reconstruct", "superres")))
-    register(Architecture("FixedGridAutoencoder", _build_fixed_grid, _run_fixed_grid, _fixed_grid_latent, ("reconstruct",)))
+    register(Architecture("MedILAutoencoder", _build_medil, _run_medil, _medil_latent))
+    register(Architecture("FixedGridAutoencoder", _build_fixed_grid, _run_fixed_grid, _fixed_grid_latent))

@@ -148,7 +148,6 @@ def reconstruct(
     target = Grid(target.shape, target.affine).validate("the output grid")
     volume.grid.validate("the input")
     check_overlap(volume.grid, target)
-    check_memory_limit(max_memory_gb)
     dev = resolve_device(device)
     reordered = canonical_order(volume)  # the network sees the same array however the file was stored
     copy_bytes = reordered.array.nbytes if reordered is not volume else 0

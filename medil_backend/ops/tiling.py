@@ -162,10 +162,7 @@ class OutputArray:
         self.spill = spill
         self.transform = transform
         self.finite = True
-        nbytes = 4 * int(np.prod(shape))
-        if spill:
-            folder = folder or tempfile.gettempdir()
-            check_disk_space(nbytes, folder)
+        if spill:  # free disk space is checked when the job is planned (check_disk_space)
             self._file = tempfile.TemporaryFile(dir=folder, prefix="medil-output-")
             self.array = np.memmap(self._file, dtype=np.float32, mode="w+", shape=tuple(shape))
         else:
@@ -187,16 +184,6 @@ class OutputArray:
         if self.spill:
             self.array.flush()
             self.array._mmap.madvise(mmap.MADV_DONTNEED)
-
-
-class ArrayDestination:
-    """Writes tile cores into a numpy array (no gradients): ``array[index] = tensor``."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-
-    def __call__(self, index: tuple[slice, ...], value: torch.Tensor) -> None:
-        self.array[index] = value.detach().float().cpu().numpy()
 
 
 class TensorDestination:
@@ -275,18 +262,6 @@ def _voxels(box: Box) -> float:
 ENCODE_TILE_LATENT_VOXELS = 1 << 19
 
 
-def progress_splits(shape: Sequence[int], max_voxels: int) -> tuple[int, int, int]:
-    """Splits of the longest sides until a box holds at most ``max_voxels``."""
-    splits = [1, 1, 1]
-    while np.prod([-(-n // s) for n, s in zip(shape, splits)]) > max_voxels:
-        sizes = [-(-n // s) for n, s in zip(shape, splits)]
-        a = int(np.argmax(sizes))
-        if sizes[a] <= 1:
-            break
-        splits[a] += 1
-    return tuple(splits)  # type: ignore[return-value]
-
-
 class EncodePlan:
     """How an input is encoded: boxes of the latent grid, each reading an input crop grown by the encoder's receptive radius."""
 
@@ -306,11 +281,13 @@ class EncodePlan:
                 )
             self.tiles = TilePlan(tuple(z_grid.shape), (1, 1, 1), 0, (((0, 0, 0), tuple(z_grid.shape)),), need)
         else:
-            box_bytes = lambda box: model.encode_tile_bytes(  # noqa: E731
-                *(_voxels(b) for b in (self.crop(box)[1], self.crop(box)[0], box)), dtype_bytes
-            )
-            if min_splits is None:
-                min_splits = progress_splits(z_grid.shape, ENCODE_TILE_LATENT_VOXELS)
+
+            def box_bytes(box: Box) -> float:
+                fbox, ibox = self.crop(box)
+                return model.encode_tile_bytes(_voxels(ibox), _voxels(fbox), _voxels(box), dtype_bytes)
+
+            if min_splits is None:  # the same planner, with a voxel count as the cost
+                min_splits = plan_tiles(z_grid.shape, 0, _voxels, ENCODE_TILE_LATENT_VOXELS, "encoding progress").splits
             self.tiles = plan_tiles(z_grid.shape, 0, box_bytes, budget_bytes, "encoding the input", min_splits)
 
     def crop(self, box: Box) -> tuple[Box, Box]:
@@ -375,14 +352,10 @@ def encode_tiled(
         return model.encode_block(crop, x_grid.sub_grid(ilo, ihi), z_grid.sub_grid(*box))
 
     out = torch.zeros((x.shape[0], model.encoder_lte.out_channels, *z_grid.shape), dtype=torch.float32, device=x.device)
-    if torch.is_grad_enabled():
-        write: Callable = TensorDestination(out)
-    else:
-        write = lambda index, value: out.__setitem__((slice(None), slice(None), *index), value.float())  # noqa: E731
     run_tiles(
         plan.tiles,
         compute,
-        write,
+        TensorDestination(out),
         progress=progress,
         cancel=cancel,
         checkpoint=checkpoint,
@@ -403,7 +376,7 @@ def decode_tiled(
     budget_bytes: float = float("inf"),
     dtype_bytes: int = 4,
     plan: DecodePlan | None = None,
-    out: np.ndarray | OutputArray | None = None,
+    out: OutputArray | None = None,
     progress: Progress | None = None,
     cancel: Any = None,
     checkpoint: bool = False,
@@ -413,8 +386,7 @@ def decode_tiled(
     """Decode ``z`` (B, C, *z_grid.shape) onto ``out_grid`` in tiles of the intermediate grid.
 
     Equal to ``model.decode(z, z_grid, out_grid, skip)``. Without gradients the result goes
-    into ``out`` (a float32 numpy array of ``out_grid.shape`` or an :class:`OutputArray`;
-    allocated in RAM when not given) and that array is returned; with gradients a
+    into ``out`` (an :class:`OutputArray`, in RAM when not given) and its numpy array is returned; with gradients a
     (B, C, *out_grid.shape) tensor that keeps the graph is returned (``checkpoint`` keeps only
     one tile's activations alive). ``skip`` is (input, input grid) for networks with a global
     skip, ``None`` otherwise (sampling decodes a latent that no input produced).
@@ -442,15 +414,12 @@ def decode_tiled(
         return result
     if z.shape[0] != 1 or model.config.out_channels != 1:
         raise ValueError("decoding into an array takes one latent and a one-channel network")
-    if out is None:
-        out = np.empty(out_grid.shape, dtype=np.float32)
-    dest = out if isinstance(out, OutputArray) else ArrayDestination(out)
-    run_tiles(plan.tiles, compute, lambda index, value: dest(index, value[0, 0]), **kwargs)
-    return out.array if isinstance(out, OutputArray) else out
+    out = out if out is not None else OutputArray(out_grid.shape)
+    run_tiles(plan.tiles, compute, lambda index, value: out(index, value[0, 0]), **kwargs)
+    return out.array
 
 
 __all__ = [
-    "ArrayDestination",
     "DecodePlan",
     "EncodePlan",
     "OutputArray",

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..acquisition import add_noise, slice_gap, thick_slices
+from ..acquisition import add_noise, inplane_downsample, slice_gap, thick_slices
 from ..errors import MedILError
 from ..geometry import Grid, covering_grid
 from ..intensity import fit_normalizer
@@ -164,7 +164,7 @@ def make_batch(vol: dict, cfg: SamplerConfig, rng: np.random.Generator, augment:
         xs, xg = [p[0] for p in pairs], [p[1] for p in pairs]
         if rng.random() < cfg.inplane_prob:
             other = [a for a in range(3) if a != axis][int(rng.integers(2))]
-            pairs = [thick_slices(x, g, other, 2, "rect") for x, g in zip(xs, xg)]
+            pairs = [inplane_downsample(x, g, [other], 2) for x, g in zip(xs, xg)]
             xs, xg = [p[0] for p in pairs], [p[1] for p in pairs]
     if cfg.noise_max > 0:
         sigma = rng.uniform(0, cfg.noise_max)
