@@ -171,11 +171,11 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_dtype_option_rounds_and_clips(tmp_path):
-    v = Volume(np.array([-5.6, 0.4, 1.5, 300.2], np.float32).reshape(1, 2, 2), np.eye(4))
+    v = Volume(np.array([-5.6, 0.4, 1.5, 300.2], np.float32).reshape(2, 2, 1).repeat(2, axis=2), np.eye(4))
     write_volume(v, tmp_path / "u8.nrrd", dtype=np.uint8)
     back = read_volume(tmp_path / "u8.nrrd")
     assert back.array.dtype == np.uint8
-    np.testing.assert_array_equal(back.array.ravel(), [0, 0, 2, 255])
+    np.testing.assert_array_equal(back.array.ravel(), [0, 0, 0, 0, 2, 2, 255, 255])
 
 
 @pytest.mark.parametrize("spacing", ["0 1 1", "1 0 1"])  # ITK itself turns a negative MetaIO spacing into a flip

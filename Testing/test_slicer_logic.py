@@ -1,6 +1,7 @@
 """MedILSlicer's Logic against real MRML from the slicer-core wheel (no Slicer application)."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -221,3 +222,44 @@ def test_batch_script_with_slicer_core(tmp_path, model_dir):
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
     assert not (tmp_path / "x.nrrd").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_batch_script_stops_its_backend_and_removes_its_files(small_mri, tmp_path, model_dir, sig):
+    """The backend runs in its own session (so the panel can kill its tree): a batch script that is
+    interrupted must stop it and delete the temporary copy of the input itself."""
+    work = tmp_path / "tmp"
+    work.mkdir()
+    out = tmp_path / "out.nrrd"
+    cmd = [sys.executable, str(REPO / "MedILSlicer/Scripts/medil_batch.py"), "--input", str(small_mri), "--output", str(out)]
+    proc = subprocess.Popen(
+        cmd + ["--spacing", "0.3", "--model", "tiny"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(work)},
+    )
+    deadline = time.time() + 120
+    backend = []
+    while time.time() < deadline and not backend:  # wait until the backend runs on the temporary copy
+        time.sleep(0.2)
+        backend = [p for p in _processes_mentioning(str(work)) if "medil_backend" in p[1]]
+    assert backend, proc.communicate(timeout=30)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
+    time.sleep(0.5)
+    assert _processes_mentioning(str(work)) == []
+    assert os.listdir(work) == [] and not out.exists()
+
+
+def _processes_mentioning(text: str) -> list[tuple[int, str]]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append((int(pid), cmdline))
+    return found

@@ -11,22 +11,34 @@ Public API::
 
 __version__ = "0.1.0"
 
-from .errors import Cancelled, MedILError  # noqa: E402
-from .geometry import Grid, Volume, exscribed_grid, output_grid  # noqa: E402
-from .io import read_volume, write_volume  # noqa: E402
-from .models import list_models, load_model  # noqa: E402
-from .ops.reconstruct import reconstruct  # noqa: E402
+# The names below are imported on first use (PEP 562), so ``import medil_backend`` (and the
+# ``medil`` command's start) does not load torch: a Ctrl-C during start-up reaches ``main``.
+_EXPORTS = {
+    "Cancelled": ".errors",
+    "MedILError": ".errors",
+    "Grid": ".geometry",
+    "Volume": ".geometry",
+    "exscribed_grid": ".geometry",
+    "output_grid": ".geometry",
+    "read_volume": ".io",
+    "write_volume": ".io",
+    "list_models": ".models",
+    "load_model": ".models",
+    "reconstruct": ".ops.reconstruct",
+}
 
-__all__ = [
-    "Cancelled",
-    "Grid",
-    "MedILError",
-    "Volume",
-    "exscribed_grid",
-    "list_models",
-    "load_model",
-    "output_grid",
-    "read_volume",
-    "reconstruct",
-    "write_volume",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

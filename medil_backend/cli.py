@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import shlex
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
-import numpy as np
-
 from . import __version__
-from .errors import Cancelled, MedILError
+from .errors import Cancelled, Interrupted, MedILError
 
 
 def _add_geometry_args(p: argparse.ArgumentParser) -> None:
@@ -31,14 +33,28 @@ def _add_geometry_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
 
 
+#: what argparse takes for a negative number rather than an option (its own pattern misses 1e3 and inf)
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
+def _numbers_after_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--fov -1e3 ...``: a negative number in any notation is a value, not an option."""
+    if hasattr(parser, "_negative_number_matcher"):
+        parser._negative_number_matcher = _NEGATIVE_NUMBER
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="medil", description="Resolution-free medical imaging with MedIL autoencoders.")
+    ap = _numbers_after_options(
+        argparse.ArgumentParser(prog="medil", description="Resolution-free medical imaging with MedIL autoencoders.")
+    )
     ap.add_argument("--version", action="version", version=f"medil {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("reconstruct", help="encode a volume and decode it onto any output grid")
+    r = _numbers_after_options(sub.add_parser("reconstruct", help="encode a volume and decode it onto any output grid"))
     r.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or DICOM series folder")
     r.add_argument("output", help="output file: .nii, .nii.gz, .nrrd or .mha")
+    r.add_argument("--input-name", default=None, metavar="NAME", help="how messages call the input (e.g. a Slicer node's name)")
     r.add_argument(
         "--model",
         default=None,
@@ -93,28 +109,36 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="shape, spacing, orientation, extent and modality guess of a volume")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--max-memory", type=float, default=None, metavar="GB", help="read the voxels only if they fit (default 3 GB)")
     return ap
 
 
 def _progress_callback(mode: str):
     if mode == "none":
-        return None, lambda: None
+        return None, lambda ok=True: None
     if mode == "json":
 
         def emit(fraction: float, message: str) -> None:
             print(json.dumps({"progress": round(fraction, 4), "message": message}), flush=True)
 
-        return emit, lambda: None
+        return emit, lambda ok=True: None
     from tqdm import tqdm
 
-    bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{desc} {bar} {n:.0f}% [{elapsed}<{remaining}]")
+    bars = []  # drawn at the first report, so an error found while planning prints alone
 
     def update(fraction: float, message: str) -> None:
-        bar.set_description_str(message)
-        bar.n = 100 * fraction
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(total=100, unit="%", file=sys.stderr, bar_format="{desc} {bar} {n:.0f}% [{elapsed}<{remaining}]"))
+        bars[0].set_description_str(message)
+        bars[0].n = 100 * fraction
+        bars[0].refresh()
 
-    return update, bar.close
+    def close(ok: bool = True) -> None:
+        for bar in bars:
+            bar.leave = ok  # a failed run's bar is erased: the error line stands alone
+            bar.close()
+
+    return update, close
 
 
 #: how this frontend spells the settings that a core error names (MedILError.options)
@@ -146,10 +170,14 @@ def _parse_orientation(value: str | None):
         numbers = []
     if len(numbers) != 9:
         raise MedILError("--orientation as a matrix takes 9 comma-separated numbers (row-major 3x3 direction matrix)")
+    import numpy as np
+
     return np.array(numbers).reshape(3, 3)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .geometry import output_grid
     from .intensity import guess_modality
     from .io import check_output_path, read_volume, write_volume
@@ -162,8 +190,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise MedILError(f"--spacing takes one value (isotropic) or three, not {len(args.spacing)}")
     orientation = _parse_orientation(args.orientation)
     out_path = check_output_path(args.output, overwrite=args.overwrite)
-    volume = read_volume(args.input)
-    like = read_volume(args.like).grid if args.like else None
+    volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name)
+    like = read_volume(args.like, max_memory_gb=args.max_memory).grid if args.like else None
     target = output_grid(volume.grid, like=like, spacing=args.spacing, orientation=orientation, fov=args.fov)
     modality = args.modality if args.modality != "auto" else guess_modality(volume.array)
     model = load_model(args.model or default_model_for(modality))
@@ -180,8 +208,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             modality=modality,
             precision=args.precision,
         )
-    finally:
-        close()
+    except BaseException:
+        close(ok=False)
+        raise
+    close()
     if card_modality and result.modality != card_modality:
         print(
             f"medil: warning: model {model.name!r} was trained on {card_modality.upper()}, the input looks like {result.modality.upper()}",
@@ -242,11 +272,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .intensity import guess_modality
-    from .io import read_volume
+    import numpy as np
 
-    v = read_volume(args.file)
-    g = v.grid
+    from .intensity import guess_modality
+    from .io import read_grid, read_volume
+
+    g = read_grid(args.file)
     lo, hi = g.extent()
     info = {
         "file": args.file,
@@ -256,10 +287,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         "oblique": bool(not np.allclose(np.abs(g.direction), np.round(np.abs(g.direction)), atol=1e-4)),
         "origin_ras_mm": [round(float(o), 4) for o in g.origin],
         "extent_ras_mm": [[round(float(a), 3), round(float(b), 3)] for a, b in zip(lo, hi)],
-        "dtype": str(v.array.dtype),
-        "intensity_range": [float(v.array.min()), float(v.array.max())],
-        "modality_guess": guess_modality(v.array),
     }
+    try:  # the voxels, when they fit the memory limit (a header can declare any size)
+        v = read_volume(args.file, max_memory_gb=args.max_memory)
+    except MedILError as exc:
+        if "max_memory" not in exc.options:
+            raise
+        info.update(dtype=None, intensity_range=None, modality_guess=None, voxels_not_read=str(exc))
+    else:
+        info.update(
+            dtype=str(v.array.dtype),
+            intensity_range=[float(v.array.min()), float(v.array.max())],
+            modality_guess=guess_modality(v.array),
+        )
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -309,7 +349,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+class _StderrNotes(logging.Handler):
+    """The core's notes (e.g. a re-orthonormalised header) as ``medil: note: ...`` on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"medil: note: {record.getMessage()}", file=sys.stderr)
+
+
+def _install_signals() -> dict:
+    """Termination signals end a run the way Ctrl-C does, so every temporary file is removed."""
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            try:
+                previous[name] = signal.signal(getattr(signal, name), _raise_interrupted)
+            except ValueError:  # not the main thread (main() called from a library): leave signals alone
+                pass
+    return previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    log = logging.getLogger("medil")
+    notes = _StderrNotes()
+    log.addHandler(notes)
+    log.setLevel(logging.INFO)
+    previous = _install_signals()
+    nibabel_log = logging.getLogger("nibabel.global")  # nibabel prints its header fixes through its own handler
+    nibabel_level = nibabel_log.level
+    nibabel_log.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library warnings (nibabel, torch) would come before the one error line
+            return _main(argv)
+    except KeyboardInterrupt as exc:
+        how = f" ({signal.Signals(exc.signum).name})" if isinstance(exc, Interrupted) else ""
+        print(f"medil: interrupted{how}; no output was written", file=sys.stderr)
+        return 128 + (exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT))
+    finally:
+        nibabel_log.setLevel(nibabel_level)
+        log.removeHandler(notes)
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # LightningCLI parses its own (YAML) arguments
         try:
@@ -337,9 +424,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": str(exc), "options": list(getattr(exc, "options", ()))}), flush=True)
         print(f"medil: error: {user_message(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("medil: interrupted; no output was written", file=sys.stderr)
-        return 130
     except (MemoryError, RuntimeError) as exc:
         text = str(exc)
         if isinstance(exc, MemoryError) or "out of memory" in text.lower():

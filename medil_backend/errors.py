@@ -25,3 +25,12 @@ class Cancelled(MedILError):
 
     def __init__(self, message: str = "cancelled by the user; no output was written") -> None:
         super().__init__(message)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGTERM, SIGHUP) raised as an interrupt, so every ``finally`` and
+    cleanup that Ctrl-C runs also runs for it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)

@@ -174,15 +174,15 @@ class Grid:
         return Grid(tuple(shape), aff)
 
     def validate(self, what: str = "the image") -> Grid:
+        """This grid if its geometry is sound, else a :class:`MedILError` naming the problem.
+
+        See :func:`checked_affine`.
+        """
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise MedILError(f"{what} has shape {self.shape}; a 3D volume with at least one voxel per axis is needed")
-        if not np.all(np.isfinite(self.affine)):
-            raise MedILError(f"{what} has a non-finite (NaN or infinite) spacing, origin or direction; fix the file's header")
-        sp = self.spacing
-        if np.any(sp <= 1e-9):
-            raise MedILError(f"{what} has zero voxel spacing {tuple(np.round(sp, 6))}; fix the file's header spacing")
-        if abs(np.linalg.det(self.direction)) < 1e-6:
-            raise MedILError(f"{what} has a singular direction matrix; fix the file's header orientation")
+        if max(self.shape) > MAX_AXIS_VOXELS:
+            raise MedILError(f"{what} has shape {self.shape}, over {MAX_AXIS_VOXELS} voxels along an axis; fix the file's header")
+        checked_affine(self.affine, self.shape, what)
         return self
 
     def same_as(self, other: Grid, atol: float = 1e-5) -> bool:
@@ -192,6 +192,83 @@ class Grid:
         sp = ", ".join(f"{s:g}" for s in self.spacing)
         org = ", ".join(f"{o:.2f}" for o in self.origin)
         return f"Grid(shape={self.shape}, spacing=({sp}), orientation={self.orientation_code}, origin=({org}))"
+
+
+#: direction cosines whose columns are orthogonal to within this (largest |D^T D - I|, D with unit
+#: columns) are float rounding of an orthonormal matrix (NIfTI float32 sforms, NRRD headers printed
+#: with 6-7 digits): accepted, and new grids on those axes use :func:`orthonormalised` directions.
+#: Beyond it the affine is sheared and refused.
+ORTHONORMAL_TOLERANCE = 1e-4
+#: the range of voxel spacings accepted (1 nm to 100 m)
+SPACING_RANGE_MM = (1e-6, 1e5)
+#: no voxel of a grid lies farther than this from the world origin (1 km: beyond it a header is broken,
+#: and float64 coordinates lose the precision exact geometry needs)
+WORLD_LIMIT_MM = 1e6
+#: no grid has more voxels than this along an axis
+MAX_AXIS_VOXELS = 10**6
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in np.ravel(values)) + ")"
+
+
+def checked_affine(affine: np.ndarray, shape: Sequence[int], what: str = "the image") -> np.ndarray:
+    """``affine`` itself if it is a sound voxel-to-world map for ``shape``, else a :class:`MedILError`.
+
+    Sound: finite; spacings in :data:`SPACING_RANGE_MM`; direction columns orthogonal to
+    :data:`ORTHONORMAL_TOLERANCE` (no shear, not singular); the whole grid within
+    :data:`WORLD_LIMIT_MM` of the world origin. One check for every grid that enters the tool:
+    input volumes, reference images, output grids and Slicer nodes.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise MedILError(f"{what} has a non-finite (NaN or infinite) spacing, origin or direction; fix the file's header")
+    if not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]):
+        raise MedILError(f"{what} has a projective affine (last row {_fmt(affine[3])}); fix the file's header")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    lo, hi = SPACING_RANGE_MM
+    if np.any(spacing < lo) or np.any(spacing > hi):
+        raise MedILError(f"{what} has voxel spacing {_fmt(spacing)} mm, outside {lo:g} to {hi:g} mm; fix the file's header spacing")
+    direction = affine[:3, :3] / spacing[None, :]
+    if abs(np.linalg.det(direction)) < 1e-6:
+        raise MedILError(f"{what} has a singular direction matrix (two voxel axes point the same way); fix the file's header orientation")
+    deviation = float(np.max(np.abs(direction.T @ direction - np.eye(3))))
+    if deviation > ORTHONORMAL_TOLERANCE:
+        angle = float(np.degrees(np.arcsin(min(1.0, deviation))))
+        raise MedILError(
+            f"{what} has a sheared affine (voxel axes {angle:.3g} degrees from orthogonal, tolerance "
+            f"{ORTHONORMAL_TOLERANCE:g}); resample it onto an orthogonal grid first (e.g. Slicer's Resample Scalar Volume)"
+        )
+    corners = np.array(list(np.ndindex(2, 2, 2)), dtype=np.float64) * (np.asarray(shape, dtype=np.float64) - 1)
+    reach = float(np.max(np.abs(corners @ affine[:3, :3].T + affine[:3, 3])))
+    if reach > WORLD_LIMIT_MM:
+        raise MedILError(
+            f"{what} reaches {reach:.3g} mm from the world origin (origin {_fmt(affine[:3, 3])}), beyond "
+            f"{WORLD_LIMIT_MM:g} mm; fix the file's header origin and spacing"
+        )
+    return affine
+
+
+def orthonormalised(direction: np.ndarray, what: str = "the input") -> np.ndarray:
+    """The orthonormal matrix nearest ``direction`` (polar decomposition), for building new grids on
+    a file's axes; a change beyond float64 rounding is logged. A grid that is kept as it is (the
+    default output grid, a reference image's) keeps its header's affine bit for bit instead.
+    """
+    d = np.asarray(direction, dtype=np.float64)
+    deviation = float(np.max(np.abs(d.T @ d - np.eye(3))))
+    if deviation <= 1e-12:
+        return d
+    u, _, vt = np.linalg.svd(d)
+    import logging
+
+    logging.getLogger("medil").info(
+        "%s: direction cosines orthogonal to %.1e only (float rounding in the header); the new grid uses the "
+        "nearest orthonormal directions (within %.1e)",
+        what,
+        deviation,
+        float(np.max(np.abs(u @ vt - d))),
+    )
+    return u @ vt
 
 
 @dataclass(eq=False)
@@ -236,6 +313,24 @@ def canonical_order(volume: Volume) -> Volume:
     return Volume(np.ascontiguousarray(array), affine, modality=volume.modality, meta=dict(volume.meta))
 
 
+def _voxel_counts(lengths: np.ndarray) -> np.ndarray:
+    """ceil(lengths) (at least 1), where lengths are a grid's sides in voxels; an absurd grid is refused.
+
+    A side within 1e-4 voxel (plus float32 rounding, 1e-6 relative) of a whole number is that
+    number: headers store spacings as float32, and 12 slices of 3.0000001 mm are 36 mm, not 37 voxels.
+    """
+    x = np.asarray(lengths, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        n = np.ceil(x - 1e-4 - 1e-6 * np.abs(x))
+    if not np.all(np.isfinite(n)) or np.any(n > MAX_AXIS_VOXELS):
+        raise MedILError(
+            f"the output grid would have {_fmt(n)} voxels along its axes, over {MAX_AXIS_VOXELS} an axis; "
+            "choose a coarser spacing or a smaller field of view",
+            options=("spacing", "fov"),
+        )
+    return np.maximum(1, n).astype(np.int64)
+
+
 def covering_grid(points: np.ndarray, spacing: Sequence[float] | float, direction: np.ndarray, margin_mm: float = 0.0) -> Grid:
     """The smallest grid with ``spacing`` and ``direction`` whose voxels cover ``points`` (plus a margin), centred on them."""
     spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
@@ -245,7 +340,7 @@ def covering_grid(points: np.ndarray, spacing: Sequence[float] | float, directio
     u = (points - centre) @ direction  # coordinates along the new axes (direction is orthonormal)
     lo = u.min(axis=0) - margin_mm
     hi = u.max(axis=0) + margin_mm
-    n = np.maximum(1, np.ceil((hi - lo) / spacing - 1e-6)).astype(int)
+    n = _voxel_counts((hi - lo) / spacing)
     mid = (lo + hi) / 2.0
     first = mid - (n - 1) / 2.0 * spacing
     origin = centre + direction @ first
@@ -261,7 +356,7 @@ def exscribed_grid(inner: Grid, spacing: Sequence[float] | float, direction: np.
 def resolve_direction(orientation: str | np.ndarray | None, input_grid: Grid) -> np.ndarray:
     """Direction matrix for ``orientation``: ``None``/``"input"``, ``"aligned"``, a code such as ``"LPS"``, or a 3x3 matrix."""
     if orientation is None or (isinstance(orientation, str) and orientation.lower() == "input"):
-        return input_grid.direction
+        return orthonormalised(input_grid.direction)
     if isinstance(orientation, str):
         if orientation.lower() in ("aligned", "ras-aligned", "deoblique"):
             return nearest_aligned_direction(input_grid.direction)
@@ -301,19 +396,25 @@ def output_grid(
                 options=("like", "spacing", "orientation", "fov"),
             )
         return Grid(like.shape, like.affine.copy()).validate("the reference image")
+    keep_axes = orientation is None or (isinstance(orientation, str) and orientation.lower() == "input")
+    if spacing is not None:
+        sp = np.asarray(spacing, dtype=np.float64).ravel()
+        if sp.size == 1:
+            sp = np.repeat(sp, 3)
+        if sp.size != 3:
+            raise MedILError(f"spacing takes one value (isotropic) or three, not {sp.size}", options=("spacing",))
+        lo, hi = SPACING_RANGE_MM
+        if not np.all(np.isfinite(sp)) or np.any(sp < lo) or np.any(sp > hi):
+            raise MedILError(f"spacing must be positive, between {lo:g} and {hi:g} mm, got {_fmt(sp)}", options=("spacing",))
+    if keep_axes and fov is None:
+        if spacing is None:  # the input's own grid, bit for bit
+            return Grid(input_grid.shape, input_grid.affine.copy())
+        return _respaced(input_grid, sp)
     direction = resolve_direction(orientation, input_grid)
     if spacing is None:
         # carry the input spacing to the new axes (an exact permutation for axis-aligned changes)
         weights = np.abs(direction.T @ input_grid.direction)
         sp = weights @ input_grid.spacing / weights.sum(axis=1)
-    else:
-        sp = np.asarray(spacing, dtype=np.float64).ravel()
-        if sp.size == 1:
-            sp = np.repeat(sp, 3)
-        if sp.size != 3:
-            raise MedILError(f"spacing takes one value (isotropic) or three, not {sp.size}")
-        if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-            raise MedILError(f"spacing must be positive and finite, got {tuple(sp)}")
     if fov is None:
         points = input_grid.edge_corners()
     else:
@@ -322,11 +423,28 @@ def output_grid(
             raise MedILError("the field of view takes six numbers: XMIN XMAX YMIN YMAX ZMIN ZMAX (world RAS mm)", options=("fov",))
         lo, hi = box[0::2], box[1::2]
         if np.any(hi <= lo):
+            raise MedILError(f"the field of view box is empty: each MAX must exceed its MIN, got {_fmt(box)}", options=("fov",))
+        if np.max(np.abs(box)) > WORLD_LIMIT_MM:
             raise MedILError(
-                f"the field of view box is empty: each MAX must exceed its MIN, got {tuple(float(b) for b in box)}", options=("fov",)
+                f"the field of view {_fmt(box)} reaches beyond {WORLD_LIMIT_MM:g} mm; give it in world RAS mm", options=("fov",)
             )
         points = np.array([[(lo, hi)[b][a] for a, b in enumerate(bits)] for bits in np.ndindex(2, 2, 2)])
     return covering_grid(points, sp, direction)
+
+
+def _respaced(grid: Grid, spacing: np.ndarray) -> Grid:
+    """``grid``'s region on its own axes with a new ``spacing``, centred on it.
+
+    Computed in ``grid``'s voxel frame, so float rounding in its direction cosines cannot add or
+    drop a voxel: the same spacing gives back the same grid.
+    """
+    n = _voxel_counts(np.asarray(grid.shape) * grid.spacing / spacing)
+    scale = spacing / grid.spacing  # new voxel size in old voxels
+    start = (np.asarray(grid.shape) - 1) / 2.0 - (n - 1) / 2.0 * scale
+    aff = np.eye(4)
+    aff[:3, :3] = grid.affine[:3, :3] * scale[None, :]
+    aff[:3, 3] = grid.voxel_to_world(start)
+    return Grid(tuple(int(x) for x in n), aff)
 
 
 # -- one grid seen from another ---------------------------------------------------------------------

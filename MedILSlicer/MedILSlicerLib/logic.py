@@ -209,6 +209,7 @@ class MedILLogicCore:
             out_path = os.path.join(workdir, "output.nrrd")
             self.writeVolume(inputNode, in_path)
             args = ["reconstruct", in_path, out_path, "--progress", "json", "--device", device, "--modality", modality]
+            args += ["--input-name", inputNode.GetName() or "the input volume"]
             if model:
                 args += ["--model", model]
             if maxMemoryGB:
@@ -232,7 +233,11 @@ class MedILLogicCore:
         job = RunningJob(BackendJob(args, python=self.python).start(), workdir, inputNode, outputNode, name, parameters)
         if not waitForCompletion:
             return job
-        job.backend.wait(onEvent)
+        try:
+            job.backend.wait(onEvent)
+        except BaseException:  # Ctrl-C or a signal in a batch script: stop the backend, delete its files
+            self.cancel(job)
+            raise
         return self.finish(job)
 
     def poll(self, job: RunningJob, onEvent: Callable[[dict], None] | None = None):

@@ -54,7 +54,16 @@ def load_node(path, name):
 
 def run(argv) -> int:
     import numpy as np
-    import slicer
+
+    try:
+        import slicer
+    except ImportError:
+        print(
+            "medil_batch: error: this script needs 3D Slicer (Slicer --python-script ...) or the slicer-core wheel "
+            "(pip install slicer-core); or run the same job with the `medil reconstruct` command",
+            file=sys.stderr,
+        )
+        return 1
     from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace
     from MedILSlicerLib.mrml_geometry import ijk_to_ras
 
@@ -92,14 +101,26 @@ def run(argv) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if "--" in argv:
         argv = argv[argv.index("--") + 1 :]
-    status = run(argv)
-    import slicer
+    import signal
 
-    if getattr(slicer, "app", None) is not None:  # inside the Slicer application
+    for name in ("SIGTERM", "SIGHUP"):  # end as Ctrl-C does: the backend is stopped, temporary files removed
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _interrupt)
+    try:
+        status = run(argv)
+    except KeyboardInterrupt:
+        print("medil_batch: interrupted; no output was written", file=sys.stderr)
+        status = 130
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and getattr(slicer, "app", None) is not None:  # inside the Slicer application
         slicer.util.exit(status)
     sys.exit(status)
 

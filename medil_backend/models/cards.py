@@ -53,7 +53,15 @@ class ModelEntry:
 
     @property
     def weights_path(self) -> Path:
-        return self.card_path.parent / self.card.get("weights", f"{self.name}.safetensors")
+        """The weights file, which must lie beside the card: a card from elsewhere must not make the
+        tool open (and hash) any file of this machine."""
+        name = str(self.card.get("weights", f"{self.name}.safetensors"))
+        if not name or name != Path(name).name or name in (".", "..") or "\\" in name:
+            raise MedILError(
+                f"the card {self.card_path} names its weights {name!r}; weights must be a file name beside the card "
+                "(no folder): move the weights next to the card and name them in it"
+            )
+        return self.card_path.parent / name
 
     @property
     def tasks(self) -> list[str]:
@@ -137,8 +145,13 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> LoadedModel:
     wpath = entry.weights_path
     if not wpath.exists():
         raise MedILError(f"the weights {wpath} of model {entry.name!r} are missing; reinstall the model")
+    if not entry.card.get("sha256"):
+        raise MedILError(
+            f"the card {entry.card_path} has no sha256 of its weights, so they cannot be checked; re-export the model "
+            "(`medil export`) or add the sha256 of its weights file"
+        )
     digest = sha256_file(wpath)
-    if entry.card.get("sha256") and entry.card["sha256"] != digest:
+    if entry.card["sha256"] != digest:
         raise MedILError(f"the weights of model {entry.name!r} do not match the sha256 in its card; the file is corrupt or was replaced")
     try:
         net = build_network(entry.card)

@@ -14,11 +14,10 @@ import torch
 from ..errors import MedILError
 from ..geometry import Grid, Volume, covering_grid
 from ..intensity import fit_normalizer
+from ..limits import GB, check_memory_limit
 from ..nn.fixed_grid import FixedGridAutoencoder
 from ..nn.resample import sample_on_grids
-from .reconstruct import check_memory_limit
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
-from .tiling import GB
 
 
 def fixed_grid_for(volume_grid: Grid, spacing: float, multiple: int) -> Grid:

@@ -23,28 +23,15 @@ import torch
 from ..errors import MedILError
 from ..geometry import Grid, Volume, canonical_order
 from ..intensity import fit_normalizer
+from ..limits import DEFAULT_MAX_MEMORY_GB, GB, check_memory_limit  # noqa: F401 (DEFAULT_MAX_MEMORY_GB: the public default)
 from ..nn.autoencoder import MedILAutoencoder
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
-from .tiling import GB, DecodePlan, EncodePlan, OutputArray, check_disk_space, decode_tiled, encode_tiled
+from .tiling import DecodePlan, EncodePlan, OutputArray, check_disk_space, decode_tiled, encode_tiled
 
-DEFAULT_MAX_MEMORY_GB = 3.0
 #: what the interpreter and torch allocate on top of the tensors during a run (thread pools, allocator slack)
 RUNTIME_OVERHEAD_BYTES = 224 * 2**20
 #: an output volume larger than this share of the memory limit goes to a memory-mapped temporary file
 SPILL_FRACTION = 0.4
-
-
-def check_memory_limit(max_memory_gb: float | None) -> float:
-    """The memory limit in bytes (default 3 GB); a non-positive or non-finite limit is a user error."""
-    if max_memory_gb is None:
-        return DEFAULT_MAX_MEMORY_GB * GB
-    try:
-        value = float(max_memory_gb)
-    except (TypeError, ValueError):
-        raise MedILError(f"the memory limit must be a number of GB, got {max_memory_gb!r}", options=("max_memory",)) from None
-    if not np.isfinite(value) or value <= 0 or value > 1e6:
-        raise MedILError(f"the memory limit must be a positive number of GB (at most 1e6), got {max_memory_gb!r}", options=("max_memory",))
-    return value * GB
 
 
 def check_overlap(input_grid: Grid, target: Grid) -> None:

@@ -31,9 +31,9 @@ import torch
 
 from ..errors import MedILError
 from ..geometry import Grid, lookup_box
+from ..limits import GB
 from .runtime import Progress, bound_allocator, check_cancel, format_seconds, release_free_memory, report
 
-GB = float(2**30)
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 
 

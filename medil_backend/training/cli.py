@@ -96,6 +96,28 @@ class ExportWeights(L.Callback):
         print(json.dumps({"exported": str(path)}), flush=True)
 
 
+#: the hyper-parameters an exported network is built from (see :class:`MedILLitModule`)
+EXPORT_HPARAMS = ("model", "stage", "fixed_grid")
+
+
+def check_checkpoint(path: str) -> None:
+    """Refuse a checkpoint to resume from that is missing, or that loads only by running pickled code."""
+    import torch
+
+    from ..errors import MedILError
+
+    if not Path(path).is_file():
+        raise MedILError(f"the checkpoint {path} does not exist; give the last.ckpt of an earlier medil train run")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise MedILError(
+            f"{path} is not a checkpoint medil can load safely ({first}); give the last.ckpt of a medil train run "
+            "(a checkpoint that needs arbitrary pickled code is refused)"
+        ) from None
+
+
 def export_checkpoint(
     checkpoint: str | Path, config: str | Path, folder: str | None = None, name: str | None = None, overwrite: bool = False
 ) -> Path:
@@ -134,8 +156,20 @@ def export_checkpoint(
     except Exception as exc:
         raise MedILError(f"{checkpoint} is not a Lightning checkpoint of medil train ({str(exc).splitlines()[0][:160]})") from None
     hparams = ckpt.get("hyper_parameters") or conf.get("model") or {}  # the run's own (incl. command-line overrides)
-    lit = MedILLitModule(**{k: v for k, v in hparams.items() if k != "init_weights" and not k.startswith("_")})
-    lit.net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
+    if not isinstance(hparams, dict):
+        raise MedILError(f"{checkpoint} is not a Lightning checkpoint of medil train (no hyper-parameters)")
+    # a checkpoint is untrusted input: only the settings that shape the network are taken from it, and
+    # nothing it names is imported (``perceptual`` names a module; exporting needs no loss)
+    try:
+        lit = MedILLitModule(**{k: v for k, v in hparams.items() if k in EXPORT_HPARAMS})
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MedILError(f"{checkpoint} does not describe a MedIL network ({first}); give the checkpoint of a medil train run") from None
+    try:
+        lit.net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise MedILError(f"{checkpoint} does not match the network of {config} ({first}); give the checkpoint of that run") from None
     data = conf.get("data") or {}
     dm = VolumeDataModule(**{k: v for k, v in data.items() if k in ("train", "val", "modality", "synthetic", "tissue_maps")})
     dm.setup()
@@ -174,6 +208,11 @@ class MedILCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            check_checkpoint(argv[i + 1])
+        elif arg.startswith("--ckpt_path="):
+            check_checkpoint(arg.split("=", 1)[1])
     if not argv or argv[0] not in ("fit", "validate", "--help", "-h", "--print_config"):
         argv = ["fit", *argv]
     MedILCLI(MedILLitModule, VolumeDataModule, args=argv, save_config_kwargs={"overwrite": True}, seed_everything_default=0)
