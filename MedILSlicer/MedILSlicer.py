@@ -197,7 +197,8 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateTaskOptions(self, *args) -> None:
         task = self.ui.taskComboBox.currentText
-        self.ui.reconstructOptionsCollapsibleButton.visible = task_by_label(task).key == "reconstruct"
+        self.ui.reconstructOptionsCollapsibleButton.visible = task_by_label(task).key in ("reconstruct", "superres")
+        self.ui.modelComboBox.enabled = task_by_label(task).key == "reconstruct"  # super-resolution's fast method has no model
         self._checkCanApply()
 
     def updateGeometryOptions(self, *args) -> None:
@@ -261,6 +262,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outputNode=p.outputVolume,
                 modality=p.modality,
                 maxMemoryGB=p.maxMemoryGB,
+                task=task_by_label(p.task).key,
                 waitForCompletion=False,
             )
         except MedILSlicerError as exc:

@@ -23,7 +23,9 @@ def thick_crop():
     """A real MRI crop (the bundled example, 2 x 2 x 3 mm) and its 2-slice average along the finest axis (4 mm)."""
     v = read_volume(EXAMPLE)
     lo, hi = (30, 30, 14), (90, 86, 50)
-    hr = Volume(np.ascontiguousarray(v.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]).astype(np.float32), v.grid.sub_grid(lo, hi).affine)
+    hr = Volume(
+        np.ascontiguousarray(v.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]).astype(np.float32), v.grid.sub_grid(lo, hi).affine
+    )
     axis = int(np.argmin(hr.grid.spacing))
     arr, grid = thick_slices(hr.array, hr.grid, axis, 2)
     return hr, Volume(arr, grid.affine, modality="mri")
@@ -80,3 +82,13 @@ def test_api_refuses_unknown_methods():
     v = Volume(np.ones((8, 8, 3), np.float32), Grid.from_parts((8, 8, 3), [1, 1, 4]).affine)
     with pytest.raises(MedILError, match="not available"):
         superres(v, method="dream")
+
+
+def test_slice_axis_is_the_thickest_axis_the_output_refines():
+    from medil_backend.ops.superres import slice_axis
+
+    g = Grid.from_parts((40, 8, 6), [0.8, 3.9, 6.5])
+    assert slice_axis(g) == 2
+    assert slice_axis(g, Grid.from_parts((40, 39, 6), [0.8, 0.8, 6.5])) == 1
+    with pytest.raises(MedILError, match="not finer"):
+        slice_axis(g, Grid.from_parts((40, 8, 6), [0.8, 3.9, 6.5]))

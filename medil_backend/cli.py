@@ -457,7 +457,10 @@ class _StderrNotes(logging.Handler):
 
 
 def _install_signals() -> dict:
-    """Termination signals end a run the way Ctrl-C does, so every temporary file is removed."""
+    """Termination signals end a run the way Ctrl-C does, so every temporary file is removed (and
+    are unblocked: a parent that held them while starting this process passes its mask on)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     previous = {}
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):

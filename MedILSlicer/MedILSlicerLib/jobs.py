@@ -52,7 +52,28 @@ class BackendJob:
             kwargs["start_new_session"] = True
         # UTF-8 both ways, whatever locale the host application (Qt, VTK) left behind
         env = {**(self.env if self.env is not None else os.environ), "PYTHONIOENCODING": "utf-8"}
-        self.process = subprocess.Popen(
+        # an interrupt while Popen runs would leave a child we hold no handle of: hold the termination
+        # signals until self.process is set (the backend unblocks them for itself as it starts)
+        held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} if hasattr(signal, "pthread_sigmask") else set()
+        if held and threading.current_thread() is threading.main_thread():
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        else:
+            held = set()
+        try:
+            self.process = self._popen(env, kwargs)
+        finally:
+            if held:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _popen(self, env: dict, kwargs: dict) -> subprocess.Popen:
+        return subprocess.Popen(
             self.command,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -62,13 +83,6 @@ class BackendJob:
             env=env,
             **kwargs,
         )
-        self._threads = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-        return self
 
     def _read_stdout(self) -> None:
         assert self.process and self.process.stdout

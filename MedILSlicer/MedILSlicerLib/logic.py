@@ -208,10 +208,11 @@ class MedILLogicCore:
             in_path = os.path.join(workdir, "input.nrrd")
             out_path = os.path.join(workdir, "output.nrrd")
             self.writeVolume(inputNode, in_path)
-            args = ["reconstruct", in_path, out_path, "--progress", "json", "--device", device, "--modality", modality]
-            args += ["--input-name", inputNode.GetName() or "the input volume"]
-            if model:
-                args += ["--model", model]
+            args = [task, in_path, out_path, "--progress", "json", "--input-name", inputNode.GetName() or "the input volume"]
+            if task == "reconstruct":  # super-resolution (B-spline + data consistency) takes no model
+                args += ["--device", device, "--modality", modality]
+                if model:
+                    args += ["--model", model]
             if maxMemoryGB:
                 args += ["--max-memory", repr(float(maxMemoryGB))]
             args += self.outputArguments(inputNode, outputSpace, workdir)
@@ -223,17 +224,18 @@ class MedILLogicCore:
             raise
         parameters = {
             "task": task,
-            "model": model or "default",
+            "model": (model or "default") if task == "reconstruct" else None,
             "device": device,
             "modality": modality,
             "arguments": [a.replace(workdir, "<tmp>") for a in args[3:]],
             "input": inputNode.GetName(),
         }
         name = outputNode.GetName() if outputNode is not None else f"{inputNode.GetName()}_medil_{task}"
-        job = RunningJob(BackendJob(args, python=self.python).start(), workdir, inputNode, outputNode, name, parameters)
-        if not waitForCompletion:
-            return job
+        job = RunningJob(BackendJob(args, python=self.python), workdir, inputNode, outputNode, name, parameters)
         try:
+            job.backend.start()
+            if not waitForCompletion:
+                return job
             job.backend.wait(onEvent)
         except BaseException:  # Ctrl-C or a signal in a batch script: stop the backend, delete its files
             self.cancel(job)

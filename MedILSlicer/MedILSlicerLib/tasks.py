@@ -19,7 +19,7 @@ class Task:
 
 TASKS: tuple[Task, ...] = (
     Task("reconstruct", "Reconstruct / resample", available=True, needs_input=True),
-    Task("superres", "Super-resolve", available=False, needs_input=True),
+    Task("superres", "Super-resolve", available=True, needs_input=True),
     Task("sample", "Sample", available=False, needs_input=False),
 )
 

@@ -32,16 +32,31 @@ THICK_RATIO = 1.5
 DC_COPIES = 8
 
 
-def thick_axis(grid: Grid, what: str = "the input") -> int:
-    """The input's slice axis: the axis whose spacing is at least :data:`THICK_RATIO` times the finest."""
+def slice_axis(grid: Grid, target: Grid | None = None, what: str = "the input") -> int:
+    """The input's slice axis: of its thick axes (spacing at least :data:`THICK_RATIO` times the
+    finest), the thickest that ``target`` samples more finely. Refuses an input with no thick axis,
+    and an output grid that is not finer than the input along any of them."""
     sp = grid.spacing
-    axis = int(np.argmax(sp))
-    if sp[axis] < THICK_RATIO * sp.min():
+    thick = [a for a in range(3) if sp[a] >= THICK_RATIO * sp.min()]
+    if not thick:
         raise MedILError(
             f"{what} has no thick slices (spacing {', '.join(f'{s:.3g}' for s in sp)} mm): there is nothing to super-resolve; "
             "`medil reconstruct` resamples it onto any grid"
         )
-    return axis
+    if target is None:
+        return max(thick, key=lambda a: sp[a])
+    proj = np.abs(grid.direction.T @ target.direction)  # |cos| between input axis a and output axis b
+    steps = proj @ target.spacing / np.maximum(proj.sum(axis=1), 1e-9)
+    refined = [a for a in thick if steps[a] < sp[a] * (1 - 1e-6)]
+    if not refined:
+        a = max(thick, key=lambda a: sp[a])
+        raise MedILError(
+            f"the output grid is not finer than the input's slices ({steps[a]:.3g} mm along the slice direction, the slices are "
+            f"{sp[a]:.3g} mm apart): super-resolution makes slices thinner; choose a finer spacing, or use "
+            "`medil reconstruct` to resample",
+            options=("spacing", "like"),
+        )
+    return max(refined, key=lambda a: sp[a])
 
 
 def default_grid(grid: Grid) -> Grid:
@@ -49,19 +64,6 @@ def default_grid(grid: Grid) -> Grid:
     from ..geometry import output_grid
 
     return output_grid(grid, spacing=float(grid.spacing.min()))
-
-
-def check_finer(grid: Grid, target: Grid, axis: int) -> None:
-    """The output's step along the slice direction must be finer than the input's slices."""
-    normal = grid.direction[:, axis]
-    step = float(np.abs(normal @ target.direction) @ target.spacing / max(np.abs(normal @ target.direction).sum(), 1e-9))
-    if step >= grid.spacing[axis] * (1 - 1e-6):
-        raise MedILError(
-            f"the output grid is not finer than the input's slices ({step:.3g} mm along the slice direction, the slices are "
-            f"{grid.spacing[axis]:.3g} mm apart): super-resolution makes slices thinner; choose a finer spacing, or use "
-            "`medil reconstruct` to resample",
-            options=("spacing", "like"),
-        )
 
 
 def superres(
@@ -89,9 +91,9 @@ def superres(
         raise MedILError(f"iterations must be a whole number from 0 to 100, got {iterations!r}", options=("iterations",))
     name = volume.meta.get("path", "the input")
     grid = volume.grid.validate(name)
+    slice_axis(grid, None, name)  # an input with no thick slices is refused before any grid is built
     target = default_grid(grid) if target is None else Grid(target.shape, target.affine).validate("the output grid")
-    axis = thick_axis(grid, name)
-    check_finer(grid, target, axis)
+    axis = slice_axis(grid, target, name)
     from .reconstruct import check_overlap
 
     check_overlap(grid, target)
