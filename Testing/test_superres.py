@@ -60,7 +60,7 @@ def test_cli_like_is_exact_and_errors_are_one_line(thick_crop, tmp_path, capsys)
     src, ref, out = tmp_path / "thick.nrrd", tmp_path / "ref.nii.gz", tmp_path / "sr.nii.gz"
     write_volume(thick, src)
     write_volume(hr, ref)
-    rc, _, err = run(["superres", src, out, "--like", ref, "--progress", "none"], capsys)
+    rc, _, err = run(["superres", src, out, "--like", ref, "--method", "fast", "--progress", "none"], capsys)
     assert rc == 0, err
     assert read_volume(out).grid.same_as(read_volume(ref).grid, atol=1e-5)
     for extra, fragment in [
@@ -68,7 +68,7 @@ def test_cli_like_is_exact_and_errors_are_one_line(thick_crop, tmp_path, capsys)
         (["--slice-thickness", "-2"], "slice thickness must be"),
         (["--max-memory", "0.001"], "memory limit"),
     ]:
-        rc, _, err = run(["superres", src, tmp_path / "x.nii.gz", *extra, "--progress", "none"], capsys)
+        rc, _, err = run(["superres", src, tmp_path / "x.nii.gz", "--method", "fast", *extra, "--progress", "none"], capsys)
         lines = err.strip().splitlines()
         assert rc == 1 and len(lines) == 1 and fragment in lines[0], err
     iso = tmp_path / "iso.nii.gz"
@@ -92,3 +92,40 @@ def test_slice_axis_is_the_thickest_axis_the_output_refines():
     assert slice_axis(g, Grid.from_parts((40, 39, 6), [0.8, 0.8, 6.5])) == 1
     with pytest.raises(MedILError, match="not finer"):
         slice_axis(g, Grid.from_parts((40, 8, 6), [0.8, 3.9, 6.5]))
+
+
+def test_adapt_learns_on_the_scan_and_its_uncertainty_is_on_the_output_grid(thick_crop):
+    from medil_backend.baselines import resample_sitk
+    from medil_backend.metrics import psnr
+
+    hr, thick = thick_crop
+    out = superres(thick, hr.grid, method="adapt", samples=2, time_budget_min=0.5, seed=3)
+    for run_info in out.meta["adaptation"]:
+        assert run_info["steps"] > 10 and run_info["l1_last"] < run_info["l1_first"], run_info
+    unc = out.meta["uncertainty"]
+    assert unc.grid.same_as(hr.grid, atol=0) and out.grid.same_as(hr.grid, atol=0)
+    assert np.isfinite(unc.array).all() and unc.array.min() >= 0 and unc.array.max() > 0
+    assert out.meta["consistency_residual_after"] < out.meta["consistency_residual_before"]
+    rng = float(hr.array.max())
+    bspline = resample_sitk(thick, hr.grid, "bspline").array
+    assert psnr(out.array / rng, hr.array / rng) > psnr(bspline / rng, hr.array / rng)
+
+
+def test_cli_samples_and_uncertainty(thick_crop, tmp_path, capsys):
+    hr, thick = thick_crop
+    src, out, unc = tmp_path / "thick.nii.gz", tmp_path / "sr.nrrd", tmp_path / "sd.nrrd"
+    write_volume(thick, src)
+    rc, _, err = run(
+        ["superres", src, out, "--spacing", 2, "--samples", 2, "--uncertainty", unc, "--time-budget", 0.2, "--progress", "none"], capsys
+    )
+    assert rc == 0, err
+    assert read_volume(unc).grid.same_as(read_volume(out).grid, atol=1e-5)
+    for extra, fragment in [
+        (["--uncertainty", tmp_path / "u.nrrd"], "--samples"),
+        (["--method", "fast", "--samples", "3"], "deterministic"),
+        (["--time-budget", "0"], "time budget"),
+    ]:
+        rc, _, err = run(["superres", src, tmp_path / "x.nrrd", *extra, "--progress", "none"], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and fragment in lines[0], err
+    assert not (tmp_path / "x.nrrd").exists() and not (tmp_path / "u.nrrd").exists()

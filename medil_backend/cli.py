@@ -87,7 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spacing", type=float, nargs="+", metavar="S", help="output spacing in mm: one value (isotropic) or three")
     g.add_argument("--orientation", metavar="CODE", help="as for reconstruct")
     g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
-    sr.add_argument("--method", default="fast", choices=["fast"], help="fast: cubic B-spline, then data consistency (default)")
+    sr.add_argument(
+        "--method",
+        default="adapt",
+        choices=["adapt", "fast"],
+        help="adapt (default): a network trained on this scan's own in-plane slices, then data consistency; "
+        "fast: cubic B-spline, then data consistency (seconds)",
+    )
+    sr.add_argument("--samples", type=int, default=1, metavar="K", help="adapt: K networks (seeds); the output is their mean")
+    sr.add_argument("--uncertainty", metavar="FILE", help="with --samples K > 1: write the per-voxel standard deviation here")
+    sr.add_argument("--time-budget", type=float, default=3.0, metavar="MIN", help="adapt: minutes of training in all (default 3)")
+    sr.add_argument("--seed", type=int, default=0, help="adapt: the first seed")
     sr.add_argument("--slice-thickness", type=float, default=None, metavar="MM", help="slice thickness (default: the slice spacing)")
     sr.add_argument("--slice-profile", default="rect", choices=["rect", "gaussian"], help="slice profile (gaussian: FWHM = thickness)")
     sr.add_argument("--iterations", type=int, default=2, help="data-consistency steps (default 2)")
@@ -177,6 +187,8 @@ OPTION_FLAGS = {
     "iterations": "--iterations",
     "slice_thickness": "--slice-thickness",
     "slice_profile": "--slice-profile",
+    "samples": "--samples",
+    "time_budget": "--time-budget",
 }
 
 
@@ -271,6 +283,13 @@ def cmd_superres(args: argparse.Namespace) -> int:
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
     orientation = _parse_orientation(args.orientation)
     out_path = check_output_path(args.output, overwrite=args.overwrite)
+    unc_path = None
+    if args.uncertainty:
+        if args.samples < 2:
+            raise MedILError("an uncertainty map needs several samples: add --samples K (K >= 2)", options=("samples",))
+        unc_path = check_output_path(args.uncertainty, overwrite=args.overwrite)
+        if unc_path.resolve() == out_path.resolve():
+            raise MedILError("the uncertainty map and the output need different file names")
     volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name)
     target = None
     if args.like:
@@ -289,6 +308,9 @@ def cmd_superres(args: argparse.Namespace) -> int:
             slice_thickness=args.slice_thickness,
             slice_profile=args.slice_profile,
             iterations=args.iterations,
+            samples=args.samples,
+            time_budget_min=args.time_budget,
+            seed=args.seed,
             max_memory_gb=args.max_memory,
             progress=update,
         )
@@ -297,7 +319,14 @@ def cmd_superres(args: argparse.Namespace) -> int:
         raise
     close()
     dtype = volume.array.dtype if args.dtype == "input" else np.float32
+    uncertainty = result.meta.pop("uncertainty", None)
     write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite)
+    if unc_path is not None and uncertainty is not None:
+        try:
+            write_volume(uncertainty, unc_path, overwrite=args.overwrite)
+        except BaseException:
+            out_path.unlink(missing_ok=True)  # both files or neither
+            raise
     grid = result.grid
     summary = {
         "output": str(out_path),
@@ -305,7 +334,7 @@ def cmd_superres(args: argparse.Namespace) -> int:
         "spacing": [round(float(s), 6) for s in grid.spacing],
         "version": __version__,
     }
-    summary.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.meta.items()})
+    summary.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.meta.items() if k != "adaptation"})
     if args.progress == "json":
         print(json.dumps({"done": True, **summary}), flush=True)
     else:
@@ -412,6 +441,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.device,
         max_memory_gb=args.max_memory,
         superres_methods=args.superres,
+        superres_samples=args.superres_samples,
+        superres_time_budget_min=args.superres_time_budget,
     )
     table = markdown_table(result)
     if loaded:
@@ -484,6 +515,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # library warnings (nibabel, torch) would come before the one error line
             return _main(argv)
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `medil info F | head`): nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt as exc:
         how = f" ({signal.Signals(exc.signum).name})" if isinstance(exc, Interrupted) else ""
         print(f"medil: interrupted{how}; no output was written", file=sys.stderr)

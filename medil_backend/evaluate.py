@@ -62,10 +62,14 @@ def evaluate(
     baselines: Sequence[str] = ("trilinear", "bspline"),
     max_memory_gb: float | None = None,
     superres_methods: Sequence[str] = (),
+    superres_samples: int = 1,
+    superres_time_budget_min: float = 3.0,
 ) -> dict:
     """Metrics per volume, task and method, plus their means over volumes.
 
-    ``superres_methods`` (e.g. ``fast``) are scored on the thick-slice tasks as ``superres-METHOD``.
+    ``superres_methods`` (``fast``, ``adapt``) are scored on the thick-slice tasks as
+    ``superres-METHOD``; ``adapt`` with ``superres_samples`` > 1 also scores its uncertainty map
+    (:func:`uncertainty_calibration`).
     """
     per_volume: dict[str, dict] = {}
     for path in paths:
@@ -89,8 +93,16 @@ def evaluate(
                 from .ops.superres import superres
 
                 t0 = time.perf_counter()
-                out = superres(inp, hr.grid, method=method, max_memory_gb=max_memory_gb)
-                rows[task][f"superres-{method}"] = score(norm.forward(out.array), ref, mask) | {"seconds": time.perf_counter() - t0}
+                k = superres_samples if method == "adapt" else 1
+                out = superres(
+                    inp, hr.grid, method=method, samples=k, time_budget_min=superres_time_budget_min, max_memory_gb=max_memory_gb
+                )
+                pred = norm.forward(out.array)
+                row = score(pred, ref, mask) | {"seconds": time.perf_counter() - t0}
+                if "uncertainty" in out.meta:
+                    std = out.meta["uncertainty"].array / norm.scale
+                    row["uncertainty_error_r"] = uncertainty_calibration(std, np.abs(pred - ref), mask, hr.grid.spacing)
+                rows[task][f"superres-{method}"] = row
         per_volume[Path(path).name] = rows
     mean: dict[str, dict] = {}
     for rows in per_volume.values():
@@ -143,6 +155,19 @@ def target_table(result: dict, models: Sequence[str]) -> str:
 SUPERRES_TARGETS_DB = {4.0: 1.0, 8.0: 0.5}
 
 
+def uncertainty_calibration(std: np.ndarray, abs_error: np.ndarray, mask: np.ndarray, spacing, window_mm: float = 5.0) -> float:
+    """Pearson correlation, inside ``mask``, between the uncertainty map and the absolute error, each
+    averaged over a ~``window_mm`` box (a map is useful if it is high where errors are large)."""
+    from scipy.ndimage import uniform_filter
+
+    size = [max(1, int(round(window_mm / s))) for s in spacing]
+    a = uniform_filter(np.asarray(std, dtype=np.float64), size)[mask]
+    b = uniform_filter(np.asarray(abs_error, dtype=np.float64), size)[mask]
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def superres_table(result: dict, methods: Sequence[str]) -> str:
     """Markdown: each super-resolution method's masked-PSNR gain over B-spline per thick-slice task,
     the mean against its target and the worst volume (the target: never below B-spline)."""
@@ -158,6 +183,20 @@ def superres_table(result: dict, methods: Sequence[str]) -> str:
             mean = float(np.mean(gains))
             cells += [f"{mean:+.2f} dB (>= {target:+g}: {'reached' if mean >= target else 'missed'})", f"{min(gains):+.2f} dB"]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    rs = {
+        t: [
+            rows[t][f"superres-{m}"]["uncertainty_error_r"]
+            for rows in result["volumes"].values()
+            for m in methods
+            if "uncertainty_error_r" in rows[t].get(f"superres-{m}", {})
+        ]
+        for t in tasks
+    }
+    if any(rs.values()):
+        lines.append("")
+        lines.append("| uncertainty vs error (Pearson r, 5 mm boxes; target >= 0.4) | " + " | ".join(tasks) + " |")
+        lines.append("|---|" + "---|" * len(tasks))
+        lines.append("| mean over volumes | " + " | ".join(f"{np.mean(rs[t]):.2f}" if rs[t] else "-" for t in tasks) + " |")
     return "\n".join(lines)
 
 

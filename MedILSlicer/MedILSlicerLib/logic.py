@@ -190,6 +190,7 @@ class MedILLogicCore:
         task: str = "reconstruct",
         modality: str = "auto",
         maxMemoryGB: float | None = None,
+        method: str | None = None,
         waitForCompletion: bool = True,
         onEvent: Callable[[dict], None] | None = None,
     ):
@@ -209,10 +210,12 @@ class MedILLogicCore:
             out_path = os.path.join(workdir, "output.nrrd")
             self.writeVolume(inputNode, in_path)
             args = [task, in_path, out_path, "--progress", "json", "--input-name", inputNode.GetName() or "the input volume"]
-            if task == "reconstruct":  # super-resolution (B-spline + data consistency) takes no model
+            if task == "reconstruct":  # super-resolution adapts to the scan itself: no model
                 args += ["--device", device, "--modality", modality]
                 if model:
                     args += ["--model", model]
+            elif method:
+                args += ["--method", method]
             if maxMemoryGB:
                 args += ["--max-memory", repr(float(maxMemoryGB))]
             args += self.outputArguments(inputNode, outputSpace, workdir)
@@ -225,6 +228,7 @@ class MedILLogicCore:
         parameters = {
             "task": task,
             "model": (model or "default") if task == "reconstruct" else None,
+            "method": method if task != "reconstruct" else None,
             "device": device,
             "modality": modality,
             "arguments": [a.replace(workdir, "<tmp>") for a in args[3:]],
