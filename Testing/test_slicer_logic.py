@@ -104,6 +104,22 @@ def test_superres_task_matches_cli(scene, tmp_path):
     assert out.GetName().endswith("_medil_superres")
 
 
+def test_superres_samples_give_an_uncertainty_node(scene, tmp_path):
+    src = crop_file(*CASES[0][:2], tmp_path)
+    node = load_node(scene, src)
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    out = MedILLogicCore().process(
+        node, OutputSpace(spacing=[0.8, 0.8, 3.25]), task="superres", method="adapt", samples=2, timeBudgetMin=0.1
+    )
+    unc = scene.GetNodeByID(out.GetAttribute("MedIL.uncertaintyNodeID"))
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 2
+    np.testing.assert_allclose(ijk_to_ras(unc), ijk_to_ras(out), atol=1e-6)
+    assert unc.GetImageData().GetDimensions() == out.GetImageData().GetDimensions()
+    assert node_array(unc).min() >= 0 and node_array(unc).max() > 0
+    assert unc.GetName().endswith("_uncertainty") and "AI-generated" in unc.GetDescription()
+    assert unc.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeRainbow"
+
+
 def test_logic_like_reference_is_exact(scene, tmp_path, model_dir):
     src = crop_file(*CASES[0][:2], tmp_path)
     node = load_node(scene, src)

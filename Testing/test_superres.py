@@ -129,3 +129,16 @@ def test_cli_samples_and_uncertainty(thick_crop, tmp_path, capsys):
         lines = err.strip().splitlines()
         assert rc == 1 and len(lines) == 1 and fragment in lines[0], err
     assert not (tmp_path / "x.nrrd").exists() and not (tmp_path / "u.nrrd").exists()
+
+
+def test_evaluate_scores_superres_against_bspline(thick_crop, tmp_path, capsys):
+    import json
+
+    hr, _ = thick_crop
+    path = tmp_path / "hr.nii.gz"
+    write_volume(hr, path)
+    rc, out, err = run(["evaluate", path, "--superres", "fast", "--thick", "4", "--json", tmp_path / "e.json"], capsys)
+    assert rc == 0, err
+    assert "superres-fast" in out and "mean gain" in out
+    rows = json.loads((tmp_path / "e.json").read_text())["volumes"]["hr.nii.gz"]["sr4mm"]
+    assert rows["superres-fast"]["psnr_mask"] > rows["bspline"]["psnr_mask"]

@@ -3,7 +3,9 @@
     python benchmarks/readme_tables.py          # rewrites the marked sections of README.md
 
 Sections: ``quality-brain`` / ``quality-ct`` (``medil evaluate`` mean tables and the issue's
-targets, from ``eval-brain.json`` / ``eval-ct.json``) and ``speed`` (``bench_reconstruct.json``).
+targets, from ``eval-brain.json`` / ``eval-ct.json``), ``superres-brain`` / ``superres-ct``
+(``eval-superres-*.json``), ``superres-speed`` (``bench_superres.json``) and ``speed``
+(``bench_reconstruct.json``).
 """
 
 from __future__ import annotations
@@ -63,9 +65,50 @@ def speed() -> str:
     return "\n".join(rows)
 
 
+def superres_quality(name: str) -> str:
+    from medil_backend.evaluate import markdown_table, superres_table
+
+    res = json.loads((RESULTS / f"eval-superres-{name}.json").read_text())
+    methods = [m[len("superres-") :] for m in res["mean"]["sr4mm"] if m.startswith("superres-")]
+    per_volume = [
+        "| volume | task | B-spline | " + " | ".join(f"superres-{m}" for m in methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+    for vol, rows in res["volumes"].items():
+        for task, r in rows.items():
+            if task.startswith("sr"):
+                cells = [f"{r[f'superres-{m}']['psnr_mask'] - r['bspline']['psnr_mask']:+.2f}" for m in methods]
+                per_volume.append(f"| {vol} | {task} | {r['bspline']['psnr_mask']:.2f} dB | " + " | ".join(cells) + " |")
+    return (
+        markdown_table(res, keys=("psnr_mask", "ssim_mask", "psnr", "seconds"))
+        + "\n\nGain over B-spline (psnr_mask), against the super-resolution issue's targets:\n\n"
+        + superres_table(res, methods)
+        + "\n\nPer volume (masked PSNR of B-spline; each method's gain over it, dB):\n\n"
+        + "\n".join(per_volume)
+    )
+
+
+def superres_speed() -> str:
+    d = json.loads((RESULTS / "bench_superres.json").read_text())
+    rows = ["| method | seconds | peak RSS increase (MB) | psnr_mask | gain over B-spline |", "|---|---|---|---|---|"]
+    for m, r in d["results"].items():
+        gain = f"{r['gain_over_bspline_db']:+.2f} dB" if "gain_over_bspline_db" in r else "-"
+        rows.append(f"| {m} | {r['seconds']:.1f} | {r['peak_rss_increase_mb']:.0f} | {r['psnr_mask']:.2f} | {gain} |")
+    rows.append("")
+    rows.append(
+        f"{d['case']}, {'x'.join(map(str, d['results']['bspline']['output_shape']))} output; adapt's time budget {d['time_budget_min']:g} min; {d['machine']}."
+    )
+    return "\n".join(rows)
+
+
 def main() -> None:
     readme = (REPO / "README.md").read_text()
-    sections = (("quality-brain", quality("brain")), ("quality-ct", quality("ct")), ("speed", speed()))
+    sections = [("quality-brain", quality("brain")), ("quality-ct", quality("ct")), ("speed", speed())]
+    for name in ("brain", "ct"):
+        if (RESULTS / f"eval-superres-{name}.json").exists():
+            sections.append((f"superres-{name}", superres_quality(name)))
+    if (RESULTS / "bench_superres.json").exists():
+        sections.append(("superres-speed", superres_speed()))
     for name, text in sections:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(readme):

@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model name or card path (repeatable; default: medil-ct with --modality ct, else medil-brain-t1)",
     )
-    e.add_argument("--superres", action="append", default=[], choices=["fast"], help="also score this super-resolution method (repeatable)")
+    e.add_argument(
+        "--superres", action="append", default=[], choices=["fast", "adapt"], help="also score this super-resolution method (repeatable)"
+    )
+    e.add_argument("--superres-samples", type=int, default=1, metavar="K", help="adapt: K seeds, and score the uncertainty map (K > 1)")
+    e.add_argument("--superres-time-budget", type=float, default=3.0, metavar="MIN", help="adapt: training minutes per volume and task")
     e.add_argument("--thick", type=float, nargs="+", default=[4.0, 8.0], metavar="MM", help="simulated slice thicknesses")
     e.add_argument("--modality", default="auto", choices=["mri", "ct", "auto"])
     e.add_argument("--device", default="auto")

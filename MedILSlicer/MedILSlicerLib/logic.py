@@ -61,6 +61,7 @@ class RunningJob:
     outputName: str
     parameters: dict = field(default_factory=dict)
     outputNodeCreated: Any = None
+    uncertaintyNode: Any = None  # super-resolution with several samples: the per-voxel std, a second node
 
 
 def _is_node(obj) -> bool:
@@ -191,6 +192,8 @@ class MedILLogicCore:
         modality: str = "auto",
         maxMemoryGB: float | None = None,
         method: str | None = None,
+        samples: int = 1,
+        timeBudgetMin: float | None = None,
         waitForCompletion: bool = True,
         onEvent: Callable[[dict], None] | None = None,
     ):
@@ -214,8 +217,13 @@ class MedILLogicCore:
                 args += ["--device", device, "--modality", modality]
                 if model:
                     args += ["--model", model]
-            elif method:
-                args += ["--method", method]
+            else:
+                if method:
+                    args += ["--method", method]
+                if samples > 1:
+                    args += ["--samples", str(int(samples)), "--uncertainty", os.path.join(workdir, "uncertainty.nrrd")]
+                if timeBudgetMin:
+                    args += ["--time-budget", repr(float(timeBudgetMin))]
             if maxMemoryGB:
                 args += ["--max-memory", repr(float(maxMemoryGB))]
             args += self.outputArguments(inputNode, outputSpace, workdir)
@@ -229,6 +237,7 @@ class MedILLogicCore:
             "task": task,
             "model": (model or "default") if task == "reconstruct" else None,
             "method": method if task != "reconstruct" else None,
+            "samples": int(samples) if task != "reconstruct" else None,
             "device": device,
             "modality": modality,
             "arguments": [a.replace(workdir, "<tmp>") for a in args[3:]],
@@ -276,10 +285,21 @@ class MedILLogicCore:
             node.SetName(job.outputName)
             result = job.backend.result
             self.recordProvenance(node, job.parameters, result)
+            unc_path = os.path.join(job.workdir, "uncertainty.nrrd")
+            if os.path.exists(unc_path):
+                unc = self._addVolumeNode(f"{job.outputName}_uncertainty")
+                job.uncertaintyNode = unc
+                self.readVolume(unc_path, unc)
+                self.recordProvenance(unc, {**job.parameters, "map": "per-voxel standard deviation over samples"}, result)
+                display = unc.GetDisplayNode()
+                if display is not None:  # a colour overlay: warm where the samples disagree
+                    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeRainbow")
+                node.SetAttribute("MedIL.uncertaintyNodeID", unc.GetID())
             return node
         except MedILSlicerError:
-            if job.outputNodeCreated is not None:
-                self.scene.RemoveNode(job.outputNodeCreated)
+            for created in (job.outputNodeCreated, job.uncertaintyNode):
+                if created is not None:
+                    self.scene.RemoveNode(created)
             raise
         finally:
             shutil.rmtree(job.workdir, ignore_errors=True)
