@@ -149,3 +149,16 @@ def test_an_output_grid_that_misses_the_input_is_refused(tiny_model, small_mri):
     far = output_grid(v.grid, fov=[lo[0] + 1000, hi[0] + 1000, lo[1], hi[1], lo[2], hi[2]])
     with pytest.raises(MedILError, match="does not overlap the input"):
         reconstruct(v, far, tiny_model, device="cpu")
+
+
+@pytest.mark.parametrize("modality,shift,floor", [("mri", 0.0, 0.0), ("ct", -1500.0, -1024.0)])
+def test_outputs_stay_within_physics(tiny_model, small_mri, modality, shift, floor):
+    """An MR magnitude (no negative voxel) never comes out negative; CT never below -1024 HU."""
+    import torch
+
+    v = read_volume(small_mri)
+    v.array = v.array.astype(np.float32) + shift
+    with torch.no_grad():  # a decoder that undershoots everywhere
+        tiny_model.decoder.head.bias.fill_(-5.0)
+    out = reconstruct(v, v.grid, tiny_model, device="cpu", precision="float32", modality=modality)
+    assert out.array.min() == pytest.approx(floor)

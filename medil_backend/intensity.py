@@ -66,3 +66,16 @@ def fit_normalizer(array: np.ndarray, modality: str = "auto") -> Normalizer:
             options=("modality",),
         )
     return Normalizer("mri", 0.0, p99)
+
+
+#: the lowest CT value with a physical meaning (air is -1000 HU; scanners store down to -1024)
+CT_FLOOR_HU = -1024.0
+
+
+def physical_floor(array: np.ndarray, modality: str) -> float | None:
+    """The lowest value an output may take for this input: CT never goes below -1024 HU, and an MR
+    magnitude image (no negative voxel) never goes below 0. ``None``: no floor (e.g. phase or
+    difference images with negative values)."""
+    if modality == "ct":
+        return CT_FLOOR_HU
+    return 0.0 if float(np.min(array)) >= 0 else None

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import MedILError
 from ..geometry import Grid, Volume, covering_grid
-from ..intensity import fit_normalizer
+from ..intensity import fit_normalizer, physical_floor
 from ..limits import GB, check_memory_limit
 from ..nn.fixed_grid import FixedGridAutoencoder
 from ..nn.resample import sample_on_grids
@@ -81,4 +81,8 @@ def fixed_grid_reconstruct(
     check_cancel(cancel)
     report(progress, 1.0, "done")
     meta = {"normalization": norm.to_dict(), "work_grid": repr(work), "precision": str(dtype).replace("torch.", "")}
-    return Volume(norm.inverse(y), target.affine, modality=norm.modality, meta=meta)
+    out = norm.inverse(y)
+    floor = physical_floor(volume.array, norm.modality)
+    if floor is not None:
+        np.maximum(out, np.float32(floor), out=out)
+    return Volume(out, target.affine, modality=norm.modality, meta=meta)

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import MedILError
 from ..geometry import Grid, Volume, canonical_order
-from ..intensity import fit_normalizer
+from ..intensity import fit_normalizer, physical_floor
 from ..limits import DEFAULT_MAX_MEMORY_GB, GB, check_memory_limit  # noqa: F401 (DEFAULT_MAX_MEMORY_GB: the public default)
 from ..nn.autoencoder import MedILAutoencoder
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
@@ -155,7 +155,10 @@ def reconstruct(
     enc_work = 0.2 * grid.num_voxels + 2.5 * plan.encode.z_grid.num_voxels
     enc_share = min(0.9, max(0.05, enc_work / (enc_work + 0.45 * target.num_voxels)))
     scale, offset = np.float32(norm.scale), np.float32(norm.offset)
-    output = OutputArray(target.shape, spill=plan.spill, transform=lambda a: a * scale + offset)  # back to the input's units, per tile
+    floor = physical_floor(volume.array, norm.modality)
+    floor = np.float32(-np.inf if floor is None else floor)
+    # back to the input's units, no lower than physics allows (an MR magnitude is never negative), per tile
+    output = OutputArray(target.shape, spill=plan.spill, transform=lambda a: np.maximum(a * scale + offset, floor))
     with torch.inference_mode(), autocast(dev, plan.dtype):
         x = torch.from_numpy(norm.forward(volume.array)).to(dev)[None, None]
         raw = encode_tiled(model, x, grid, plan.encode.z_grid, plan=plan.encode, progress=progress, cancel=cancel, span=(0.0, enc_share))

@@ -192,6 +192,11 @@ def superres(
         meta.update(samples=samples, seed=seed, time_budget_min=time_budget_min, adaptation=runs)
     if not np.isfinite(x).all():
         raise MedILError("super-resolution produced non-finite values; check the input's intensities")
+    from ..intensity import fit_normalizer, physical_floor
+
+    floor = physical_floor(y, fit_normalizer(y, volume.modality).modality)
+    if floor is not None:  # no lower than physics allows (an MR magnitude is never negative; CT >= -1024 HU)
+        np.maximum(x, np.float32(floor), out=x)
     report(progress, 1.0, "done")
     meta.update(
         iterations=iterations, consistency_residual_before=before, consistency_residual_after=after, seconds=time.perf_counter() - t0
