@@ -261,3 +261,15 @@ def test_backend_errors_reach_the_panel_in_its_own_words(tmp_path):
     assert "(panel: Memory limit" in message and message.endswith(")")
     assert any(line.startswith("medil: error:") and "(--max-memory" in line for line in job.stderr_lines)
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_outputs_say_they_are_ai_generated(small_mri, tmp_path, model_dir, capsys):
+    out = tmp_path / "o.nrrd"
+    rc, _, err = run(["reconstruct", small_mri, out, "--model", "tiny", "--progress", "none"], capsys)
+    assert rc == 0, err
+    side = json.loads((tmp_path / "o.json").read_text())
+    assert side["AIGenerated"] and side["model"] == "tiny" and len(side["model_sha256"]) == 64 and side["input"] == "small.nii.gz"
+    # an existing sidecar is never replaced without --overwrite, and is checked before any work
+    (tmp_path / "p.json").write_text("mine")
+    rc, _, err = run(["reconstruct", small_mri, tmp_path / "p.nii.gz", "--model", "tiny", "--progress", "none"], capsys)
+    assert rc == 1 and "p.json already exists" in err and (tmp_path / "p.json").read_text() == "mine"

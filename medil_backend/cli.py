@@ -15,6 +15,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, Interrupted, MedILError
@@ -221,7 +222,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from .geometry import output_grid
     from .intensity import guess_modality
-    from .io import check_output_path, read_volume, write_volume
+    from .io import check_output_path, check_output_path_free, read_volume, sidecar_path, write_volume
     from .models import default_model_for, load_model
     from .ops import run_model
 
@@ -231,6 +232,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise MedILError(f"--spacing takes one value (isotropic) or three, not {len(args.spacing)}")
     orientation = _parse_orientation(args.orientation)
     out_path = check_output_path(args.output, overwrite=args.overwrite)
+    check_output_path_free(sidecar_path(out_path), args.overwrite)
     volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name)
     like = read_volume(args.like, max_memory_gb=args.max_memory).grid if args.like else None
     target = output_grid(volume.grid, like=like, spacing=args.spacing, orientation=orientation, fov=args.fov)
@@ -259,7 +261,17 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     dtype = volume.array.dtype if args.dtype == "input" else np.float32
-    write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite)
+    provenance = {
+        "task": "reconstruct",
+        "model": model.name,
+        "model_sha256": model.sha256,
+        "version": __version__,
+        "input": Path(args.input_name or args.input).name,
+        "modality": result.modality,
+        "grid": {"shape": list(target.shape), "affine_ras": target.affine.round(9).tolist()},
+        "command": "medil " + shlex.join(args.argv),
+    }
+    write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite, provenance=provenance)
     summary = {
         "output": str(out_path),
         "shape": list(target.shape),
@@ -280,18 +292,20 @@ def cmd_superres(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .geometry import output_grid
-    from .io import check_output_path, read_grid, read_volume, write_volume
+    from .io import check_output_path, check_output_path_free, read_grid, read_volume, sidecar_path, write_volume
     from .ops.superres import superres
 
     if args.like and (args.spacing or args.orientation or args.fov):
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
     orientation = _parse_orientation(args.orientation)
     out_path = check_output_path(args.output, overwrite=args.overwrite)
+    check_output_path_free(sidecar_path(out_path), args.overwrite)
     unc_path = None
     if args.uncertainty:
         if args.samples < 2:
             raise MedILError("an uncertainty map needs several samples: add --samples K (K >= 2)", options=("samples",))
         unc_path = check_output_path(args.uncertainty, overwrite=args.overwrite)
+        check_output_path_free(sidecar_path(unc_path), args.overwrite)
         if unc_path.resolve() == out_path.resolve():
             raise MedILError("the uncertainty map and the output need different file names")
     volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name)
@@ -324,12 +338,26 @@ def cmd_superres(args: argparse.Namespace) -> int:
     close()
     dtype = volume.array.dtype if args.dtype == "input" else np.float32
     uncertainty = result.meta.pop("uncertainty", None)
-    write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite)
+    provenance = {
+        "task": "superres",
+        "model": f"superres-{args.method}",
+        "version": __version__,
+        "input": Path(args.input_name or args.input).name,
+        "method": {k: v for k, v in result.meta.items() if k != "adaptation"},
+        "command": "medil " + shlex.join(args.argv),
+    }
+    write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite, provenance=provenance)
     if unc_path is not None and uncertainty is not None:
         try:
-            write_volume(uncertainty, unc_path, overwrite=args.overwrite)
+            write_volume(
+                uncertainty,
+                unc_path,
+                overwrite=args.overwrite,
+                provenance={**provenance, "map": "per-voxel standard deviation over samples"},
+            )
         except BaseException:
             out_path.unlink(missing_ok=True)  # both files or neither
+            sidecar_path(out_path).unlink(missing_ok=True)
             raise
     grid = result.grid
     summary = {
@@ -424,8 +452,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .evaluate import evaluate, markdown_table, target_table, to_json
     from .models import default_model_for, load_model
 
