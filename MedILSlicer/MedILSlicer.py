@@ -250,6 +250,13 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.ensureDependencies():
             return
         p = self._parameterNode
+        target = p.outputVolume
+        if (
+            target is not None
+            and target.GetAttribute("MedIL.task")
+            and not slicer.util.confirmOkCancelDisplay(f"'{target.GetName()}' holds an earlier MedIL result. Replace it?")
+        ):
+            return
         try:
             space = outputSpaceFromParameters(p)
             self.ui.logTextEdit.clear()
@@ -282,7 +289,9 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._finishRun(f"wrote {node.GetName()}")
         p = self._parameterNode
-        p.outputVolume = node
+        # the selector goes back to "create new": the next Apply makes a new node rather than
+        # silently replacing this result (pick a node explicitly to replace it)
+        p.outputVolume = None
         slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=node, foregroundOpacity=0.5, fit=True)
         if p.showIn3D:
             self.logic.showVolumeRendering(node)

@@ -95,8 +95,11 @@ def superres_speed() -> str:
         gain = f"{r['gain_over_bspline_db']:+.2f} dB" if "gain_over_bspline_db" in r else "-"
         rows.append(f"| {m} | {r['seconds']:.1f} | {r['peak_rss_increase_mb']:.0f} | {r['psnr_mask']:.2f} | {gain} |")
     rows.append("")
+    m = d["machine"]
+    shape = "x".join(map(str, d["results"]["bspline"]["output_shape"]))
     rows.append(
-        f"{d['case']}, {'x'.join(map(str, d['results']['bspline']['output_shape']))} output; adapt's time budget {d['time_budget_min']:g} min; {d['machine']}."
+        f"{d['case']}, {shape} output; adapt's time budget {d['time_budget_min']:g} min; "
+        f"{m['cpu_count']} CPU cores, {m['torch_threads']} torch threads, each method in a fresh process."
     )
     return "\n".join(rows)
 
