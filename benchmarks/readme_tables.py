@@ -88,6 +88,27 @@ def superres_quality(name: str) -> str:
     )
 
 
+def superres_uncertainty() -> str:
+    """The uncertainty maps of ``adapt`` with K seeds: Pearson r with the error, and the K-mean's gain."""
+    rows = [
+        "| volumes | task | samples | uncertainty-error r (target >= 0.4) | gain of the K-mean over B-spline |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("brain", "ct"):
+        path = RESULTS / f"eval-superres-uncertainty-{name}.json"
+        if not path.exists():
+            continue
+        res = json.loads(path.read_text())
+        for task, methods in res["mean"].items():
+            if not task.startswith("sr") or "uncertainty_error_r" not in methods.get("superres-adapt", {}):
+                continue
+            m = methods["superres-adapt"]
+            k = res.get("superres_samples", "K")
+            gain = m["psnr_mask"] - methods["bspline"]["psnr_mask"]
+            rows.append(f"| {name} | {task} | {k} | {m['uncertainty_error_r']:.2f} | {gain:+.2f} dB |")
+    return "\n".join(rows)
+
+
 def superres_speed() -> str:
     d = json.loads((RESULTS / "bench_superres.json").read_text())
     rows = ["| method | seconds | peak RSS increase (MB) | psnr_mask | gain over B-spline |", "|---|---|---|---|---|"]
@@ -110,6 +131,8 @@ def main() -> None:
     for name in ("brain", "ct"):
         if (RESULTS / f"eval-superres-{name}.json").exists():
             sections.append((f"superres-{name}", superres_quality(name)))
+    if any((RESULTS / f"eval-superres-uncertainty-{n}.json").exists() for n in ("brain", "ct")):
+        sections.append(("superres-uncertainty", superres_uncertainty()))
     if (RESULTS / "bench_superres.json").exists():
         sections.append(("superres-speed", superres_speed()))
     for name, text in sections:

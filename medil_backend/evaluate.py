@@ -112,7 +112,10 @@ def evaluate(
                 for k, v in m.items():
                     acc.setdefault(k, []).append(v)
     mean = {t: {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in ms.items()} for t, ms in mean.items()}
-    return {"volumes": per_volume, "mean": mean, "thick_mm": list(thick_mm)}
+    out = {"volumes": per_volume, "mean": mean, "thick_mm": list(thick_mm)}
+    if superres_methods:
+        out.update(superres_samples=superres_samples, superres_time_budget_min=superres_time_budget_min)
+    return out
 
 
 def markdown_table(result: dict, keys: Sequence[str] = ("psnr_mask", "ssim_mask", "psnr", "ms_ssim"), volume: str | None = None) -> str:
