@@ -222,7 +222,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from .geometry import output_grid
     from .intensity import guess_modality
-    from .io import check_output_path, check_output_path_free, read_volume, sidecar_path, write_volume
+    from .io import check_output_path, check_output_path_free, read_grid, read_volume, sidecar_path, write_volume
     from .models import default_model_for, load_model
     from .ops import run_model
 
@@ -234,7 +234,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     out_path = check_output_path(args.output, overwrite=args.overwrite)
     check_output_path_free(sidecar_path(out_path), args.overwrite)
     volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name)
-    like = read_volume(args.like, max_memory_gb=args.max_memory).grid if args.like else None
+    like = read_grid(args.like) if args.like else None  # a reference's header is all its grid needs
     target = output_grid(volume.grid, like=like, spacing=args.spacing, orientation=orientation, fov=args.fov)
     modality = args.modality if args.modality != "auto" else guess_modality(volume.array)
     model = load_model(args.model or default_model_for(modality))

@@ -142,7 +142,7 @@ def _declared(path: Path) -> tuple[tuple[int, ...], int]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
-    bits = reader.GetPixelIDTypeAsString() if hasattr(reader, "GetPixelIDTypeAsString") else ""
+    bits = sitk.GetPixelIDValueAsString(reader.GetPixelID())  # e.g. "16-bit signed integer"
     itemsize = next((v for k, v in _ITK_ITEMSIZE.items() if k in bits), 8)
     comps = max(1, int(reader.GetNumberOfComponents()))
     return tuple(int(n) for n in reader.GetSize()), itemsize * comps
@@ -429,8 +429,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise MedILError(f"the output folder {parent} does not exist; create it first")
     if path.is_dir():
         raise MedILError(f"{path} is a folder; give an output file name")
-    if os.path.lexists(path) and not overwrite:  # (a dangling symbolic link too)
-        raise MedILError(f"{path} already exists; choose another name or allow overwriting it", options=("overwrite",))
+    check_output_path_free(path, overwrite)
     if not os.access(parent, os.W_OK):
         raise MedILError(f"the output folder {parent} is not writable; choose another place")
     return path
@@ -553,8 +552,7 @@ def write_volume(
                     {"AIGenerated": True, "note": provenance_line(provenance), **provenance}, fh, indent=2, sort_keys=True, default=str
                 )
             os.chmod(side_tmp, _output_mode(sidecar))
-        if os.path.lexists(path) and not overwrite:  # appeared while we computed
-            raise MedILError(f"{path} already exists; choose another name or allow overwriting it", options=("overwrite",))
+        check_output_path_free(path, overwrite)  # it may have appeared while we computed
         os.replace(tmp, path)
         if sidecar is not None:
             os.replace(tmps[1], sidecar)
@@ -569,7 +567,7 @@ def write_volume(
 
 
 def check_output_path_free(path: Path, overwrite: bool) -> None:
-    """A companion file (a JSON sidecar) must not replace an existing file either, unless overwriting."""
+    """Nothing (not even a dangling symbolic link) is replaced without ``overwrite``: outputs and their sidecars."""
     if os.path.lexists(path) and not overwrite:
         raise MedILError(f"{path} already exists; choose another name or allow overwriting it", options=("overwrite",))
 

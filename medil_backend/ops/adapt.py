@@ -165,8 +165,10 @@ def train_adapter(
     return net.eval(), {"steps": step, "l1_first": first, "l1_last": last}
 
 
-def apply_adapter(net: ResidualCNN2d, u: np.ndarray, slice_axis: int, cancel=None) -> np.ndarray:
-    """Apply ``net`` to every plane of ``u`` that contains ``slice_axis`` (as rows), both orientations, averaged."""
+def apply_adapter(net: ResidualCNN2d, y: np.ndarray, grid: Grid, fine: Grid, slice_axis: int, cancel=None) -> np.ndarray:
+    """``y`` (on ``grid``) B-spline-upsampled onto ``fine`` (``grid`` refined along ``slice_axis``), then ``net``
+    applied to every plane that contains ``slice_axis`` (as rows), both orientations, averaged."""
+    u = _bspline(y, grid, fine)
     out = np.zeros_like(u)
     others = [a for a in range(3) if a != slice_axis]
     with torch.no_grad():
@@ -180,24 +182,3 @@ def apply_adapter(net: ResidualCNN2d, u: np.ndarray, slice_axis: int, cancel=Non
             order = np.argsort((other, slice_axis, b))
             out += np.transpose(pred[:, 0], order)
     return out / len(others)
-
-
-def adapt_superres(
-    y: np.ndarray,
-    grid: Grid,
-    fine: Grid,
-    slice_axis: int,
-    thickness: float,
-    profile: str,
-    seconds: float,
-    seed: int,
-    progress: Progress | None = None,
-    span: tuple[float, float] = (0.0, 1.0),
-    cancel=None,
-) -> tuple[np.ndarray, dict]:
-    """One adapted estimate of normalised ``y`` (on ``grid``) on ``fine`` (``grid`` refined along the slice axis)."""
-    mid = span[0] + 0.8 * (span[1] - span[0])
-    net, info = train_adapter(y, grid, slice_axis, thickness, profile, seconds, seed, progress, (span[0], mid), cancel)
-    report(progress, mid, "applying the adapted network through-plane")
-    u = _bspline(y, grid, fine)
-    return apply_adapter(net, u, slice_axis, cancel), info

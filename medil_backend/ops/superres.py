@@ -167,16 +167,18 @@ def superres(
         x, before, after = _consistent(x, y, op, iterations, progress, (0.3, 1.0), cancel)
     else:
         from ..intensity import fit_normalizer
-        from .adapt import adapt_superres
+        from .adapt import apply_adapter, train_adapter
 
         norm = fit_normalizer(y, volume.modality)
         yn = norm.forward(y)
         estimates, runs = [], []
+        seconds = time_budget_min * 60 * 0.8 / samples
         for k in range(samples):
-            span = (0.9 * k / samples, 0.9 * (k + 1) / samples)
-            est, info = adapt_superres(
-                yn, grid, work, axis, width, slice_profile, time_budget_min * 60 * 0.8 / samples, seed + k, progress, span, cancel
-            )
+            start, stop = 0.9 * k / samples, 0.9 * (k + 1) / samples
+            mid = start + 0.8 * (stop - start)
+            net, info = train_adapter(yn, grid, axis, width, slice_profile, seconds, seed + k, progress, (start, mid), cancel)
+            report(progress, mid, "applying the adapted network through-plane")
+            est = apply_adapter(net, yn, grid, work, axis, cancel)
             estimates.append(est)
             runs.append(info)
         stack = np.stack(estimates)
