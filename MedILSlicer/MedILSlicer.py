@@ -84,6 +84,9 @@ class MedILSlicerParameterNode:
     maxMemoryGB: Annotated[float, WithinRange(0.25, 512.0)] = 3.0
     outputVolume: vtkMRMLScalarVolumeNode
     showIn3D: bool = False
+    sampleSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    sampleCount: Annotated[int, WithinRange(1, 100)] = 1
+    sampleSteps: Annotated[int, WithinRange(1, 1000)] = 25
 
 
 def outputSpaceFromParameters(p) -> OutputSpace:
@@ -196,9 +199,11 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = "Run MedIL" if ok else "Select an input volume (and an available task)"
 
     def updateTaskOptions(self, *args) -> None:
-        task = self.ui.taskComboBox.currentText
-        self.ui.reconstructOptionsCollapsibleButton.visible = task_by_label(task).key in ("reconstruct", "superres")
-        self.ui.modelComboBox.enabled = task_by_label(task).key == "reconstruct"  # super-resolution's fast method has no model
+        key = task_by_label(self.ui.taskComboBox.currentText).key
+        self.ui.reconstructOptionsCollapsibleButton.visible = key in ("reconstruct", "superres")
+        self.ui.sampleOptionsCollapsibleButton.visible = key == "sample"
+        self.ui.outputsCollapsibleButton.visible = key != "sample"  # each sample is a new node, named with its seed
+        self.ui.modelComboBox.enabled = key in ("reconstruct", "sample")  # super-resolution's fast method has no model
         self._checkCanApply()
 
     def updateGeometryOptions(self, *args) -> None:
@@ -216,6 +221,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # backend missing: offer to install
             self.log(f"MedIL backend not available: {exc}")
             models = []
+        self._modelTasks = {m["name"]: list(m.get("tasks", ["reconstruct"])) for m in models}
         for m in models:
             combo.addItem(m["name"])
         if current:
@@ -257,10 +263,31 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             and not slicer.util.confirmOkCancelDisplay(f"'{target.GetName()}' holds an earlier MedIL result. Replace it?")
         ):
             return
+        task = task_by_label(p.task).key
         try:
             space = outputSpaceFromParameters(p)
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
+            if task == "sample":
+                chosen = self.ui.modelComboBox.currentText or None
+                # a reconstruction model cannot sample: then the default sampling model
+                model = chosen if chosen and "sample" in getattr(self, "_modelTasks", {}).get(chosen, []) else None
+                self._job = self.logic.process(
+                    None,
+                    space,
+                    model=model,
+                    device=p.device,
+                    maxMemoryGB=p.maxMemoryGB,
+                    task="sample",
+                    seed=p.sampleSeed,
+                    count=p.sampleCount,
+                    steps=p.sampleSteps,
+                    waitForCompletion=False,
+                )
+                self.ui.applyButton.text = "Cancel"
+                self.ui.applyButton.enabled = True
+                self._timer.start()
+                return
             self._job = self.logic.process(
                 p.inputVolume,
                 space,
@@ -287,8 +314,14 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if node is None:
             return
-        self._finishRun(f"wrote {node.GetName()}")
         p = self._parameterNode
+        if isinstance(node, list):  # samples: each in the slice views (the first shown) and rendered in 3D
+            self._finishRun("drew " + ", ".join(n.GetName() for n in node) + " (AI-generated)")
+            slicer.util.setSliceViewerLayers(background=node[0], foreground=None, fit=True)
+            for i, n in enumerate(node):
+                self.logic.showVolumeRendering(n, visible=i == 0)
+            return
+        self._finishRun(f"wrote {node.GetName()}")
         # the selector goes back to "create new": the next Apply makes a new node rather than
         # silently replacing this result (pick a node explicitly to replace it)
         p.outputVolume = None
@@ -358,10 +391,10 @@ class MedILSlicerLogic(ScriptedLoadableModuleLogic, MedILLogicCore):
             return False
         return True
 
-    def showVolumeRendering(self, node) -> None:
+    def showVolumeRendering(self, node, visible: bool = True) -> None:
         vrLogic = slicer.modules.volumerendering.logic()
         displayNode = vrLogic.CreateDefaultVolumeRenderingNodes(node)
-        displayNode.SetVisibility(True)
+        displayNode.SetVisibility(visible)
         vrLogic.UpdateDisplayNodeFromVolumeNode(displayNode, node)
 
 

@@ -71,6 +71,53 @@ def model_dir(tmp_path, tiny_model, monkeypatch):
     return folder
 
 
+TINY_AE = dict(
+    channels=[4, 8],
+    factors=[2],
+    n_units=1,
+    encoder_norm="none",
+    decoder_norm="channel",
+    latent_channels=2,
+    latent_spacing=4.0,
+    lte_frequencies=8,
+    inr_width=8,
+    inr_blocks=1,
+    kl=True,
+)
+TINY_LDM = dict(latent_channels=2, channels=[8, 16], groups=4, time_dim=16, timesteps=100, latent_spacing=4.0)
+DEFAULT_SPACE = {"shape": [24, 28, 20], "spacing": [2.0, 2.0, 2.0], "centre": [0.0, 0.0, 0.0]}
+
+
+@pytest.fixture
+def sampler_dir(tmp_path, monkeypatch):
+    """A user model folder with a tiny generative autoencoder and a tiny diffusion model on its latents."""
+    from medil_backend.models import export_model, sha256_file
+    from medil_backend.nn import MedILAutoencoder, MedILConfig
+    from medil_backend.nn.diffusion import DiffusionConfig, LatentDiffusionUNet
+
+    torch.manual_seed(0)
+    ae = MedILAutoencoder(MedILConfig.from_dict(TINY_AE)).eval()
+    folder = tmp_path / "models"
+    export_model(ae, folder, "tiny-gen", {"tasks": ["reconstruct"], "modality": "mri", "description": "test"})
+    ldm = LatentDiffusionUNet(DiffusionConfig.from_dict(TINY_LDM))
+    with torch.no_grad():  # a random (not zero-initialised) head, so the denoiser's output depends on its input
+        ldm.head[-1].weight.normal_(0, 0.1)
+    card = {
+        "tasks": ["sample"],
+        "modality": "mri",
+        "description": "test sampler",
+        "autoencoder": {"name": "tiny-gen", "sha256": sha256_file(folder / "tiny-gen.safetensors")},
+        "default_space": DEFAULT_SPACE,
+        "native_spaces": [
+            {"weight": 0.5, "mean": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "var": [0.01] * 6},
+            {"weight": 0.5, "mean": [0.0, 0.0, np.log(5.0), 0.0, 0.0, 0.1], "var": [0.01] * 6},
+        ],
+    }
+    export_model(ldm, folder, "tiny-ldm", card)
+    monkeypatch.setenv("MEDIL_MODELS", str(folder))
+    return folder
+
+
 @pytest.fixture
 def small_mri(tmp_path):
     """A small real MRI crop (from the bundled example) written as NIfTI, with its array."""

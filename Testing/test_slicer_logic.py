@@ -293,3 +293,43 @@ def _processes_mentioning(text: str) -> list[tuple[int, str]]:
         if text in cmdline:
             found.append((int(pid), cmdline))
     return found
+
+
+def test_sample_task_needs_no_input_node(scene, tmp_path, sampler_dir):
+    """The Sample task on real MRML: no input node, the field of view from a Markups ROI, one node per seed."""
+    roi = slicer.vtkMRMLMarkupsROINode()
+    scene.AddNode(roi)
+    roi.SetCenter(2.0, -3.0, 1.0)
+    roi.SetSize(30.0, 24.0, 18.0)
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    nodes = MedILLogicCore().process(
+        None, OutputSpace(spacing=[2.5], orientation="LPS", fov=roi), model="tiny-ldm", task="sample", seed=11, count=2, steps=2
+    )
+    assert [n.GetName() for n in nodes] == ["tiny-ldm_seed11", "tiny-ldm_seed12"]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 2
+    for n, seed in zip(nodes, (11, 12)):
+        assert n.GetAttribute("MedIL.aiGenerated") == "true" and n.GetAttribute("MedIL.seed") == str(seed)
+        assert n.GetAttribute("MedIL.task") == "sample" and len(n.GetAttribute("MedIL.modelSha256")) == 64
+        assert n.GetAttribute("MedIL.autoencoder") == "tiny-gen"
+        np.testing.assert_allclose(n.GetSpacing(), 2.5, atol=1e-5)
+        affine = ijk_to_ras(n)
+        corners = np.array([[(0, d - 1)[b] for d, b in zip(n.GetImageData().GetDimensions(), bits)] + [1] for bits in np.ndindex(2, 2, 2)])
+        world = corners @ affine.T
+        assert np.all(world[:, :3].min(0) >= np.array([2 - 15, -3 - 12, 1 - 9]) - 2.5)  # covers the ROI, no more than a voxel beyond
+        assert np.all(world[:, :3].max(0) <= np.array([2 + 15, -3 + 12, 1 + 9]) + 2.5)
+    assert not np.array_equal(node_array(nodes[0]), node_array(nodes[1]))
+
+
+def test_sample_like_a_reference_node_is_exact_and_failure_leaves_nothing(scene, tmp_path, sampler_dir):
+    from medil_backend.geometry import Grid, affine_from_parts
+
+    ref = Volume(np.zeros((14, 12, 10), np.float32), affine_from_parts([1.7, 2.2, 2.9], np.diag([-1.0, -1.0, 1.0]), [12.0, 9.0, -13.0]))
+    write_volume(ref, tmp_path / "ref.nrrd")
+    node = load_node(scene, tmp_path / "ref.nrrd")
+    (out,) = MedILLogicCore().process(None, OutputSpace(like=node), model="tiny-ldm", task="sample", steps=1)
+    assert np.allclose(ijk_to_ras(out), ijk_to_ras(node), atol=1e-5)
+    assert Grid(out.GetImageData().GetDimensions(), ijk_to_ras(out)).shape == (14, 12, 10)
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(MedILSlicerError, match="does not sample"):
+        MedILLogicCore().process(None, OutputSpace(), model="tiny-gen", task="sample", steps=1)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before

@@ -107,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     sr.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="progress display")
 
+    sm = _numbers_after_options(
+        sub.add_parser("sample", help="draw new volumes from a latent diffusion model onto any grid (AI-generated, marked as such)")
+    )
+    sm.add_argument("output", help="output file: .nii, .nii.gz, .nrrd or .mha (with --n N > 1: OUTPUT_000.nii.gz, ...)")
+    sm.add_argument("--model", default=None, help="latent diffusion model name or card path (default medil-brain-t1-ldm)")
+    sm.add_argument("--n", type=int, default=1, metavar="N", help="how many volumes (seeds SEED, SEED+1, ...)")
+    sm.add_argument("--seed", type=int, default=0, help="the first seed (the same seed gives the same volume)")
+    sm.add_argument("--steps", type=int, default=25, metavar="K", help="DDIM denoising steps (default 25)")
+    g = sm.add_argument_group("output grid (default: the model's default space, 1 mm around a head at the origin)")
+    g.add_argument("--like", metavar="REF", help="exactly the grid of REF (shape, spacing, direction, origin)")
+    g.add_argument("--spacing", type=float, nargs="+", metavar="S", help="output spacing in mm: one value (isotropic) or three")
+    g.add_argument("--orientation", metavar="CODE", help="a code such as RAS, LPS, LIA, or 9 comma-separated direction numbers")
+    g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
+    g.add_argument("--native", action="store_true", help="draw each output space from the model's mixture of native spaces")
+    sm.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    sm.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of the job (default 3 GB)")
+    sm.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    sm.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="progress display")
+
     sub.add_parser(
         "train", help="train a model with Lightning: medil train --config CONFIG.yaml [overrides] (see training/configs)", add_help=False
     )
@@ -378,6 +397,100 @@ def cmd_superres(args: argparse.Namespace) -> int:
     return 0
 
 
+def sample_paths(output: str, n: int) -> list[Path]:
+    """``OUTPUT`` for one sample; ``OUTPUT`` with ``_000``, ``_001``, ... before the extension for several."""
+    from .io import _suffix
+
+    path = Path(output)
+    if n == 1:
+        return [path]
+    suffix = _suffix(path)
+    stem = path.name[: -len(suffix)] if suffix else path.name
+    return [path.with_name(f"{stem}_{i:03d}{suffix}") for i in range(n)]
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .geometry import output_grid
+    from .io import check_output_path, check_output_path_free, read_grid, sidecar_path, write_volume
+    from .ops.sample import load_sampler, native_grid, sample
+
+    if args.n < 1:
+        raise MedILError(f"--n must be at least 1, not {args.n}", options=("n",))
+    if args.like and (args.spacing or args.orientation or args.fov or args.native):
+        raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation, --fov and --native, or drop --like")
+    if args.native and (args.spacing or args.orientation):
+        raise MedILError("--native draws the spacing and orientation; drop --spacing and --orientation, or drop --native")
+    if args.spacing is not None and len(args.spacing) not in (1, 3):
+        raise MedILError(f"--spacing takes one value (isotropic) or three, not {len(args.spacing)}")
+    orientation = _parse_orientation(args.orientation)
+    paths = sample_paths(args.output, args.n)
+    for p in paths:  # every name is checked before any work: nothing is replaced by surprise
+        check_output_path(p, overwrite=args.overwrite)
+        check_output_path_free(sidecar_path(p), args.overwrite)
+    sampler = load_sampler(args.model)
+    default = sampler.default_grid()
+    if args.like:
+        targets = [read_grid(args.like)] * args.n
+    elif args.native:
+        rng = np.random.default_rng(args.seed)
+        targets = [native_grid(sampler, rng) for _ in range(args.n)]
+    elif args.spacing or orientation is not None or args.fov:
+        targets = [output_grid(default, spacing=args.spacing, orientation=orientation, fov=args.fov)] * args.n
+    else:
+        targets = [default] * args.n
+    update, close = _progress_callback(args.progress)
+    written = []
+    try:
+        for i, (path, target) in enumerate(zip(paths, targets)):
+
+            def part(fraction: float, message: str, i=i) -> None:
+                update((i + fraction) / args.n, message)
+
+            (volume,) = sample(
+                sampler,
+                target,
+                n=1,
+                seed=args.seed + i,
+                steps=args.steps,
+                device=args.device,
+                progress=part if update else None,
+                max_memory_gb=args.max_memory,
+            )
+            meta = dict(volume.meta)
+            provenance = {
+                **meta,
+                "task": "sample",
+                "version": __version__,
+                "modality": volume.modality,
+                "grid": {"shape": list(target.shape), "affine_ras": target.affine.round(9).tolist()},
+                "native_space": bool(args.native),
+                "command": "medil " + shlex.join(args.argv),
+            }
+            written.append(write_volume(volume, path, overwrite=args.overwrite, provenance=provenance))
+            if args.progress == "json":
+                print(json.dumps({"written": str(path), "seed": meta["seed"], "shape": list(target.shape)}), flush=True)
+    except BaseException:
+        close(ok=False)
+        raise
+    close()
+    summary = {
+        "outputs": [str(p) for p in written],
+        "model": sampler.name,
+        "model_sha256": sampler.sha256,
+        "seed": args.seed,
+        "steps": args.steps,
+        "version": __version__,
+    }
+    if args.progress == "json":
+        print(json.dumps({"done": True, **summary}), flush=True)
+    else:
+        for p, t in zip(written, targets):
+            print(f"wrote {p} {t} (AI-generated)", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import DEFAULT_MODELS, list_models
 
@@ -581,6 +694,7 @@ def _main(argv: Sequence[str] | None) -> int:
     handlers = {
         "reconstruct": cmd_reconstruct,
         "superres": cmd_superres,
+        "sample": cmd_sample,
         "models": cmd_models,
         "info": cmd_info,
         "evaluate": cmd_evaluate,

@@ -88,6 +88,18 @@ def spin(name, param, lo, hi, value, suffix=" mm", step=0.1):
     )
 
 
+def ispin(name, param, lo, hi, value, tooltip):
+    return widget(
+        "QSpinBox",
+        name,
+        prop("minimum", "number", lo),
+        prop("maximum", "number", hi),
+        prop("value", "number", value),
+        prop("toolTip", "string", tooltip),
+        param=param,
+    )
+
+
 def build() -> str:
     custom = widget(
         "QWidget",
@@ -152,6 +164,15 @@ def build() -> str:
             "Reconstruct options",
             [
                 ("Modality:", combo("modalityComboBox", MODALITIES, "modality")),
+            ],
+        ),
+        collapsible(
+            "sampleOptionsCollapsibleButton",
+            "Sample options",
+            [
+                ("Seed:", ispin("sampleSeedSpinBox", "sampleSeed", 0, 2147483647, 0, "The same seed draws the same volume")),
+                ("Count:", ispin("sampleCountSpinBox", "sampleCount", 1, 100, 1, "Volumes to draw (seeds seed, seed+1, ...)")),
+                ("Steps:", ispin("sampleStepsSpinBox", "sampleSteps", 1, 1000, 25, "DDIM denoising steps")),
             ],
         ),
         collapsible(

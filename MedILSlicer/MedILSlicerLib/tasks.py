@@ -20,7 +20,7 @@ class Task:
 TASKS: tuple[Task, ...] = (
     Task("reconstruct", "Reconstruct / resample", available=True, needs_input=True),
     Task("superres", "Super-resolve", available=True, needs_input=True),
-    Task("sample", "Sample", available=False, needs_input=False),
+    Task("sample", "Sample", available=True, needs_input=False),
 )
 
 LABELS: list[str] = [t.label for t in TASKS]

@@ -99,8 +99,28 @@ def _run_fixed_grid(*args, **kwargs):
     return fixed_grid_reconstruct(*args, **kwargs)
 
 
+def _build_diffusion(config: dict) -> nn.Module:
+    from ..nn.diffusion import DiffusionConfig, LatentDiffusionUNet
+
+    return LatentDiffusionUNet(DiffusionConfig.from_dict(config))
+
+
+def _diffusion_latent(net) -> dict:
+    c = net.config
+    return {
+        "spacing_mm": c.latent_spacing,
+        "channels": c.latent_channels,
+        "compression_vs_1mm": round(c.latent_spacing**3 / c.latent_channels, 2),
+    }
+
+
+def _no_reconstruct(volume, target, net, **options):
+    raise MedILError("this is a latent diffusion model: it draws new volumes (`medil sample`), it does not reconstruct an input")
+
+
 def _register_builtins() -> None:
     if _REGISTRY:
         return
     register(Architecture("MedILAutoencoder", _build_medil, _run_medil, _medil_latent))
     register(Architecture("FixedGridAutoencoder", _build_fixed_grid, _run_fixed_grid, _fixed_grid_latent))
+    register(Architecture("LatentDiffusionUNet", _build_diffusion, _no_reconstruct, _diffusion_latent))

@@ -72,19 +72,21 @@ class ExportWeights(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        net = pl_module.net
+        # what is exported: the module's ``export_attr`` (default ``net``; the diffusion model exports its moving average)
+        net = getattr(pl_module, getattr(pl_module, "export_attr", "net"))
+        prefix = getattr(pl_module, "export_prefix", "net.")
         best = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.best_model_path), None)
         best_score = None
         if best is not None:
             state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-            net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
+            net.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
             best_score = float(best.best_model_score) if best.best_model_score is not None else None
         card = training_card(
             description=self.description,
             tasks=self.tasks,
             datamodule=trainer.datamodule,
             config_file=self.config_file,
-            stage=pl_module.hparams.stage,
+            stage=pl_module.hparams.get("stage"),
             steps_done=trainer.global_step,
             minutes=round((time.time() - self.t0) / 60, 2),
             val_l1_best=best_score,
@@ -92,6 +94,9 @@ class ExportWeights(L.Callback):
             num_nodes=trainer.num_nodes,
             precision=str(trainer.precision),
         )
+        if best is not None and best.monitor != "val/l1":
+            card["metrics"] = {f"{best.monitor.replace('/', '_')}_best": best_score}
+        card.update(getattr(pl_module, "card_extra", dict)())
         path = export_model(net, self.folder, self.name, card)
         print(json.dumps({"exported": str(path)}), flush=True)
 
@@ -215,8 +220,45 @@ def main(argv: list[str] | None = None) -> int:
             check_checkpoint(arg.split("=", 1)[1])
     if not argv or argv[0] not in ("fit", "validate", "--help", "-h", "--print_config"):
         argv = ["fit", *argv]
+    if is_diffusion_recipe(argv):
+        from .diffusion_lit import DiffusionLitModule
+        from .latents import LatentDataModule
+
+        DiffusionCLI(DiffusionLitModule, LatentDataModule, args=argv, save_config_kwargs={"overwrite": True}, seed_everything_default=0)
+        return 0
     MedILCLI(MedILLitModule, VolumeDataModule, args=argv, save_config_kwargs={"overwrite": True}, seed_everything_default=0)
     return 0
+
+
+def is_diffusion_recipe(argv: list[str]) -> bool:
+    """A recipe whose ``data`` names an ``autoencoder`` trains a latent diffusion model (on that autoencoder's latents)."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path and Path(path).is_file():
+            try:
+                conf = yaml.safe_load(Path(path).read_text()) or {}
+            except yaml.YAMLError:
+                return False
+            if isinstance(conf, dict) and isinstance(conf.get("data"), dict) and "autoencoder" in conf["data"]:
+                return True
+    return False
+
+
+class DiffusionCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(
+            {
+                "trainer.callbacks": [
+                    {
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"monitor": "val/loss", "mode": "min", "save_last": True},
+                    },
+                ],
+                "trainer.max_epochs": 10,
+            }
+        )
 
 
 if __name__ == "__main__":

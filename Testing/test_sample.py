@@ -1,0 +1,270 @@
+"""Latent diffusion sampling: the denoiser learns, its conditioning carries the geometry, samples land
+exactly on the requested grid, seeds reproduce, and the CLI refuses what it cannot do."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEFAULT_SPACE, EXAMPLE, TINY_LDM
+
+from medil_backend.geometry import Grid, affine_from_parts, direction_from_code
+from medil_backend.nn.diffusion import DiffusionConfig, LatentDiffusionUNet, geometry_channels, source_spacing_along
+
+
+def test_a_tiny_diffusion_model_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    net = LatentDiffusionUNet(DiffusionConfig.from_dict(TINY_LDM))
+    grid = Grid((12, 12, 8), affine_from_parts([4, 4, 4], np.eye(3), [-20, -20, -10]))
+    cond = geometry_channels(grid, [1, 1, 1], net.config)[None].expand(2, -1, -1, -1, -1)
+    z0 = torch.sin(cond[:, :2] * 6.0)  # a smooth, position-dependent "latent"
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(0)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([net.training_loss(z0, cond, generator=torch.Generator().manual_seed(k)).item() for k in range(8)]))
+
+    before = loss()
+    for _ in range(60):
+        opt.zero_grad()
+        net.training_loss(z0, cond, generator=g).backward()
+        opt.step()
+    assert loss() < 0.7 * before
+
+
+def test_conditioning_follows_field_of_view_and_orientation():
+    cfg = DiffusionConfig.from_dict(TINY_LDM)
+    full = Grid((10, 10, 10), affine_from_parts([4, 4, 4], np.eye(3), [-18, -18, -18]))
+    part = full.sub_grid((2, 2, 2), (7, 7, 7))
+    c_full, c_part = geometry_channels(full, [1, 1, 1], cfg), geometry_channels(part, [1, 1, 1], cfg)
+    # a smaller field of view is a smaller coordinate range, the same values where the grids meet
+    assert torch.allclose(c_full[:, 2:7, 2:7, 2:7], c_part)
+    assert float(c_part[0].max() - c_part[0].min()) < float(c_full[0].max() - c_full[0].min())
+    lo, hi = np.array(cfg.group_lo), np.array(cfg.group_hi)
+    centre = c_full[:3, 4, 4, 4].numpy() * (hi - lo) + lo
+    np.testing.assert_allclose(centre, full.voxel_to_world(np.array([[4, 4, 4]]))[0], atol=1e-4)
+    # an orientation is a rotated coordinate field
+    lps = Grid((10, 10, 10), affine_from_parts([4, 4, 4], direction_from_code("LPS"), [18, 18, -18]))
+    c_lps = geometry_channels(lps, [1, 1, 1], cfg)
+    assert torch.allclose(c_lps[0], c_full[0].flip(0), atol=1e-6)
+    # the spacing channels carry the acquisition's spacing along the latent axes (blended when rotated)
+    np.testing.assert_allclose(source_spacing_along(full, np.eye(3), [1, 1, 6]), [1, 1, 6])
+    rot = np.array([[1, 0, 0], [0, np.cos(0.5), -np.sin(0.5)], [0, np.sin(0.5), np.cos(0.5)]])
+    blended = source_spacing_along(Grid((4, 4, 4), affine_from_parts([4, 4, 4], rot, [0, 0, 0])), np.eye(3), [1, 1, 6])
+    assert 1 < blended[1] < 6 and 1 < blended[2] < 6
+    # and the network's output changes with each
+    torch.manual_seed(0)
+    net = LatentDiffusionUNet(cfg).eval()
+    with torch.no_grad():
+        net.head[-1].weight.normal_(0, 0.1)
+        z, t = torch.randn(1, 2, 5, 5, 5), torch.tensor([50])
+        outs = [
+            net(z, t, geometry_channels(g, sp, cfg)[None])
+            for g, sp in ((part, [1, 1, 1]), (full.sub_grid((3, 3, 3), (8, 8, 8)), [1, 1, 1]), (part, [1, 1, 6]))
+        ]
+        outs.append(net(z, t, geometry_channels(lps.sub_grid((2, 2, 2), (7, 7, 7)), [1, 1, 1], cfg)[None]))
+    for other in outs[1:]:
+        assert (outs[0] - other).abs().max() > 1e-4
+
+
+def test_ddim_with_more_steps_is_deterministic_and_finite():
+    torch.manual_seed(0)
+    net = LatentDiffusionUNet(DiffusionConfig.from_dict(TINY_LDM)).eval()
+    grid = Grid((8, 8, 8), affine_from_parts([4, 4, 4], np.eye(3), [-14, -14, -14]))
+    cond = geometry_channels(grid, [1, 1, 1], net.config)[None]
+    noise = torch.randn(1, 2, 8, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = net.ddim(noise, cond, 5), net.ddim(noise, cond, 5)
+        c = net.ddim(noise, cond, 1)
+    assert torch.equal(a, b) and torch.isfinite(a).all() and c.shape == a.shape
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        Grid((17, 13, 11), affine_from_parts([1.7, 2.1, 2.9], direction_from_code("LIA"), [10.0, -5.0, 3.0])),  # partial FOV, flips
+        Grid(
+            (15, 15, 9),
+            affine_from_parts(
+                [2.0, 2.0, 3.3],
+                np.array([[np.cos(0.4), -np.sin(0.4), 0], [np.sin(0.4), np.cos(0.4), 0], [0, 0, 1]]) @ np.diag([1, -1, 1]),
+                [-12.0, 14.0, -6.0],
+            ),
+        ),  # oblique
+    ],
+)
+def test_sample_lands_exactly_on_the_requested_grid(sampler_dir, grid):
+    from medil_backend.ops.sample import sample
+
+    (v,) = sample("tiny-ldm", grid, seed=1, steps=3)
+    assert v.array.shape == grid.shape
+    np.testing.assert_allclose(v.affine, grid.affine, atol=1e-9)
+    assert np.isfinite(v.array).all() and v.array.min() >= 0  # an MR magnitude is never negative
+    assert v.meta["seed"] == 1 and v.meta["steps"] == 3 and v.meta["autoencoder"] == "tiny-gen"
+
+
+def test_same_seed_same_volume_other_seed_other_volume(sampler_dir):
+    from medil_backend.ops.sample import sample
+
+    a, b = sample("tiny-ldm", n=2, seed=5, steps=2)
+    (a2,) = sample("tiny-ldm", n=1, seed=5, steps=2)
+    assert np.array_equal(a.array, a2.array)
+    assert not np.array_equal(a.array, b.array) and b.meta["seed"] == 6
+    assert a.array.shape == tuple(DEFAULT_SPACE["shape"])
+
+
+def test_sample_progress_and_cancel(sampler_dir):
+    from medil_backend.errors import Cancelled
+    from medil_backend.ops.sample import sample
+
+    seen = []
+    sample("tiny-ldm", steps=3, progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    with pytest.raises(Cancelled):
+        sample("tiny-ldm", steps=3, cancel=lambda: True)
+
+
+def run(argv, capsys):
+    from medil_backend.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_sample_writes_marked_files_with_sidecars(sampler_dir, tmp_path, capsys):
+    import nibabel as nib
+
+    out = tmp_path / "s.nii.gz"
+    rc, _, err = run(["sample", out, "--model", "tiny-ldm", "--n", "2", "--seed", "7", "--steps", "2", "--progress", "none"], capsys)
+    assert rc == 0, err
+    for i, seed in enumerate((7, 8)):
+        path = tmp_path / f"s_{i:03d}.nii.gz"
+        img = nib.load(path)
+        assert b"AI-generated by MedIL" in img.header["descrip"].tobytes()
+        side = json.loads((tmp_path / f"s_{i:03d}.json").read_text())
+        assert side["AIGenerated"] is True and side["seed"] == seed and side["steps"] == 2
+        assert side["model"] == "tiny-ldm" and len(side["model_sha256"]) == 64 and len(side["autoencoder_sha256"]) == 64
+        assert side["grid"]["shape"] == DEFAULT_SPACE["shape"] and "date" in side
+    # never replaced by surprise: a second run refuses before any work, and leaves the files as they were
+    before = (tmp_path / "s_000.nii.gz").read_bytes()
+    rc, _, err = run(["sample", out, "--model", "tiny-ldm", "--n", "2", "--progress", "none"], capsys)
+    assert rc != 0 and "--overwrite" in err and "Traceback" not in err
+    assert (tmp_path / "s_000.nii.gz").read_bytes() == before
+
+
+def test_cli_sample_like_a_reference_is_exact(sampler_dir, tmp_path, capsys):
+    from medil_backend.io import read_grid, read_volume, write_volume
+
+    ref = read_volume(EXAMPLE)
+    sub = ref.grid.sub_grid((30, 30, 10), (60, 62, 30))
+    ref.array, ref.affine = np.ascontiguousarray(ref.array[30:60, 30:62, 10:30]), sub.affine
+    ref.affine[:3, 3] -= ref.grid.voxel_to_world(np.array([[15, 16, 10]]))[0]  # near the group space's centre
+    rpath = tmp_path / "ref.nrrd"
+    write_volume(ref, rpath)
+    out = tmp_path / "s.nrrd"
+    rc, _, err = run(["sample", out, "--model", "tiny-ldm", "--like", rpath, "--steps", "2", "--progress", "none"], capsys)
+    assert rc == 0, err
+    a, b = read_grid(out), read_grid(rpath)
+    assert a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-5)
+
+
+def test_cli_sample_native_spaces_and_fov(sampler_dir, tmp_path, capsys):
+    from medil_backend.io import read_grid
+
+    rc, _, err = run(
+        ["sample", tmp_path / "n.nii.gz", "--model", "tiny-ldm", "--native", "--n", "2", "--steps", "1", "--progress", "none"], capsys
+    )
+    assert rc == 0, err
+    grids = [read_grid(tmp_path / f"n_{i:03d}.nii.gz") for i in range(2)]
+    assert all(g.num_voxels > 0 for g in grids)
+    rc, _, err = run(
+        [
+            "sample",
+            tmp_path / "f.nii.gz",
+            "--model",
+            "tiny-ldm",
+            "--spacing",
+            "3",
+            "--fov",
+            "-10",
+            "10",
+            "-12",
+            "12",
+            "-6",
+            "6",
+            "--orientation",
+            "LPS",
+            "--steps",
+            "1",
+            "--progress",
+            "none",
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    g = read_grid(tmp_path / "f.nii.gz")
+    np.testing.assert_allclose(g.spacing, 3.0)
+    assert g.orientation_code == "LPS"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "nope"], "unknown model"),
+        (["--model", "tiny-gen"], "does not sample"),
+        (["--model", "tiny-ldm", "--n", "0"], "at least 1"),
+        (["--model", "tiny-ldm", "--fov", "5000", "5100", "0", "10", "0", "10"], "outside the space"),
+        (["--model", "tiny-ldm", "--steps", "0"], "steps"),
+        (["--model", "tiny-ldm", "--native", "--spacing", "1"], "--native"),
+    ],
+)
+def test_cli_sample_errors_are_one_line(sampler_dir, tmp_path, capsys, extra, message):
+    rc, _, err = run(["sample", tmp_path / "s.nii.gz", *extra, "--progress", "none"], capsys)
+    assert rc != 0 and message in err and "Traceback" not in err
+    assert not any(tmp_path.glob("s*"))
+
+
+def test_reconstruct_refuses_a_diffusion_model(sampler_dir, small_mri, tmp_path, capsys):
+    rc, _, err = run(["reconstruct", small_mri, tmp_path / "o.nii.gz", "--model", "tiny-ldm", "--progress", "none"], capsys)
+    assert rc != 0 and "medil sample" in err and "Traceback" not in err
+
+
+def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, capsys):
+    """medil train on a diffusion recipe: latents cached, the moving average exported with a card that names the
+    autoencoder and the native spaces, and the exported model samples."""
+    from conftest import REPO
+
+    from medil_backend.training.cli import main as train_main
+
+    cache, out = tmp_path / "latents.npz", tmp_path / "export"
+    callbacks = (
+        '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/loss", "dirpath": "'
+        + str(tmp_path / "ckpt")
+        + '"}}, {"class_path": "medil_backend.training.cli.ExportWeights", "init_args": {"folder": "'
+        + str(out)
+        + '", "name": "tiny-ldm2", "tasks": ["sample"]}}]'
+    )
+    argv = ["--config", str(REPO / "training/configs/tiny-diffusion.yaml"), f"--data.cache={cache}", f"--trainer.callbacks={callbacks}"]
+    cwd = __import__("os").getcwd()
+    __import__("os").chdir(REPO)
+    try:
+        assert train_main(argv) == 0
+    finally:
+        __import__("os").chdir(cwd)
+    assert cache.exists()
+    card = json.loads((out / "tiny-ldm2.json").read_text())
+    assert card["architecture"] == "LatentDiffusionUNet" and card["tasks"] == ["sample"]
+    assert card["autoencoder"]["name"] == "tiny-gen" and len(card["autoencoder"]["sha256"]) == 64
+    assert card["native_spaces"] and "val_loss_best" in card["metrics"]
+    from medil_backend.models import load_model
+    from medil_backend.ops.sample import sample
+
+    net = load_model(out / "tiny-ldm2.json").net
+    assert float(net.latent_std.min()) > 0 and not torch.all(net.latent_std == 1)  # standardised by the training latents
+    grid = Grid((20, 24, 10), affine_from_parts([2.0, 2.0, 3.0], np.eye(3), [-20.0, -24.0, -15.0]))
+    (v,) = sample(str(out / "tiny-ldm2.json"), grid, steps=2)
+    assert v.array.shape == grid.shape and np.isfinite(v.array).all()

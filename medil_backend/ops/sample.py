@@ -1,0 +1,230 @@
+"""Draw new volumes onto any grid: latent diffusion on the latent grid that covers it, decoded by the tiling engine.
+
+``sample(model, target)``:
+
+1. the *latent grid*: the autoencoder's latent spacing, the target's orientation, covering the
+   target's field of view (plus one latent voxel, which the decoder's LTE reads);
+2. its geometry channels (world coordinates in the model's group space, and the spacing the
+   output depicts; see :mod:`medil_backend.nn.diffusion`);
+3. noise drawn from the seed (on the CPU, so a seed gives the same volume on any device),
+   denoised by DDIM in ``steps`` steps;
+4. decoded onto exactly ``target`` in tiles that fit the memory limit (no input volume: the
+   generative autoencoder has no skip).
+
+A model's card names its autoencoder (name and sha256, checked), its group space, its default
+space and its native spaces (a Gaussian mixture over the training volumes' spacings and
+orientations, drawn by :func:`native_grid`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import MedILError
+from ..geometry import Grid, Volume, covering_grid
+from ..limits import GB, check_memory_limit
+from ..nn.diffusion import LatentDiffusionUNet, geometry_channels, group_overlap, source_spacing_along
+from .reconstruct import RUNTIME_OVERHEAD_BYTES, SPILL_FRACTION
+from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
+from .tiling import DecodePlan, OutputArray, check_disk_space, decode_tiled
+
+#: the spacing channels are clamped to what the training data showed
+SPACING_COND_RANGE_MM = (1.0, 10.0)
+DEFAULT_STEPS = 25
+
+
+@dataclass
+class Sampler:
+    """A loaded latent diffusion model with its autoencoder."""
+
+    name: str
+    diffusion: LatentDiffusionUNet
+    autoencoder: Any  # MedILAutoencoder
+    card: dict
+    sha256: str
+    autoencoder_name: str
+    autoencoder_sha256: str
+
+    @property
+    def modality(self) -> str:
+        return str(self.card.get("modality", "mri"))
+
+    def default_grid(self) -> Grid:
+        space = self.card.get("default_space") or {}
+        shape = tuple(int(v) for v in space.get("shape", (160, 224, 176)))
+        spacing = np.asarray(space.get("spacing", (1.0, 1.0, 1.0)), dtype=np.float64)
+        direction = np.asarray(space.get("direction", np.eye(3)), dtype=np.float64)
+        centre = np.asarray(space.get("centre", (0.0, 0.0, 0.0)), dtype=np.float64)
+        origin = centre - direction @ (spacing * (np.asarray(shape) - 1) / 2)
+        aff = np.eye(4)
+        aff[:3, :3], aff[:3, 3] = direction * spacing, origin
+        return Grid(shape, aff)
+
+
+def load_sampler(name: str | None) -> Sampler:
+    """The latent diffusion model ``name`` (default: the bundled brain model) and the autoencoder its card names."""
+    from ..models import find_model, list_models, load_model
+
+    name = name or DEFAULT_SAMPLER
+    entry = find_model(name)
+    if "sample" not in entry.tasks or entry.card.get("architecture") != "LatentDiffusionUNet":
+        samplers = ", ".join(e.name for e in list_models() if e.card.get("architecture") == "LatentDiffusionUNet") or "none"
+        raise MedILError(f"model {entry.name!r} does not sample (it is not a latent diffusion model); sampling models: {samplers}")
+    ldm = load_model(name)
+    ref = ldm.card.get("autoencoder") or {}
+    if not ref.get("name"):
+        raise MedILError(f"the card of {ldm.name!r} names no autoencoder; re-export the model")
+    ae = load_model(ref["name"])
+    if ref.get("sha256") and ref["sha256"] != ae.sha256:
+        raise MedILError(
+            f"{ldm.name!r} was trained on the latents of other {ref['name']!r} weights (sha256 differs); "
+            "install the autoencoder it was trained with, or retrain the diffusion model"
+        )
+    return Sampler(ldm.name, ldm.net, ae.net, ldm.card, ldm.sha256, ae.name, ae.sha256)
+
+
+DEFAULT_SAMPLER = "medil-brain-t1-ldm"
+
+
+def native_grid(sampler: Sampler, rng: np.random.Generator) -> Grid:
+    """A grid drawn from the card's Gaussian mixture of native spaces (spacings and orientations of the
+    training volumes), covering the model's default field of view."""
+    mix = sampler.card.get("native_spaces")
+    if not mix:
+        raise MedILError(f"model {sampler.name!r} has no native spaces in its card; give a grid (--spacing, --like) instead")
+    w = np.asarray([c["weight"] for c in mix], dtype=np.float64)
+    c = mix[int(rng.choice(len(mix), p=w / w.sum()))]
+    x = rng.normal(np.asarray(c["mean"]), np.sqrt(np.asarray(c["var"])))
+    spacing = np.clip(np.exp(x[:3]), 0.5, 10.0)
+    from ..training.latents import rotation
+
+    direction = rotation(np.rad2deg(x[3:6]))  # the card keeps angles in radians
+    default = sampler.default_grid()
+    return covering_grid(default.edge_corners(), spacing, direction)
+
+
+def latent_grid_for(sampler: Sampler, target: Grid) -> Grid:
+    return sampler.autoencoder.latent_grid(target, target.direction)
+
+
+def check_in_group_space(sampler: Sampler, target: Grid, min_overlap: float = 0.05) -> None:
+    cfg = sampler.diffusion.config
+    if group_overlap(target, cfg) < min_overlap:
+        lo, hi = target.extent()
+        box = ", ".join(f"{a:.0f}..{b:.0f}" for a, b in zip(lo, hi))
+        gbox = ", ".join(f"{a:.0f}..{b:.0f}" for a, b in zip(cfg.group_lo, cfg.group_hi))
+        raise MedILError(
+            f"the requested grid ({box} mm, world RAS) lies outside the space model {sampler.name!r} was trained on "
+            f"({gbox} mm, a head centred at the origin): choose a field of view that meets it",
+            options=("fov", "like"),
+        )
+
+
+def unet_bytes(sampler: Sampler, z_grid: Grid) -> float:
+    """Working bytes of one denoising step on ``z_grid`` (activations and skips of the UNet, attention at the coarsest level)."""
+    cfg = sampler.diffusion.config
+    n = float(z_grid.num_voxels)
+    conv = sum(n / 8**i * c * 6 * 4 for i, c in enumerate(cfg.channels))
+    tokens = n / 8 ** (len(cfg.channels) - 1)
+    attn = tokens * tokens * 4 * 2 if cfg.attention else 0.0
+    return conv + attn + n * (cfg.latent_channels * 4 + 6) * 4
+
+
+def sample(
+    model: Sampler | str | None,
+    target_grid: Grid | None = None,
+    *,
+    n: int = 1,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    device: str | torch.device = "auto",
+    progress: Progress | None = None,
+    cancel: Any = None,
+    max_memory_gb: float | None = None,
+    precision: str = "float32",
+    spacing_condition: np.ndarray | None = None,
+) -> list[Volume]:
+    """Draw ``n`` volumes onto ``target_grid`` (default: the model's default space); sample i uses seed ``seed + i``.
+
+    Returns :class:`Volume` objects on exactly ``target_grid`` whose ``meta`` holds the seed,
+    steps, models and the latent grid. ``spacing_condition`` overrides the spacing the output
+    depicts (default: the target's spacing along the latent axes, clamped to 1..10 mm).
+    """
+    sampler = model if isinstance(model, Sampler) else load_sampler(model)
+    if int(n) < 1:
+        raise MedILError(f"the number of samples must be at least 1, not {n}", options=("n",))
+    if int(steps) < 1 or int(steps) > sampler.diffusion.config.timesteps:
+        raise MedILError(f"steps must be between 1 and {sampler.diffusion.config.timesteps}, not {steps}", options=("steps",))
+    target = (target_grid or sampler.default_grid()).validate("the output grid")
+    target = Grid(target.shape, target.affine)
+    check_in_group_space(sampler, target)
+    budget = check_memory_limit(max_memory_gb)
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    z_grid = latent_grid_for(sampler, target)
+    ae, ldm = sampler.autoencoder.to(dev).eval(), sampler.diffusion.to(dev).eval()
+    C = ldm.config.latent_channels
+    spill = 4.0 * target.num_voxels > SPILL_FRACTION * budget
+    resident = RUNTIME_OVERHEAD_BYTES + (0 if spill else 4.0 * target.num_voxels) + 4.0 * 3 * C * z_grid.num_voxels
+    denoise = unet_bytes(sampler, z_grid)
+    work = budget - resident
+    if work <= denoise:
+        raise MedILError(
+            f"drawing a latent for the output grid {target.shape} needs about {(resident + denoise) / GB:.1f} GB, over the memory "
+            f"limit ({budget / GB:.1f} GB): raise the memory limit, or choose a smaller field of view",
+            options=("max_memory", "fov"),
+        )
+    plan = DecodePlan(ae, z_grid, target, work, 2 if dtype != torch.float32 else 4)
+    if spill:
+        check_disk_space(4.0 * target.num_voxels * n)
+    if spacing_condition is None:
+        lo, hi = SPACING_COND_RANGE_MM
+        spacing_condition = np.clip(source_spacing_along(z_grid, target.direction, target.spacing), lo, hi)
+    cond = geometry_channels(z_grid, spacing_condition, ldm.config)[None].to(dev)
+    floor = 0.0 if sampler.modality == "mri" else -1024.0
+    out: list[Volume] = []
+    per = 1.0 / n
+    denoise_share = 0.5
+    for i in range(n):
+        s = int(seed) + i
+        check_cancel(cancel)
+        base = i * per
+        report(progress, base, f"sample {i + 1}/{n}: denoising")
+        gen = torch.Generator().manual_seed(s)
+        noise = torch.randn((1, C, *z_grid.shape), generator=gen).to(dev)
+
+        def step_done(k: int, total: int, base=base, i=i) -> None:
+            check_cancel(cancel)
+            report(progress, base + per * denoise_share * k / total, f"sample {i + 1}/{n}: denoising step {k}/{total}")
+
+        with torch.inference_mode(), autocast(dev, dtype):
+            z = ldm.destandardise(ldm.ddim(noise, cond, steps, callback=step_done).float())
+            array = OutputArray(target.shape, spill=spill, transform=lambda a: np.maximum(a, np.float32(floor)))
+            decode_tiled(
+                ae, z, z_grid, target, plan=plan, out=array, progress=progress, cancel=cancel, span=(base + per * denoise_share, base + per)
+            )
+        if not array.finite:
+            raise MedILError("the sample is not finite (the network overflowed); use float32 precision", options=("precision",))
+        meta = {
+            "task": "sample",
+            "seed": s,
+            "steps": int(steps),
+            "model": sampler.name,
+            "model_sha256": sampler.sha256,
+            "autoencoder": sampler.autoencoder_name,
+            "autoencoder_sha256": sampler.autoencoder_sha256,
+            "latent_grid": {"shape": list(z_grid.shape), "affine": np.round(z_grid.affine, 6).tolist()},
+            "spacing_condition_mm": [round(float(v), 4) for v in spacing_condition],
+            "device": str(dev),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "intensity": "normalised (MR: about 0..1, the training volumes' robust range)" if sampler.modality == "mri" else "HU",
+            "tiles": len(plan.tiles),
+        }
+        out.append(Volume(array.array, target.affine, modality=sampler.modality, meta=meta))
+    report(progress, 1.0, "done")
+    return out

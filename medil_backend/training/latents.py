@@ -1,0 +1,301 @@
+"""Training data of the latent diffusion model: MedIL latents of the training volumes, under random
+resolutions, orientations and fields of view (Patel et al.), served as random crops with their
+geometry channels.
+
+Each training volume is encoded ``encodings`` times by the generative autoencoder (posterior
+means, never mean + σε), each time:
+
+- moved into the **group space**: translated so that its foreground centroid lies at world (0, 0, 0)
+  (the training heads are not registered to each other; the centroid is the one landmark all share);
+- at a random **resolution**: with probability ``thick_prob`` as thick slices (``thick_mm``) along a
+  random axis, else at its native spacing; the acquisition's spacing along the latent axes becomes
+  the spacing channels;
+- on a latent grid of random **orientation** (rotations up to ``max_rotation_deg`` about each axis).
+
+The latents are computed once and kept in a cache file (``cache``, float16) that later runs and
+the GPU machine reuse. Batches are random crops (``crop`` latent voxels a side; a smaller field of
+view is a smaller coordinate range), so one model learns every FOV.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..acquisition import thick_slices
+from ..errors import MedILError
+from ..geometry import Grid, nearest_aligned_direction
+from ..nn.diffusion import DiffusionConfig, geometry_channels, source_spacing_along
+
+
+def rotation(angles_deg) -> np.ndarray:
+    """Rotation matrix about x, then y, then z (degrees)."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def centred(grid: Grid, centres_ijk: np.ndarray) -> Grid:
+    """``grid`` translated so the world centroid of the foreground voxels ``centres_ijk`` is the origin."""
+    c = grid.voxel_to_world(np.asarray(centres_ijk, dtype=np.float64)).mean(0)
+    aff = grid.affine.copy()
+    aff[:3, 3] -= c
+    return Grid(grid.shape, aff)
+
+
+def encode_augmented(ae, vol: dict, rng: np.random.Generator, *, thick_prob: float, thick_mm, max_rotation_deg: float) -> dict:
+    """One latent of a (normalised) training volume under a random resolution and orientation."""
+    from ..ops.tiling import encode_tiled
+
+    array, grid = vol["array"], centred(vol["grid"], vol["centres"])
+    if rng.random() < thick_prob:
+        axis = int(rng.integers(3))
+        factor = max(2, int(round(rng.uniform(*thick_mm) / grid.spacing[axis])))
+        array, grid = thick_slices(array, grid, axis, factor, "gaussian" if rng.random() < 0.5 else "rect")
+    direction = nearest_aligned_direction(grid.direction)
+    if max_rotation_deg > 0:
+        direction = rotation(rng.uniform(-max_rotation_deg, max_rotation_deg, 3)) @ direction
+    z_grid = ae.latent_grid(grid, direction)
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    with torch.inference_mode():
+        raw = encode_tiled(ae, x, grid, z_grid, budget_bytes=1.5 * 2**30)
+        z = ae.split_latent(raw)[0][0]  # the posterior mean
+    spacing = source_spacing_along(z_grid, grid.direction, grid.spacing)
+    return {"latent": z.numpy().astype(np.float16), "affine": z_grid.affine, "spacing": spacing, "name": vol["path"]}
+
+
+def euler_angles(r: np.ndarray) -> np.ndarray:
+    """The angles (degrees) that :func:`rotation` turns into ``r``."""
+    ay = -math.asin(float(np.clip(r[2, 0], -1, 1)))
+    return np.rad2deg([math.atan2(r[2, 1], r[2, 2]), ay, math.atan2(r[1, 0], r[0, 0])])
+
+
+def native_space(grid: Grid) -> np.ndarray:
+    """A volume's acquisition space as 6 numbers: log spacing along the world R, A, S axes, and the rotation (degrees)
+    from its nearest axis-aligned orientation."""
+    world = Grid((1, 1, 1), np.eye(4))
+    spacing = source_spacing_along(world, grid.direction, grid.spacing)
+    aligned = nearest_aligned_direction(grid.direction)
+    return np.concatenate([np.log(spacing), euler_angles(grid.direction @ aligned.T)])
+
+
+def fit_native_mixture(points: np.ndarray, k: int = 4, seed: int = 0, iters: int = 100) -> list[dict]:
+    """A Gaussian mixture (diagonal covariances, at most ``k`` components) over native spaces, by EM.
+
+    Variances are floored (log spacing 0.01, angles 1 degree squared) so that a component fitted to
+    a handful of volumes still draws nearby spaces rather than copies.
+    """
+    x = np.asarray(points, dtype=np.float64)
+    k = max(1, min(k, len(x)))
+    floor = np.array([0.01] * 3 + [1.0] * 3)
+    rng = np.random.default_rng(seed)
+    means = x[rng.choice(len(x), k, replace=False)]
+    var = np.tile(np.maximum(x.var(0), floor), (k, 1))
+    w = np.full(k, 1.0 / k)
+    for _ in range(iters):
+        logp = -0.5 * (((x[:, None] - means[None]) ** 2) / var[None] + np.log(2 * np.pi * var[None])).sum(-1) + np.log(w)[None]
+        resp = np.exp(logp - logp.max(1, keepdims=True))
+        resp /= resp.sum(1, keepdims=True)
+        nk = resp.sum(0) + 1e-9
+        w = nk / nk.sum()
+        means = (resp.T @ x) / nk[:, None]
+        var = np.maximum((resp.T @ x**2) / nk[:, None] - means**2, floor)
+    # the mixture's angles are in degrees; native_grid takes radians
+    return [
+        {
+            "weight": round(float(wi), 6),
+            "mean": [round(float(v), 6) for v in np.concatenate([m[:3], np.deg2rad(m[3:])])],
+            "var": [round(float(v), 8) for v in np.concatenate([s[:3], np.deg2rad(np.sqrt(s[3:])) ** 2])],
+        }
+        for wi, m, s in zip(w, means, var)
+        if wi > 1e-3
+    ]
+
+
+def save_latents(path: str | Path, items: list[dict], meta: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for i, it in enumerate(items):
+        arrays[f"latent_{i}"] = it["latent"]
+        arrays[f"affine_{i}"] = it["affine"]
+        arrays[f"spacing_{i}"] = it["spacing"]
+    meta = dict(meta, names=[it["name"] for it in items])
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_latents(path: str | Path) -> tuple[list[dict], dict]:
+    with np.load(path, allow_pickle=False) as d:
+        meta = json.loads(bytes(d["meta"]).decode())
+        items = [
+            {
+                "latent": d[f"latent_{i}"].astype(np.float32),
+                "affine": d[f"affine_{i}"],
+                "spacing": d[f"spacing_{i}"],
+                "name": name,
+            }
+            for i, name in enumerate(meta["names"])
+        ]
+    return items, meta
+
+
+def crop_batch(items: list[dict], config: DiffusionConfig, crop: int, batch: int, rng: np.random.Generator):
+    """(z0, cond): ``batch`` random crops of ``crop`` voxels a side (at most each latent's size) with their geometry channels."""
+    picks = [items[int(rng.integers(len(items)))] for _ in range(batch)]
+    size = [min([crop] + [it["latent"].shape[1 + a] for it in picks]) for a in range(3)]
+    zs, conds = [], []
+    for it in picks:
+        shape = it["latent"].shape[1:]
+        lo = [int(rng.integers(0, n - s + 1)) for n, s in zip(shape, size)]
+        hi = [a + s for a, s in zip(lo, size)]
+        grid = Grid(shape, it["affine"]).sub_grid(lo, hi)
+        zs.append(torch.from_numpy(it["latent"][:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy()))
+        conds.append(geometry_channels(grid, it["spacing"], config))
+    return torch.stack(zs), torch.stack(conds)
+
+
+class CropStream(IterableDataset):
+    def __init__(self, items, config: DiffusionConfig, crops: tuple[int, int], batch: int, steps: int, seed: int) -> None:
+        self.items, self.config, self.crops, self.batch, self.steps, self.seed = items, config, crops, batch, steps, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.seed, wid, int(torch.initial_seed() % 2**31)])
+        lo, hi = self.crops
+        for _ in range(wid, self.steps, nw):
+            crop = int(rng.integers(lo // 4, hi // 4 + 1)) * 4
+            # the same voxels per batch whatever the crop: small crops come in larger batches
+            batch = max(1, int(round(self.batch * (lo / crop) ** 3)))
+            yield crop_batch(self.items, self.config, crop, batch, rng)
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Latents of the training volumes for the latent diffusion model.
+
+    Args:
+        autoencoder: the generative autoencoder (model name or card path) whose latents are learnt.
+        train, val, modality, synthetic, tissue_maps: the volumes, as for the autoencoder
+            (:class:`~medil_backend.training.data.VolumeDataModule`; packs need numpy only).
+        cache: ``.npz`` file holding the encoded latents (built on first use, reused after).
+        encodings: latents per training volume (random resolution and orientation each).
+        val_encodings: latents per validation volume.
+        thick_prob, thick_mm, max_rotation_deg: the augmentation (see the module docstring).
+        crop: (smallest, largest) crop side in latent voxels; batch: crops per batch at the smallest side.
+        steps_per_epoch, val_steps, num_workers, seed: as usual.
+    """
+
+    def __init__(
+        self,
+        autoencoder: str,
+        train: str,
+        val: str | None = None,
+        modality: str = "mri",
+        synthetic: int = 0,
+        tissue_maps: dict | str | None = None,
+        cache: str = "runs/latents/latents.npz",
+        encodings: int = 8,
+        val_encodings: int = 2,
+        thick_prob: float = 0.3,
+        thick_mm: tuple[float, float] = (3.0, 7.0),
+        max_rotation_deg: float = 15.0,
+        crop: tuple[int, int] = (24, 32),
+        batch: int = 4,
+        steps_per_epoch: int = 200,
+        val_steps: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.autoencoder, self.train_source, self.val_source = autoencoder, train, val
+        self.modality, self.synthetic, self.tissue_maps = modality, synthetic, tissue_maps
+        self.cache, self.encodings, self.val_encodings = Path(cache), encodings, val_encodings
+        self.thick_prob, self.thick_mm, self.max_rotation_deg = thick_prob, tuple(thick_mm), max_rotation_deg
+        self.crop, self.batch = tuple(crop), batch
+        self.steps_per_epoch, self.val_steps, self.num_workers, self.seed = steps_per_epoch, val_steps, num_workers, seed
+        self.train_items: list[dict] = []
+        self.val_items: list[dict] = []
+        self.meta: dict = {}
+        self.config = DiffusionConfig()
+
+    def build_cache(self) -> None:
+        from ..models import load_model
+        from .data import VolumeDataModule
+
+        ae = load_model(self.autoencoder)
+        vdm = VolumeDataModule(
+            self.train_source, self.val_source, self.modality, synthetic=self.synthetic, tissue_maps=self.tissue_maps, seed=self.seed
+        )
+        vdm.setup()
+        rng = np.random.default_rng(self.seed)
+        aug = dict(thick_prob=self.thick_prob, thick_mm=self.thick_mm, max_rotation_deg=self.max_rotation_deg)
+        items = []
+        for split, vols, n in (("train", vdm.train_volumes, self.encodings), ("val", vdm.val_volumes, self.val_encodings)):
+            for vol in vols:
+                for _ in range(n):
+                    it = encode_augmented(ae.net, vol, rng, **aug)
+                    it["name"] = f"{split}:{it['name']}"
+                    items.append(it)
+            print(json.dumps({"encoded": split, "latents": sum(it["name"].startswith(split) for it in items)}), flush=True)
+        real = [v for v in vdm.train_volumes if not v["path"].startswith("synthetic-")]
+        meta = {
+            "native_spaces": fit_native_mixture(np.stack([native_space(v["grid"]) for v in real])),
+            "autoencoder": {"name": ae.name, "sha256": ae.sha256},
+            "modality": vdm.modality,
+            "manifest": vdm.manifest(),
+            "augmentation": dict(aug, thick_mm=list(self.thick_mm), encodings=self.encodings),
+        }
+        save_latents(self.cache, items, meta)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items:
+            return
+        if not self.cache.exists():
+            self.build_cache()
+        items, self.meta = load_latents(self.cache)
+        from ..models import find_model, sha256_file
+
+        entry = find_model(self.autoencoder)
+        if self.meta["autoencoder"]["sha256"] != sha256_file(entry.weights_path):
+            raise MedILError(f"the latents in {self.cache} were encoded by other weights than {self.autoencoder}; delete the cache file")
+        self.train_items = [it for it in items if it["name"].startswith("train:")]
+        self.val_items = [it for it in items if it["name"].startswith("val:")]
+        if not self.train_items:
+            raise MedILError(f"{self.cache} holds no training latents")
+
+    @property
+    def autoencoder_ref(self) -> dict:
+        return dict(self.meta["autoencoder"])
+
+    def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and standard deviation over every training latent voxel."""
+        flat = np.concatenate([it["latent"].reshape(it["latent"].shape[0], -1) for it in self.train_items], axis=1)
+        return torch.from_numpy(flat.mean(1)).float(), torch.from_numpy(flat.std(1)).float().clamp_min(1e-6)
+
+    def manifest(self) -> dict:
+        return dict(self.meta.get("manifest", {}), latents={"cache": self.cache.name, **self.meta.get("augmentation", {})})
+
+    def train_dataloader(self) -> DataLoader:
+        ds = CropStream(self.train_items, self.config, self.crop, self.batch, self.steps_per_epoch, self.seed)
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_items:
+            return []
+        rng = np.random.default_rng(12345)
+        batches = [crop_batch(self.val_items, self.config, self.crop[0], self.batch, rng) for _ in range(self.val_steps)]
+        return DataLoader(batches, batch_size=None)
