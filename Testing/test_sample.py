@@ -249,6 +249,7 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
         + '", "name": "tiny-ldm2", "tasks": ["sample"]}}]'
     )
     argv = ["--config", str(REPO / "training/configs/tiny-diffusion.yaml"), f"--data.cache={cache}", f"--trainer.callbacks={callbacks}"]
+    argv.append(f"--trainer.default_root_dir={tmp_path}")
     cwd = __import__("os").getcwd()
     __import__("os").chdir(REPO)
     try:
@@ -268,3 +269,27 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
     grid = Grid((20, 24, 10), affine_from_parts([2.0, 2.0, 3.0], np.eye(3), [-20.0, -24.0, -15.0]))
     (v,) = sample(str(out / "tiny-ldm2.json"), grid, steps=2)
     assert v.array.shape == grid.shape and np.isfinite(v.array).all()
+
+
+def test_evaluate_generative_reports_every_figure(sampler_dir, tmp_path, capsys):
+    from medil_backend.geometry import Volume
+    from medil_backend.io import read_volume, write_volume
+
+    v = read_volume(EXAMPLE)
+    paths = []
+    for i, lo in enumerate(((30, 30, 10), (40, 36, 14), (36, 44, 12), (44, 40, 8))):
+        hi = tuple(a + b for a, b in zip(lo, (24, 28, 20)))
+        arr = np.ascontiguousarray(v.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+        paths.append(tmp_path / f"real{i}.nii.gz")
+        write_volume(Volume(arr, v.grid.sub_grid(lo, hi).affine), paths[-1], dtype=arr.dtype)
+    js, md = tmp_path / "g.json", tmp_path / "g.md"
+    argv = ["evaluate-generative", "--model", "tiny-ldm", "--train", *paths[:2], "--held-out", *paths[2:], "--n", "3", "--steps", "2"]
+    rc, out, err = run([*argv, "--spacing", "4", "--json", js, "--markdown", md], capsys)
+    assert rc == 0, err
+    r = json.loads(js.read_text())
+    assert r["n_samples"] == 3 and np.isfinite(r["fd_medil"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+    assert -1 <= r["diversity_ms_ssim"]["samples"] <= 1 and -1 <= r["diversity_ms_ssim"]["real"] <= 1
+    assert len(r["memorisation"]["sample_max_corr_with_train"]) == 3 and len(r["memorisation"]["held_out_max_corr_with_train"]) == 2
+    assert "MS-SSIM" in md.read_text() and "not Med3D FID" in r["feature_note"]
+    rc, _, err = run([*argv[:-4], "--n", "1"], capsys)
+    assert rc != 0 and "at least 2" in err

@@ -64,10 +64,11 @@ def encode_augmented(ae, vol: dict, rng: np.random.Generator, *, thick_prob: flo
     if max_rotation_deg > 0:
         direction = rotation(rng.uniform(-max_rotation_deg, max_rotation_deg, 3)) @ direction
     z_grid = ae.latent_grid(grid, direction)
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    device = next(ae.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
     with torch.inference_mode():
         raw = encode_tiled(ae, x, grid, z_grid, budget_bytes=1.5 * 2**30)
-        z = ae.split_latent(raw)[0][0]  # the posterior mean
+        z = ae.split_latent(raw)[0][0].cpu()  # the posterior mean
     spacing = source_spacing_along(z_grid, grid.direction, grid.spacing)
     return {"latent": z.numpy().astype(np.float16), "affine": z_grid.affine, "spacing": spacing, "name": vol["path"]}
 
@@ -237,6 +238,7 @@ class LatentDataModule(L.LightningDataModule):
         from .data import VolumeDataModule
 
         ae = load_model(self.autoencoder)
+        ae.net.to("cuda" if torch.cuda.is_available() else "cpu")  # encoding on the GPU machine takes seconds, not minutes
         vdm = VolumeDataModule(
             self.train_source, self.val_source, self.modality, synthetic=self.synthetic, tissue_maps=self.tissue_maps, seed=self.seed
         )
