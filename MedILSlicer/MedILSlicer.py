@@ -28,7 +28,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace, listModels  # noqa: E402
+from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace, describeModel, listModels, modelLabel  # noqa: E402
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
 from MedILSlicerLib.tasks import task_by_label  # noqa: E402
 
@@ -222,8 +222,11 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(f"MedIL backend not available: {exc}")
             models = []
         self._modelTasks = {m["name"]: list(m.get("tasks", ["reconstruct"])) for m in models}
-        for m in models:
-            combo.addItem(m["name"])
+        # comparison models last and marked; each item's tooltip is its card's essentials; the text is the label,
+        # the item data the registry name the backend takes
+        for m in sorted(models, key=lambda m: m.get("role") == "comparison"):
+            combo.addItem(modelLabel(m), m["name"])
+            combo.setItemData(combo.count - 1, describeModel(m), qt.Qt.ToolTipRole)
         if current:
             index = combo.findText(current)
             if index >= 0:
@@ -269,7 +272,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
             if task == "sample":
-                chosen = self.ui.modelComboBox.currentText or None
+                chosen = self.ui.modelComboBox.currentData or None
                 # a reconstruction model cannot sample: then the default sampling model
                 model = chosen if chosen and "sample" in getattr(self, "_modelTasks", {}).get(chosen, []) else None
                 self._job = self.logic.process(
@@ -291,7 +294,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.process(
                 p.inputVolume,
                 space,
-                model=self.ui.modelComboBox.currentText or None,
+                model=self.ui.modelComboBox.currentData or None,
                 device=p.device,
                 outputNode=p.outputVolume,
                 modality=p.modality,

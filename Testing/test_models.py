@@ -59,3 +59,26 @@ def test_every_option_reaches_the_fixed_grid_runner(small_mri):
     token.set()
     with pytest.raises(Cancelled):
         run_model(v, v.grid, net, device="cpu", cancel=token)
+
+
+def test_models_json_carries_the_card_essentials_the_panel_shows():
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "medil_backend", "models", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    models = {m["name"]: m for m in json.loads(proc.stdout)}
+    main = models["medil-brain-t1"]
+    assert main["role"] == "model" and main["description"] and main["licence"]
+    assert main["trained_on"]["volumes"] > 0 and main["held_out_psnr_mask_db"]["recon"] > 30
+    assert models["conv-baseline-brain-t1"]["role"] == "comparison" and models["medil-interp-brain-t1"]["role"] == "comparison"
+    sys.path.insert(0, str(REPO / "MedILSlicer"))
+    from MedILSlicerLib.logic import describeModel, modelLabel
+
+    tip = describeModel(main)
+    assert "Held-out quality" in tip and "Licence" in tip and "Trained on" in tip
+    assert modelLabel(models["conv-baseline-brain-t1"]).endswith("(comparison only)") and modelLabel(main) == "medil-brain-t1"
+    assert "not meant for use" in describeModel(models["conv-baseline-brain-t1"])

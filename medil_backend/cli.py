@@ -553,6 +553,27 @@ def cmd_evaluate_generative(args: argparse.Namespace) -> int:
     return 0
 
 
+def card_essentials(card: dict) -> dict:
+    """What a user needs to choose a model: description, role, training data and time, held-out quality, licence."""
+    training = card.get("training") or {}
+    data = training.get("data") or {}
+    held = ((card.get("metrics") or {}).get("held_out") or {}).get("mean") or {}
+    name = card.get("name", "")
+    quality = {task: round(float(rows[name]["psnr_mask"]), 2) for task, rows in held.items() if name in rows and "psnr_mask" in rows[name]}
+    return {
+        "description": card.get("description", ""),
+        "role": card.get("role", "model"),
+        "trained_on": {
+            "volumes": len(data.get("train", [])) if isinstance(data, dict) else None,
+            "synthetic": (data.get("synthetic") or {}).get("count") if isinstance(data, dict) else None,
+            "minutes": training.get("minutes"),
+            "hardware": training.get("hardware"),
+        },
+        "held_out_psnr_mask_db": quality,
+        "licence": card.get("licence", "Apache-2.0 (weights); training data under their own licences (training/data_manifest.json)"),
+    }
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import DEFAULT_MODELS, list_models
 
@@ -568,6 +589,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                         "card": str(e.card_path),
                         "modality": e.card.get("modality"),
                         "latent": e.card.get("latent"),
+                        **card_essentials(e.card),
                     }
                     for e in entries
                 ],

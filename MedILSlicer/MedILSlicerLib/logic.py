@@ -421,6 +421,27 @@ class MedILLogicCore:
         node.SetDescription(AI_NOTE.format(task=parameters["task"], model=result.get("model")))
 
 
+def describeModel(m: dict) -> str:
+    """The panel's tooltip of a model: its card's essentials."""
+    lines = [m.get("description") or m["name"]]
+    lines.append(f"Tasks: {', '.join(m.get('tasks', []))}; modality: {(m.get('modality') or '?').upper()}")
+    t = m.get("trained_on") or {}
+    if t.get("volumes") is not None:
+        extra = f" + {t['synthetic']} synthetic" if t.get("synthetic") else ""
+        lines.append(f"Trained on {t['volumes']} real volumes{extra}, {t.get('minutes')} min on {t.get('hardware')}")
+    q = m.get("held_out_psnr_mask_db") or {}
+    if q:
+        lines.append("Held-out quality (PSNR in the head mask): " + ", ".join(f"{k} {v} dB" for k, v in q.items()))
+    lines.append(f"Licence: {m.get('licence', 'see the model card')}")
+    if m.get("role") == "comparison":
+        lines.append("Comparison model for the paper's ablations: not meant for use.")
+    return "\n".join(lines)
+
+
+def modelLabel(m: dict) -> str:
+    return f"{m['name']} (comparison only)" if m.get("role") == "comparison" else m["name"]
+
+
 def listModels(python: str | None = None) -> list[dict]:
     """The backend's model registry (``medil models --json``), asked of the backend's interpreter."""
     import subprocess
