@@ -91,14 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument(
         "--method",
         default="adapt",
-        choices=["adapt", "fast"],
+        choices=["adapt", "fast", "cycles"],
         help="adapt (default): a network trained on this scan's own in-plane slices, then data consistency; "
-        "fast: cubic B-spline, then data consistency (seconds)",
+        "fast: cubic B-spline, then data consistency (seconds); cycles: noise/denoise cycles through the latent "
+        "diffusion model (Patel et al.), each made data-consistent",
     )
-    sr.add_argument("--samples", type=int, default=1, metavar="K", help="adapt: K networks (seeds); the output is their mean")
+    sr.add_argument(
+        "--samples", type=int, default=1, metavar="K", help="adapt: K networks (seeds); cycles: K cycles; the output is their mean"
+    )
+    sr.add_argument("--model", default=None, help="cycles: the latent diffusion model (default medil-brain-t1-ldm)")
+    sr.add_argument("--steps", type=int, default=10, metavar="K", help="cycles: DDIM steps per cycle (default 10)")
+    sr.add_argument(
+        "--strength", type=float, default=0.3, help="cycles: how far each cycle noises, as a fraction of the schedule (default 0.3)"
+    )
     sr.add_argument("--uncertainty", metavar="FILE", help="with --samples K > 1: write the per-voxel standard deviation here")
     sr.add_argument("--time-budget", type=float, default=3.0, metavar="MIN", help="adapt: minutes of training in all (default 3)")
-    sr.add_argument("--seed", type=int, default=0, help="adapt: the first seed")
+    sr.add_argument("--seed", type=int, default=0, help="adapt, cycles: the first seed")
     sr.add_argument("--slice-thickness", type=float, default=None, metavar="MM", help="slice thickness (default: the slice spacing)")
     sr.add_argument("--slice-profile", default="rect", choices=["rect", "gaussian"], help="slice profile (gaussian: FWHM = thickness)")
     sr.add_argument("--iterations", type=int, default=2, help="data-consistency steps (default 2)")
@@ -140,9 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="model name or card path (repeatable; default: medil-ct with --modality ct, else medil-brain-t1)",
     )
     e.add_argument(
-        "--superres", action="append", default=[], choices=["fast", "adapt"], help="also score this super-resolution method (repeatable)"
+        "--superres",
+        action="append",
+        default=[],
+        choices=["fast", "adapt", "cycles"],
+        help="also score this super-resolution method (repeatable)",
     )
-    e.add_argument("--superres-samples", type=int, default=1, metavar="K", help="adapt: K seeds, and score the uncertainty map (K > 1)")
+    e.add_argument(
+        "--superres-samples", type=int, default=1, metavar="K", help="adapt, cycles: K seeds, and score the uncertainty map (K > 1)"
+    )
     e.add_argument("--superres-time-budget", type=float, default=3.0, metavar="MIN", help="adapt: training minutes per volume and task")
     e.add_argument("--thick", type=float, nargs="+", default=[4.0, 8.0], metavar="MM", help="simulated slice thicknesses")
     e.add_argument("--modality", default="auto", choices=["mri", "ct", "auto"])
@@ -364,6 +378,9 @@ def cmd_superres(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_memory_gb=args.max_memory,
             progress=update,
+            model=args.model,
+            steps=args.steps,
+            strength=args.strength,
         )
     except BaseException:
         close(ok=False)

@@ -24,7 +24,7 @@ from ..geometry import Grid, Volume
 from ..limits import GB, check_memory_limit
 from .runtime import Progress, check_cancel, report
 
-METHODS = ("fast", "adapt")
+METHODS = ("fast", "adapt", "cycles")
 #: an axis is a slice axis when its spacing is at least this many times the finest in-plane spacing
 THICK_RATIO = 1.5
 #: working copies of the output grid that one data-consistency step holds (float32: the image,
@@ -106,6 +106,9 @@ def superres(
     max_memory_gb: float | None = None,
     progress: Progress | None = None,
     cancel=None,
+    model: str | None = None,
+    steps: int = 10,
+    strength: float = 0.3,
 ) -> Volume:
     """Super-resolve ``volume`` onto ``target`` (default: :func:`default_grid`).
 
@@ -116,6 +119,11 @@ def superres(
     output is their mean and ``meta["uncertainty"]`` a :class:`Volume` of their standard deviation
     on the output grid. ``meta`` also records the method and the data-consistency residual
     (relative RMS of ``A x - y``) before and after.
+
+    ``cycles`` (Patel et al.): the ``fast`` result is encoded by the generative autoencoder of the
+    latent diffusion ``model``, noised to ``strength`` x T, denoised by DDIM in ``steps`` steps,
+    decoded onto ``target`` and made data-consistent; each of ``samples`` cycles draws its own
+    noise (seeds ``seed``, ``seed + 1``, ...).
     """
     if method not in METHODS:
         raise MedILError(f"super-resolution method {method!r} is not available; choose one of {', '.join(METHODS)}", options=("method",))
@@ -124,7 +132,9 @@ def superres(
     if not (isinstance(samples, int) and 1 <= samples <= 50):
         raise MedILError(f"samples must be a whole number from 1 to 50, got {samples!r}", options=("samples",))
     if samples > 1 and method == "fast":
-        raise MedILError("the fast method is deterministic: several samples need --method adapt", options=("samples", "method"))
+        raise MedILError("the fast method is deterministic: several samples need --method adapt or cycles", options=("samples", "method"))
+    if method == "cycles" and not (0 < strength <= 1 and isinstance(steps, int) and 1 <= steps <= 1000):
+        raise MedILError(f"cycles need 0 < strength <= 1 and 1 <= steps <= 1000, got {strength!r} and {steps!r}", options=("steps",))
     if not (np.isfinite(time_budget_min) and 0 < time_budget_min <= 24 * 60):
         raise MedILError(f"the time budget must be a positive number of minutes, got {time_budget_min!r}", options=("time_budget",))
     name = volume.meta.get("path", "the input")
@@ -139,7 +149,7 @@ def superres(
     factor = max(2, int(round(grid.spacing[axis] / _steps(grid, target)[axis])))
     from .adapt import refined_along
 
-    work = target if method == "fast" else refined_along(grid, axis, factor)
+    work = refined_along(grid, axis, factor) if method == "adapt" else target
     budget = check_memory_limit(max_memory_gb)
     need = (DC_COPIES + (2 if samples > 1 else 0)) * 4.0 * max(work.num_voxels, target.num_voxels) + 8.0 * grid.num_voxels
     if need > budget:
@@ -165,6 +175,22 @@ def superres(
         report(progress, 0.0, "B-spline interpolant")
         x = resample_sitk(volume, target, "bspline").array.astype(np.float32)
         x, before, after = _consistent(x, y, op, iterations, progress, (0.3, 1.0), cancel)
+    elif method == "cycles":
+        from ..intensity import fit_normalizer
+
+        norm = fit_normalizer(y, volume.modality)
+        yn = norm.forward(y)
+        report(progress, 0.0, "B-spline interpolant")
+        x0 = resample_sitk(Volume(yn, grid.affine), target, "bspline").array.astype(np.float32)
+        x0, before, _ = _consistent(x0, yn, op, iterations, progress, (0.02, 0.1), cancel)
+        stack = diffusion_cycles(
+            x0, yn, target, op, model, samples, seed, steps, strength, iterations, budget, norm.modality, progress, cancel
+        )
+        x = stack.mean(axis=0)
+        after = float(np.sqrt(np.mean((op(torch.from_numpy(x)[None, None])[0, 0].numpy() - yn) ** 2))) / (float(np.abs(yn).max()) or 1.0)
+        std = stack.std(axis=0) * norm.scale if samples > 1 else None
+        x = norm.inverse(x)
+        meta.update(samples=samples, seed=seed, steps=steps, strength=strength, model=model or "medil-brain-t1-ldm")
     else:
         from ..intensity import fit_normalizer
         from .adapt import apply_adapter, train_adapter
@@ -206,3 +232,65 @@ def superres(
     if std is not None:
         meta["uncertainty"] = Volume(std.astype(np.float32), target.affine, modality=volume.modality)
     return Volume(x.astype(np.float32), target.affine, modality=volume.modality, meta=meta)
+
+
+def diffusion_cycles(
+    x0: np.ndarray,
+    yn: np.ndarray,
+    target: Grid,
+    op: AcquisitionOperator,
+    model: str | None,
+    samples: int,
+    seed: int,
+    steps: int,
+    strength: float,
+    iterations: int,
+    budget: float,
+    modality: str,
+    progress,
+    cancel,
+) -> np.ndarray:
+    """(samples, *target.shape): noise/denoise cycles of the normalised estimate ``x0`` through a latent diffusion model, each data-consistent."""
+    from ..nn.diffusion import geometry_channels, source_spacing_along
+    from ..training.data import foreground_centres
+    from ..training.latents import centred
+    from .sample import SPACING_COND_RANGE_MM, latent_grid_for, load_sampler
+    from .tiling import DecodePlan, OutputArray, decode_tiled, encode_tiled
+
+    sampler = load_sampler(model)
+    if sampler.modality != modality:
+        raise MedILError(
+            f"the diffusion model {sampler.name!r} learnt {sampler.modality.upper()}, the input is {modality.upper()}: "
+            "use --method fast or adapt",
+            options=("method",),
+        )
+    ae, ldm = sampler.autoencoder.cpu().eval(), sampler.diffusion.cpu().eval()
+    z_grid = latent_grid_for(sampler, target)
+    # the model knows heads centred at the origin: condition on the latent grid moved the same way
+    moved = centred(target, foreground_centres(x0, modality))
+    shift = moved.affine[:3, 3] - target.affine[:3, 3]
+    cond_affine = z_grid.affine.copy()
+    cond_affine[:3, 3] += shift
+    cond_grid = Grid(z_grid.shape, cond_affine)
+    spacing = np.clip(source_spacing_along(z_grid, target.direction, target.spacing), *SPACING_COND_RANGE_MM)
+    cond = geometry_channels(cond_grid, spacing, ldm.config)[None]
+    plan = DecodePlan(ae, z_grid, target, max(budget * 0.5, 2**28), 4)
+    t_start = max(1, int(round(strength * (ldm.config.timesteps - 1))))
+    out = []
+    report(progress, 0.1, "encoding the estimate")
+    with torch.inference_mode():
+        raw = encode_tiled(ae, torch.from_numpy(x0)[None, None], target, z_grid, budget_bytes=max(budget * 0.5, 2**28))
+        z0 = ldm.standardise(ae.split_latent(raw)[0])
+    for k in range(samples):
+        check_cancel(cancel)
+        a, b = 0.1 + 0.85 * k / samples, 0.1 + 0.85 * (k + 1) / samples
+        report(progress, a, f"diffusion cycle {k + 1}/{samples}")
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + k))
+        arr = OutputArray(target.shape)
+        with torch.inference_mode():
+            z = ldm.destandardise(ldm.ddim(ldm.noised(z0, t_start, noise), cond, steps, start=t_start))
+            decode_tiled(ae, z, z_grid, target, plan=plan, out=arr, progress=progress, cancel=cancel, span=(a, a + 0.8 * (b - a)))
+        # data consistency uses the operator's adjoint (autograd): outside inference mode
+        xk, _, _ = _consistent(arr.array, yn, op, iterations, progress, (a + 0.8 * (b - a), b), cancel)
+        out.append(xk)
+    return np.stack(out)
