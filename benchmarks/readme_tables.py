@@ -4,8 +4,9 @@
 
 Sections: ``quality-brain`` / ``quality-ct`` (``medil evaluate`` mean tables and the issue's
 targets, from ``eval-brain.json`` / ``eval-ct.json``), ``superres-brain`` / ``superres-ct``
-(``eval-superres-*.json``), ``superres-speed`` (``bench_superres.json``) and ``speed``
-(``bench_reconstruct.json``).
+(``eval-superres-*.json``), ``superres-speed`` (``bench_superres.json``), ``speed``
+(``bench_reconstruct.json``), ``generative-brain`` (``eval-generative-brain.json``) and
+``sample-speed`` (``bench_sample.json``).
 """
 
 from __future__ import annotations
@@ -125,6 +126,26 @@ def superres_speed() -> str:
     return "\n".join(rows)
 
 
+def generative() -> str:
+    from medil_backend.evaluate_generative import markdown
+
+    r = json.loads((RESULTS / "eval-generative-brain.json").read_text())
+    return markdown(r) + f"\n{r['n_samples']} samples of `{r['model']}` (seeds {r['seed']}..{r['seed'] + r['n_samples'] - 1}); " + (
+        f"real: {len(r['real']['train'])} training + {len(r['real']['held_out'])} held-out volumes."
+    )
+
+
+def sample_speed() -> str:
+    d = json.loads((RESULTS / "bench_sample.json").read_text())
+    rows = ["| job | output | seconds | denoise / decode (s) | peak RSS increase (GB) |", "|---|---|---|---|---|"]
+    for r in d["results"]:
+        split = f"{r['denoise_seconds']} / {r['decode_seconds']}" if "denoise_seconds" in r else "-"
+        rows.append(f"| {r['job']} | {'x'.join(map(str, r['shape']))} | {r['seconds']} | {split} | {r['peak_rss_increase_gb']} |")
+    s = next(r for r in d["results"] if r["job"] == "medil sample")
+    rows += ["", f"{d['machine']}; {s['steps']} DDIM steps on a {'x'.join(map(str, s['latent_shape']))} latent, {s['threads']} torch threads."]
+    return "\n".join(rows)
+
+
 def main() -> None:
     readme = (REPO / "README.md").read_text()
     sections = [("quality-brain", quality("brain")), ("quality-ct", quality("ct")), ("speed", speed())]
@@ -135,6 +156,10 @@ def main() -> None:
         sections.append(("superres-uncertainty", superres_uncertainty()))
     if (RESULTS / "bench_superres.json").exists():
         sections.append(("superres-speed", superres_speed()))
+    if (RESULTS / "eval-generative-brain.json").exists():
+        sections.append(("generative-brain", generative()))
+    if (RESULTS / "bench_sample.json").exists():
+        sections.append(("sample-speed", sample_speed()))
     for name, text in sections:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(readme):

@@ -53,6 +53,9 @@ class MedILLitModule(L.LightningModule):
         this many steps (then stays there); 0 keeps it constant.
     fixed_grid: train the fixed-grid conv baseline with this config (see
         :class:`~medil_backend.nn.fixed_grid.FixedGridConfig`) instead of MedIL.
+    posterior_sample: KL models decode mean + σε in training (the VAE); ``false`` decodes the
+        mean (the KL term still bounds the latent's scale). A fresh posterior's σ ≈ 1 noise
+        drowns the latent for hundreds of steps, too many for a CPU budget.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class MedILLitModule(L.LightningModule):
         fixed_grid: dict | None = None,
         cosine_steps: int = 0,
         loss: str = "l1",
+        posterior_sample: bool = True,
     ) -> None:
         super().__init__()
         if loss not in ("l1", "l2"):
@@ -144,7 +148,7 @@ class MedILLitModule(L.LightningModule):
         h = self.hparams
         opts = self.optimizers()
         opt_g = opts[0] if isinstance(opts, list) else opts
-        parts, y_hat = self.losses(batch, sample=getattr(self.net.config, "kl", True))
+        parts, y_hat = self.losses(batch, sample=getattr(self.net.config, "kl", True) and h.posterior_sample)
         loss = parts[h.loss] + h.kl_weight * parts.get("kl", 0.0) + h.perceptual_weight * parts.get("perceptual", 0.0)
         use_adv = self.discriminator is not None and self.global_step >= h.adv_start_step
         if use_adv:
