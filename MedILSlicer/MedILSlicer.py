@@ -28,7 +28,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace, describeModel, listModels, modelLabel  # noqa: E402
+from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, ModelListJob, OutputSpace, describeModel, modelLabel  # noqa: E402
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
 from MedILSlicerLib.tasks import task_by_label  # noqa: E402
 
@@ -155,6 +155,8 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self._job is not None:
             self.logic.cancel(self._job)
+        if getattr(self, "_modelJob", None) is not None:
+            self._modelJob.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -213,22 +215,51 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fovReferenceSelector.visible = self.ui.fovComboBox.currentText == "like reference"
 
     def refreshModels(self) -> None:
-        combo = self.ui.modelComboBox
-        current = combo.currentText
-        combo.clear()
+        """Ask the backend for its models in a background process; the list fills when it answers (Slicer never waits)."""
+        if getattr(self, "_modelJob", None) is not None:
+            self._modelJob.cancel()
         try:
-            models = listModels(self.logic.python)
-        except Exception as exc:  # backend missing: offer to install
+            self._modelJob = ModelListJob(self.logic.python)
+        except OSError as exc:
             self.log(f"MedIL backend not available: {exc}")
-            models = []
+            return
+        self.ui.refreshModelsButton.enabled = False
+        self.ui.modelComboBox.toolTip = "Looking for models..."
+        if getattr(self, "_modelTimer", None) is None:
+            self._modelTimer = qt.QTimer()
+            self._modelTimer.setInterval(100)
+            self._modelTimer.timeout.connect(self._pollModels)
+        self._modelTimer.start()
+
+    def _pollModels(self) -> None:
+        try:
+            models = self._modelJob.poll()
+        except Exception as exc:  # backend missing or broken: say so; Apply offers to install it
+            self._modelTimer.stop()
+            self._modelJob = None
+            self.ui.refreshModelsButton.enabled = True
+            self.log(f"MedIL backend not available: {exc}")
+            return
+        if models is None:
+            return
+        self._modelTimer.stop()
+        self._modelJob = None
+        self.ui.refreshModelsButton.enabled = True
+        self.fillModels(models)
+
+    def fillModels(self, models: list) -> None:
+        combo = self.ui.modelComboBox
+        current = combo.currentData
+        combo.clear()
         self._modelTasks = {m["name"]: list(m.get("tasks", ["reconstruct"])) for m in models}
         # comparison models last and marked; each item's tooltip is its card's essentials; the text is the label,
         # the item data the registry name the backend takes
         for m in sorted(models, key=lambda m: m.get("role") == "comparison"):
             combo.addItem(modelLabel(m), m["name"])
             combo.setItemData(combo.count - 1, describeModel(m), qt.Qt.ToolTipRole)
+        combo.toolTip = "Models from the registry (bundled, $MEDIL_MODELS, ~/.medil/models)"
         if current:
-            index = combo.findText(current)
+            index = combo.findData(current)
             if index >= 0:
                 combo.setCurrentIndex(index)
 
@@ -258,6 +289,8 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self.logic.ensureDependencies():
             return
+        if self.ui.modelComboBox.count == 0:  # the backend was just installed: list its models (in the background)
+            self.refreshModels()
         p = self._parameterNode
         target = p.outputVolume
         if (

@@ -333,3 +333,31 @@ def test_sample_like_a_reference_node_is_exact_and_failure_leaves_nothing(scene,
     with pytest.raises(MedILSlicerError, match="does not sample"):
         MedILLogicCore().process(None, OutputSpace(), model="tiny-gen", task="sample", steps=1)
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before
+
+
+def test_model_list_job_answers_in_the_background(sampler_dir):
+    """The panel's model discovery: a background process polled from a timer, never a wait in the GUI thread."""
+    from MedILSlicerLib.logic import ModelListJob
+
+    job = ModelListJob()
+    t0 = time.monotonic()
+    first = job.poll()  # returns at once, whatever the backend is doing
+    assert time.monotonic() - t0 < 0.5
+    models = first
+    while models is None:
+        time.sleep(0.05)
+        models = job.poll()
+    names = {m["name"]: m for m in models}
+    assert {"tiny-ldm", "tiny-gen", "medil-brain-t1"} <= set(names) and names["tiny-ldm"]["tasks"] == ["sample"]
+
+
+def test_model_list_job_reports_a_broken_backend(tmp_path):
+    from MedILSlicerLib.logic import MedILSlicerError, ModelListJob
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'No module named medil_backend' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    job = ModelListJob(python=str(fake))
+    with pytest.raises(MedILSlicerError, match="medil_backend"):
+        while job.poll() is None:
+            time.sleep(0.05)

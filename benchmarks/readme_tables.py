@@ -130,8 +130,10 @@ def generative() -> str:
     from medil_backend.evaluate_generative import markdown
 
     r = json.loads((RESULTS / "eval-generative-brain.json").read_text())
-    return markdown(r) + f"\n{r['n_samples']} samples of `{r['model']}` (seeds {r['seed']}..{r['seed'] + r['n_samples'] - 1}); " + (
-        f"real: {len(r['real']['train'])} training + {len(r['real']['held_out'])} held-out volumes."
+    return (
+        markdown(r)
+        + f"\n{r['n_samples']} samples of `{r['model']}` (seeds {r['seed']}..{r['seed'] + r['n_samples'] - 1}); "
+        + (f"real: {len(r['real']['train'])} training + {len(r['real']['held_out'])} held-out volumes.")
     )
 
 
@@ -142,7 +144,10 @@ def sample_speed() -> str:
         split = f"{r['denoise_seconds']} / {r['decode_seconds']}" if "denoise_seconds" in r else "-"
         rows.append(f"| {r['job']} | {'x'.join(map(str, r['shape']))} | {r['seconds']} | {split} | {r['peak_rss_increase_gb']} |")
     s = next(r for r in d["results"] if r["job"] == "medil sample")
-    rows += ["", f"{d['machine']}; {s['steps']} DDIM steps on a {'x'.join(map(str, s['latent_shape']))} latent, {s['threads']} torch threads."]
+    rows += [
+        "",
+        f"{d['machine']}; {s['steps']} DDIM steps on a {'x'.join(map(str, s['latent_shape']))} latent, {s['threads']} torch threads.",
+    ]
     return "\n".join(rows)
 
 

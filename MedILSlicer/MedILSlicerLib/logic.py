@@ -442,6 +442,46 @@ def modelLabel(m: dict) -> str:
     return f"{m['name']} (comparison only)" if m.get("role") == "comparison" else m["name"]
 
 
+class ModelListJob:
+    """``medil models --json`` in a background process: :meth:`poll` returns ``None`` while it runs, then the
+    list (or raises :class:`MedILSlicerError`). The panel polls it from a timer, so Slicer never waits on it."""
+
+    def __init__(self, python: str | None = None, timeout_s: float = 120.0) -> None:
+        import subprocess
+        import time
+
+        self._deadline = time.monotonic() + timeout_s
+        self.process = subprocess.Popen(
+            [python or sys.executable, "-m", "medil_backend", "models", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def poll(self) -> list[dict] | None:
+        import subprocess
+        import time
+
+        if self.process.poll() is None:
+            if time.monotonic() < self._deadline:
+                return None
+            self.process.kill()
+            self.process.communicate()
+            raise MedILSlicerError("listing the MedIL models took too long; press Refresh to try again")
+        try:
+            out, err = self.process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
+        if self.process.returncode != 0:
+            raise MedILSlicerError(err.strip().splitlines()[-1] if err.strip() else "could not list MedIL models")
+        return json.loads(out)
+
+    def cancel(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
 def listModels(python: str | None = None) -> list[dict]:
     """The backend's model registry (``medil models --json``), asked of the backend's interpreter."""
     import subprocess
