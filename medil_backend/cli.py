@@ -91,21 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument(
         "--method",
         default="adapt",
-        choices=["adapt", "fast", "cycles"],
+        choices=["adapt", "fast", "inverse", "cycles"],
         help="adapt (default): a network trained on this scan's own in-plane slices, then data consistency; "
         "fast: cubic B-spline, then data consistency (seconds); cycles: noise/denoise cycles through the latent "
-        "diffusion model (Patel et al.), each made data-consistent",
+        "diffusion model (Patel et al.), each made data-consistent; inverse: the generative latent optimised so that the "
+        "decoded volume, acquired again, matches the input (InverseSR, decoder only)",
     )
     sr.add_argument(
         "--samples", type=int, default=1, metavar="K", help="adapt: K networks (seeds); cycles: K cycles; the output is their mean"
     )
-    sr.add_argument("--model", default=None, help="cycles: the latent diffusion model (default medil-brain-t1-ldm)")
+    sr.add_argument(
+        "--model", default=None, help="cycles, inverse: the latent diffusion model (and its autoencoder; default medil-brain-t1-ldm)"
+    )
     sr.add_argument("--steps", type=int, default=10, metavar="K", help="cycles: DDIM steps per cycle (default 10)")
     sr.add_argument(
         "--strength", type=float, default=0.3, help="cycles: how far each cycle noises, as a fraction of the schedule (default 0.3)"
     )
     sr.add_argument("--uncertainty", metavar="FILE", help="with --samples K > 1: write the per-voxel standard deviation here")
-    sr.add_argument("--time-budget", type=float, default=3.0, metavar="MIN", help="adapt: minutes of training in all (default 3)")
+    sr.add_argument(
+        "--time-budget", type=float, default=3.0, metavar="MIN", help="adapt, inverse: minutes of training/optimisation in all (default 3)"
+    )
     sr.add_argument("--seed", type=int, default=0, help="adapt, cycles: the first seed")
     sr.add_argument("--slice-thickness", type=float, default=None, metavar="MM", help="slice thickness (default: the slice spacing)")
     sr.add_argument("--slice-profile", default="rect", choices=["rect", "gaussian"], help="slice profile (gaussian: FWHM = thickness)")
@@ -151,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--superres",
         action="append",
         default=[],
-        choices=["fast", "adapt", "cycles"],
+        choices=["fast", "adapt", "inverse", "cycles"],
         help="also score this super-resolution method (repeatable)",
     )
     e.add_argument(

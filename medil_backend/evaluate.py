@@ -93,7 +93,7 @@ def evaluate(
                 from .ops.superres import superres
 
                 t0 = time.perf_counter()
-                k = superres_samples if method in ("adapt", "cycles") else 1
+                k = superres_samples if method != "fast" else 1
                 out = superres(
                     inp, hr.grid, method=method, samples=k, time_budget_min=superres_time_budget_min, max_memory_gb=max_memory_gb
                 )

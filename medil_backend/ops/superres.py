@@ -24,7 +24,7 @@ from ..geometry import Grid, Volume
 from ..limits import GB, check_memory_limit
 from .runtime import Progress, check_cancel, report
 
-METHODS = ("fast", "adapt", "cycles")
+METHODS = ("fast", "adapt", "inverse", "cycles")
 #: an axis is a slice axis when its spacing is at least this many times the finest in-plane spacing
 THICK_RATIO = 1.5
 #: working copies of the output grid that one data-consistency step holds (float32: the image,
@@ -109,6 +109,7 @@ def superres(
     model: str | None = None,
     steps: int = 10,
     strength: float = 0.3,
+    max_iterations: int = 200,
 ) -> Volume:
     """Super-resolve ``volume`` onto ``target`` (default: :func:`default_grid`).
 
@@ -124,6 +125,12 @@ def superres(
     latent diffusion ``model``, noised to ``strength`` x T, denoised by DDIM in ``steps`` steps,
     decoded onto ``target`` and made data-consistent; each of ``samples`` cycles draws its own
     noise (seeds ``seed``, ``seed + 1``, ...).
+
+    ``inverse`` (InverseSR, decoder-only): the generative latent z, initialised by encoding the
+    ``fast`` result, is optimised with Adam so that ``A(decode(z))`` matches the input (L1), with
+    gradients through the tiling engine (activation checkpointing: one tile's activations alive),
+    for at most ``max_iterations`` steps or ``time_budget_min`` minutes; then data consistency.
+    With ``samples`` > 1 each run starts from z plus seeded noise.
     """
     if method not in METHODS:
         raise MedILError(f"super-resolution method {method!r} is not available; choose one of {', '.join(METHODS)}", options=("method",))
@@ -131,6 +138,8 @@ def superres(
         raise MedILError(f"iterations must be a whole number from 0 to 100, got {iterations!r}", options=("iterations",))
     if not (isinstance(samples, int) and 1 <= samples <= 50):
         raise MedILError(f"samples must be a whole number from 1 to 50, got {samples!r}", options=("samples",))
+    if not (isinstance(max_iterations, int) and 1 <= max_iterations <= 100000):
+        raise MedILError(f"max_iterations must be a whole number from 1, got {max_iterations!r}", options=("iterations",))
     if samples > 1 and method == "fast":
         raise MedILError("the fast method is deterministic: several samples need --method adapt or cycles", options=("samples", "method"))
     if method == "cycles" and not (0 < strength <= 1 and isinstance(steps, int) and 1 <= steps <= 1000):
@@ -175,7 +184,7 @@ def superres(
         report(progress, 0.0, "B-spline interpolant")
         x = resample_sitk(volume, target, "bspline").array.astype(np.float32)
         x, before, after = _consistent(x, y, op, iterations, progress, (0.3, 1.0), cancel)
-    elif method == "cycles":
+    elif method in ("cycles", "inverse"):
         from ..intensity import fit_normalizer
 
         norm = fit_normalizer(y, volume.modality)
@@ -183,14 +192,37 @@ def superres(
         report(progress, 0.0, "B-spline interpolant")
         x0 = resample_sitk(Volume(yn, grid.affine), target, "bspline").array.astype(np.float32)
         x0, before, _ = _consistent(x0, yn, op, iterations, progress, (0.02, 0.1), cancel)
-        stack = diffusion_cycles(
-            x0, yn, target, op, model, samples, seed, steps, strength, iterations, budget, norm.modality, progress, cancel
-        )
+        if method == "cycles":
+            stack = diffusion_cycles(
+                x0, yn, target, op, model, samples, seed, steps, strength, iterations, budget, norm.modality, progress, cancel
+            )
+        else:
+            stack, runs = latent_optimisation(
+                x0,
+                yn,
+                target,
+                op,
+                model,
+                samples,
+                seed,
+                max_iterations,
+                time_budget_min,
+                iterations,
+                budget,
+                norm.modality,
+                progress,
+                cancel,
+            )
+            meta["optimisation"] = runs
         x = stack.mean(axis=0)
         after = float(np.sqrt(np.mean((op(torch.from_numpy(x)[None, None])[0, 0].numpy() - yn) ** 2))) / (float(np.abs(yn).max()) or 1.0)
         std = stack.std(axis=0) * norm.scale if samples > 1 else None
         x = norm.inverse(x)
-        meta.update(samples=samples, seed=seed, steps=steps, strength=strength, model=model or "medil-brain-t1-ldm")
+        meta.update(samples=samples, seed=seed, model=model or "medil-brain-t1-ldm")
+        if method == "cycles":
+            meta.update(steps=steps, strength=strength)
+        else:
+            meta.update(time_budget_min=time_budget_min)
     else:
         from ..intensity import fit_normalizer
         from .adapt import apply_adapter, train_adapter
@@ -234,6 +266,78 @@ def superres(
     return Volume(x.astype(np.float32), target.affine, modality=volume.modality, meta=meta)
 
 
+def _generative(model: str | None, modality: str):
+    from .sample import load_sampler
+
+    sampler = load_sampler(model)
+    if sampler.modality != modality:
+        raise MedILError(
+            f"the diffusion model {sampler.name!r} learnt {sampler.modality.upper()}, the input is {modality.upper()}: "
+            "use --method fast or adapt",
+            options=("method",),
+        )
+    return sampler
+
+
+def latent_optimisation(
+    x0: np.ndarray,
+    yn: np.ndarray,
+    target: Grid,
+    op: AcquisitionOperator,
+    model: str | None,
+    samples: int,
+    seed: int,
+    max_iterations: int,
+    time_budget_min: float,
+    iterations: int,
+    budget: float,
+    modality: str,
+    progress,
+    cancel,
+) -> tuple[np.ndarray, list[dict]]:
+    """(samples, *target.shape): InverseSR's decoder-only latent optimisation, each run made data-consistent."""
+    from .sample import latent_grid_for
+    from .tiling import decode_tiled, encode_tiled
+
+    sampler = _generative(model, modality)
+    ae = sampler.autoencoder.cpu().eval()
+    for p in ae.parameters():
+        p.requires_grad_(False)
+    z_grid = latent_grid_for(sampler, target)
+    work = max(budget * 0.5, 2**28)
+    report(progress, 0.1, "encoding the estimate")
+    with torch.inference_mode():
+        z_init = ae.split_latent(encode_tiled(ae, torch.from_numpy(x0)[None, None], target, z_grid, budget_bytes=work))[0]
+    z_init = z_init.clone()
+    yt = torch.from_numpy(np.ascontiguousarray(yn, dtype=np.float32))[None, None]
+    seconds = time_budget_min * 60 * 0.9 / samples
+    out, runs = [], []
+    for k in range(samples):
+        a, b = 0.1 + 0.85 * k / samples, 0.1 + 0.85 * (k + 1) / samples
+        spread = 0.1 * float(z_init.std()) if k else 0.0  # the first run starts at the encoding, later ones near it
+        z = (z_init + spread * torch.randn(z_init.shape, generator=torch.Generator().manual_seed(seed + k))).requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=0.05)
+        t0, losses = time.perf_counter(), []
+        for it in range(max_iterations):
+            check_cancel(cancel)
+            x = decode_tiled(ae, z, z_grid, target, budget_bytes=work, checkpoint=True)
+            loss = (op(x) - yt).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            elapsed = time.perf_counter() - t0
+            report(progress, a + 0.8 * (b - a) * min(1.0, elapsed / seconds), f"latent optimisation {k + 1}/{samples}: step {it + 1}")
+            if elapsed > seconds:
+                break
+        with torch.inference_mode():
+            arr = np.asarray(decode_tiled(ae, z.detach(), z_grid, target, budget_bytes=work), dtype=np.float32)
+        xk, _, _ = _consistent(arr, yn, op, iterations, progress, (a + 0.8 * (b - a), b), cancel)
+        out.append(xk)
+        runs.append({"steps": len(losses), "l1_first": losses[0], "l1_last": losses[-1], "seconds": round(time.perf_counter() - t0, 1)})
+    return np.stack(out), runs
+
+
 def diffusion_cycles(
     x0: np.ndarray,
     yn: np.ndarray,
@@ -254,16 +358,10 @@ def diffusion_cycles(
     from ..nn.diffusion import geometry_channels, source_spacing_along
     from ..training.data import foreground_centres
     from ..training.latents import centred
-    from .sample import SPACING_COND_RANGE_MM, latent_grid_for, load_sampler
+    from .sample import SPACING_COND_RANGE_MM, latent_grid_for
     from .tiling import DecodePlan, OutputArray, decode_tiled, encode_tiled
 
-    sampler = load_sampler(model)
-    if sampler.modality != modality:
-        raise MedILError(
-            f"the diffusion model {sampler.name!r} learnt {sampler.modality.upper()}, the input is {modality.upper()}: "
-            "use --method fast or adapt",
-            options=("method",),
-        )
+    sampler = _generative(model, modality)
     ae, ldm = sampler.autoencoder.cpu().eval(), sampler.diffusion.cpu().eval()
     z_grid = latent_grid_for(sampler, target)
     # the model knows heads centred at the origin: condition on the latent grid moved the same way
