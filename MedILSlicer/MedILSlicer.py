@@ -416,7 +416,18 @@ class MedILSlicerLogic(ScriptedLoadableModuleLogic, MedILLogicCore):
                     return False
                 slicer.util.pip_install("torch>=2.4")
             restart = True
-        if importlib.util.find_spec("medil_backend") is None:
+        from MedILSlicerLib.deps import missing_requirements, shipped_backend
+
+        if shipped_backend() is not None:  # an installed extension: the backend is here, its small dependencies may not be
+            missing = missing_requirements()
+            if missing:
+                if not slicer.util.confirmOkCancelDisplay(
+                    "MedIL needs these Python packages: " + ", ".join(missing) + ". Install them now with pip?"
+                ):
+                    return False
+                for req in missing:
+                    slicer.util.pip_install(req)  # Slicer shows pip's progress in its Python console log
+        elif importlib.util.find_spec("medil_backend") is None:
             source = os.path.dirname(_HERE)  # the repository root holds the backend's pyproject.toml
             target = source if os.path.exists(os.path.join(source, "pyproject.toml")) else "medil-backend"
             if not slicer.util.confirmOkCancelDisplay(f"MedIL needs its backend package. Install it now from {target}?"):

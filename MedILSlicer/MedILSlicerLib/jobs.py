@@ -51,7 +51,9 @@ class BackendJob:
         else:
             kwargs["start_new_session"] = True
         # UTF-8 both ways, whatever locale the host application (Qt, VTK) left behind
-        env = {**(self.env if self.env is not None else os.environ), "PYTHONIOENCODING": "utf-8"}
+        from .deps import backend_env
+
+        env = {**backend_env(self.env), "PYTHONIOENCODING": "utf-8"}
         # an interrupt while Popen runs would leave a child we hold no handle of: hold the termination
         # signals until self.process is set (the backend unblocks them for itself as it starts)
         held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP} if hasattr(signal, "pthread_sigmask") else set()

@@ -451,11 +451,14 @@ class ModelListJob:
         import time
 
         self._deadline = time.monotonic() + timeout_s
+        from .deps import backend_env
+
         self.process = subprocess.Popen(
             [python or sys.executable, "-m", "medil_backend", "models", "--json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=backend_env(),
         )
 
     def poll(self) -> list[dict] | None:

@@ -1,0 +1,99 @@
+"""The Slicer extension ships its backend: the CMake install rules take every file of medil_backend
+(code and bundled weights), the module's own script list is complete, the on-demand requirements
+match pyproject.toml, and an installed layout runs the backend from the copy next to the module."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+from conftest import REPO
+
+
+def install_rule() -> tuple[list[str], list[str]]:
+    """(included, excluded) patterns of the top-level install(DIRECTORY .../medil_backend ...) rule."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    m = re.search(r"install\(DIRECTORY \$\{CMAKE_CURRENT_SOURCE_DIR\}/medil_backend(.*?)\n  \)", text, re.S)
+    assert m, "CMakeLists.txt has no install rule for medil_backend"
+    body = m.group(1)
+    assert "DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}" in body  # beside the module's scripts
+    excluded = re.findall(r'PATTERN "([^"]+)" EXCLUDE', body)
+    included = [p for p in re.findall(r'PATTERN "([^"]+)"', body) if p not in excluded]
+    return included, excluded
+
+
+def package_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "medil_backend"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        files = [REPO / line for line in out.splitlines() if line]
+    except (OSError, subprocess.CalledProcessError):
+        files = [p for p in (REPO / "medil_backend").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    return [f for f in files if f.exists()]
+
+
+def installed(path: Path, included: list[str], excluded: list[str]) -> bool:
+    rel = path.relative_to(REPO / "medil_backend")
+    if any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in excluded):
+        return False
+    return any(fnmatch.fnmatch(rel.name, pat) for pat in included)
+
+
+def test_cmake_installs_every_backend_file_and_the_weights():
+    included, excluded = install_rule()
+    files = package_files()
+    assert any(f.suffix == ".safetensors" for f in files) and any(f.name == "medil-brain-t1.json" for f in files)
+    left_out = [str(f.relative_to(REPO)) for f in files if not installed(f, included, excluded)]
+    assert not left_out, f"the extension would not ship {left_out}: add their patterns to the install rule"
+
+
+def test_module_cmake_lists_every_module_script():
+    text = (REPO / "MedILSlicer" / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"\$\{MODULE_NAME\}(Lib/\w+\.py|\.py)", text)) | set(re.findall(r"\n  (Scripts/\w+\.py)", text))
+    scripts = {"Lib/" + p.name for p in (REPO / "MedILSlicer" / "MedILSlicerLib").glob("*.py")} | {".py"}
+    scripts |= {f"Scripts/{p.name}" for p in (REPO / "MedILSlicer" / "Scripts").glob("*.py")}
+    assert scripts <= listed, f"missing from MedILSlicer/CMakeLists.txt: {sorted(scripts - listed)}"
+
+
+def test_on_demand_requirements_match_pyproject():
+    sys.path.insert(0, str(REPO / "MedILSlicer"))
+    from MedILSlicerLib.deps import BACKEND_REQUIREMENTS
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(r for r, _ in BACKEND_REQUIREMENTS) == sorted(d for d in deps if not d.startswith("torch"))
+    for _, name in BACKEND_REQUIREMENTS:
+        assert importlib.util.find_spec(name) is not None  # the import names are right
+
+
+def test_an_installed_layout_runs_the_shipped_backend(tmp_path):
+    """Copy what the install rules take into a fresh folder (as CPack would), then run the backend the way the module does."""
+    lib = tmp_path / "qt-scripted-modules"
+    included, excluded = install_rule()
+    for f in package_files():
+        if installed(f, included, excluded):
+            dest = lib / f.relative_to(REPO)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+    shutil.copytree(REPO / "MedILSlicer" / "MedILSlicerLib", lib / "MedILSlicerLib", ignore=shutil.ignore_patterns("__pycache__"))
+    spec = importlib.util.spec_from_file_location("shipped_deps", lib / "MedILSlicerLib" / "deps.py")
+    deps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deps)
+    assert deps.shipped_backend() == lib / "medil_backend"
+    env = deps.backend_env({"PATH": "/usr/bin:/bin"})
+    where = subprocess.run(
+        [sys.executable, "-c", "import medil_backend; print(medil_backend.__file__)"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).is_relative_to(lib)  # the copy next to the module, not the development tree
+    models = subprocess.run(
+        [sys.executable, "-m", "medil_backend", "models", "--json"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert models.returncode == 0, models.stderr
+    bundled = {m["name"]: m for m in json.loads(models.stdout) if m["source"] == "bundled"}
+    assert "medil-brain-t1" in bundled and Path(bundled["medil-brain-t1"]["card"]).is_relative_to(lib)
