@@ -154,7 +154,7 @@ def sample_speed() -> str:
 def main() -> None:
     readme = (REPO / "README.md").read_text()
     sections = [("quality-brain", quality("brain")), ("quality-ct", quality("ct")), ("speed", speed())]
-    for name in ("brain", "ct"):
+    for name in ("brain", "ct", "generative-brain"):
         if (RESULTS / f"eval-superres-{name}.json").exists():
             sections.append((f"superres-{name}", superres_quality(name)))
     if any((RESULTS / f"eval-superres-uncertainty-{n}.json").exists() for n in ("brain", "ct")):
