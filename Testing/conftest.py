@@ -71,19 +71,7 @@ def model_dir(tmp_path, tiny_model, monkeypatch):
     return folder
 
 
-TINY_AE = dict(
-    channels=[4, 8],
-    factors=[2],
-    n_units=1,
-    encoder_norm="none",
-    decoder_norm="channel",
-    latent_channels=2,
-    latent_spacing=4.0,
-    lte_frequencies=8,
-    inr_width=8,
-    inr_blocks=1,
-    kl=True,
-)
+TINY_AE = {**TINY_CONFIG, "latent_channels": 2, "kl": True, "global_skip": False}  # a generative autoencoder: KL, no skip
 TINY_LDM = dict(latent_channels=2, channels=[8, 16], groups=4, time_dim=16, timesteps=100, latent_spacing=4.0)
 DEFAULT_SPACE = {"shape": [24, 28, 20], "spacing": [2.0, 2.0, 2.0], "centre": [0.0, 0.0, 0.0]}
 

@@ -355,3 +355,43 @@ def test_superres_inverse_lowers_its_data_loss(sampler_dir, tmp_path, capsys):
     assert len(runs) == 2 and all(r["l1_last"] < r["l1_first"] for r in runs)
     assert "uncertainty" in out.meta and out.meta["uncertainty"].array.shape == out.array.shape
     assert np.isfinite(out.array).all() and out.array.min() >= 0
+
+
+def test_sampling_and_generative_superres_need_no_training_extra(sampler_dir, tmp_path):
+    """medil sample (with --native), superres cycles and evaluate-generative's helpers run without Lightning installed."""
+    import os
+    import subprocess
+    import sys
+
+    from medil_backend.acquisition import thick_slices
+    from medil_backend.geometry import Volume
+    from medil_backend.io import read_volume, write_volume
+
+    v = read_volume(EXAMPLE)
+    arr = np.ascontiguousarray(v.array[30:54, 30:58, 10:30]).astype(np.float32)
+    sub = v.grid.sub_grid((30, 30, 10), (54, 58, 30))
+    aff = sub.affine.copy()
+    aff[:3, 3] -= sub.voxel_to_world(np.array([[12, 14, 10]]))[0]
+    thick, tgrid = thick_slices(arr, Grid(arr.shape, aff), 2, 2)
+    write_volume(Volume(thick, tgrid.affine), tmp_path / "thick.nii.gz")
+    code = (
+        "import sys; sys.modules['lightning'] = None; sys.modules['torchio'] = None; sys.modules['monai'] = None\n"
+        "from medil_backend.cli import main\n"
+        f"rc = main(['sample', r'{tmp_path / 'n.nii.gz'}', '--model', 'tiny-ldm', '--native', '--steps', '1', '--progress', 'none'])\n"
+        f"rc = rc or main(['superres', r'{tmp_path / 'thick.nii.gz'}', r'{tmp_path / 'sr.nii.gz'}', '--method', 'cycles', "
+        "'--model', 'tiny-ldm', '--steps', '1', '--spacing', '2', '--progress', 'none'])\n"
+        "import medil_backend.evaluate_generative\n"
+        "assert 'lightning' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "raise SystemExit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "n.nii.gz").exists() and (tmp_path / "sr.nii.gz").exists()
+
+
+def test_evaluate_generative_checks_its_report_folders_first(sampler_dir, tmp_path, capsys):
+    rc, _, err = run(
+        ["evaluate-generative", "--model", "tiny-ldm", "--train", EXAMPLE, "--held-out", EXAMPLE, "--json", tmp_path / "no" / "g.json"],
+        capsys,
+    )
+    assert rc != 0 and "does not exist" in err and "Traceback" not in err

@@ -60,10 +60,10 @@ def _bspline(model: str) -> dict:
     import numpy as np
 
     from medil_backend.baselines import resample_sitk
+    from medil_backend.geometry import centred
     from medil_backend.io import read_volume
+    from medil_backend.metrics import foreground_centres
     from medil_backend.ops.sample import load_sampler
-    from medil_backend.training.data import foreground_centres
-    from medil_backend.training.latents import centred
 
     grid = load_sampler(model).default_grid()
     v = read_volume(EXAMPLE)

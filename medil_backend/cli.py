@@ -551,6 +551,9 @@ def cmd_evaluate_generative(args: argparse.Namespace) -> int:
 
     if args.n < 2:
         raise MedILError("diversity needs at least 2 samples: --n 2 or more", options=("n",))
+    for out in (args.json, args.markdown):  # before minutes of sampling, not after
+        if out and not Path(out).parent.is_dir():
+            raise MedILError(f"the folder of {out} does not exist; create it first")
     train, held = _volumes_of(args.train), _volumes_of(args.held_out)
     update, close = _progress_callback("bar")
     try:

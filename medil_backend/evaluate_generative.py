@@ -41,8 +41,9 @@ def evaluation_grid(default: Grid, spacing: float) -> Grid:
 
 def on_grid(volume: Volume, grid: Grid, modality: str) -> np.ndarray:
     """A real volume the way the diffusion model saw it: centroid at the origin, normalised, trilinear onto ``grid``."""
-    from .training.data import foreground_centres, resample_to_grid
-    from .training.latents import centred
+    from .geometry import centred
+    from .metrics import foreground_centres
+    from .nn.resample import resample_to_grid
 
     norm = fit_normalizer(volume.array, modality)
     a = norm.forward(volume.array).astype(np.float32)

@@ -491,3 +491,21 @@ def lookup_box(source: Sequence[Grid], query: Sequence[Grid]) -> tuple[tuple[np.
     lo = np.clip(lo, 0, shape - 1)
     hi = np.clip(hi, lo + 1, shape)
     return (lo, hi), (np.maximum(lo - 1, 0), np.minimum(hi + 1, shape))
+
+
+def rotation(angles_deg) -> np.ndarray:
+    """Rotation matrix about x, then y, then z (degrees)."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def centred(grid: Grid, centres_ijk: np.ndarray) -> Grid:
+    """``grid`` translated so that the world centroid of the voxels ``centres_ijk`` is the origin
+    (the latent diffusion model's group space: every head centred at world (0, 0, 0))."""
+    c = grid.voxel_to_world(np.asarray(centres_ijk, dtype=np.float64)).mean(0)
+    aff = grid.affine.copy()
+    aff[:3, 3] -= c
+    return Grid(grid.shape, aff)

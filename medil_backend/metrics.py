@@ -62,3 +62,9 @@ def foreground_mask(ref: np.ndarray, modality: str = "mri", threshold: float = 0
 
         return binary_fill_holes(np.asarray(ref) > (-200.0 - CT_LOW) / (CT_HIGH - CT_LOW))  # -200 HU on the normalised scale
     return np.asarray(ref) > threshold
+
+
+def foreground_centres(array: np.ndarray, modality: str, limit: int = 20000) -> np.ndarray:
+    """Voxel indices inside the tissue mask, thinned evenly to at most about ``limit`` (patch centres, centroids)."""
+    pts = np.argwhere(foreground_mask(array, modality))
+    return pts[:: max(1, len(pts) // limit)]

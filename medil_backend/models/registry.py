@@ -105,15 +105,6 @@ def _build_diffusion(config: dict) -> nn.Module:
     return LatentDiffusionUNet(DiffusionConfig.from_dict(config))
 
 
-def _diffusion_latent(net) -> dict:
-    c = net.config
-    return {
-        "spacing_mm": c.latent_spacing,
-        "channels": c.latent_channels,
-        "compression_vs_1mm": round(c.latent_spacing**3 / c.latent_channels, 2),
-    }
-
-
 def _no_reconstruct(volume, target, net, **options):
     raise MedILError("this is a latent diffusion model: it draws new volumes (`medil sample`), it does not reconstruct an input")
 
@@ -123,4 +114,4 @@ def _register_builtins() -> None:
         return
     register(Architecture("MedILAutoencoder", _build_medil, _run_medil, _medil_latent))
     register(Architecture("FixedGridAutoencoder", _build_fixed_grid, _run_fixed_grid, _fixed_grid_latent))
-    register(Architecture("LatentDiffusionUNet", _build_diffusion, _no_reconstruct, _diffusion_latent))
+    register(Architecture("LatentDiffusionUNet", _build_diffusion, _no_reconstruct, _medil_latent))  # the latent it draws

@@ -36,3 +36,11 @@ def sample_on_grids(x: torch.Tensor, x_grids: Sequence[Grid], targets: Sequence[
         g = _normalised(voxel_coords(x_grids, sub, x.device), x.shape[2:]).reshape(B, b - a, shape[1], shape[2], 3)
         out[:, :, a:b] = F.grid_sample(src, g, mode="bilinear", padding_mode="border", align_corners=True)
     return out
+
+
+def resample_to_grid(array, grid: Grid, target: Grid):
+    """A numpy volume on ``grid`` resampled trilinearly onto ``target`` (border values outside): float32 numpy."""
+    import numpy as np
+
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    return sample_on_grids(x, [grid], [target])[0, 0].numpy()

@@ -101,7 +101,7 @@ def native_grid(sampler: Sampler, rng: np.random.Generator) -> Grid:
     c = mix[int(rng.choice(len(mix), p=w / w.sum()))]
     x = rng.normal(np.asarray(c["mean"]), np.sqrt(np.asarray(c["var"])))
     spacing = np.clip(np.exp(x[:3]), 0.5, 10.0)
-    from ..training.latents import rotation
+    from ..geometry import rotation
 
     direction = rotation(np.rad2deg(x[3:6]))  # the card keeps angles in radians
     default = sampler.default_grid()

@@ -279,6 +279,22 @@ def _generative(model: str | None, modality: str):
     return sampler
 
 
+def _encoded_estimate(x0: np.ndarray, target: Grid, model: str | None, modality: str, budget: float, progress):
+    """The generative model for ``modality``, the latent grid covering ``target``, the posterior mean of the
+    estimate ``x0`` on it, and the working-memory budget of one tile (what both generative methods start from)."""
+    from .sample import latent_grid_for
+    from .tiling import encode_tiled
+
+    sampler = _generative(model, modality)
+    ae = sampler.autoencoder.cpu().eval()
+    z_grid = latent_grid_for(sampler, target)
+    work = max(budget * 0.5, 2**28)
+    report(progress, 0.1, "encoding the estimate")
+    with torch.inference_mode():
+        z = ae.split_latent(encode_tiled(ae, torch.from_numpy(x0)[None, None], target, z_grid, budget_bytes=work))[0]
+    return sampler, z_grid, z.clone(), work
+
+
 def latent_optimisation(
     x0: np.ndarray,
     yn: np.ndarray,
@@ -296,19 +312,12 @@ def latent_optimisation(
     cancel,
 ) -> tuple[np.ndarray, list[dict]]:
     """(samples, *target.shape): InverseSR's decoder-only latent optimisation, each run made data-consistent."""
-    from .sample import latent_grid_for
-    from .tiling import decode_tiled, encode_tiled
+    from .tiling import decode_tiled
 
-    sampler = _generative(model, modality)
-    ae = sampler.autoencoder.cpu().eval()
+    sampler, z_grid, z_init, work = _encoded_estimate(x0, target, model, modality, budget, progress)
+    ae = sampler.autoencoder
     for p in ae.parameters():
         p.requires_grad_(False)
-    z_grid = latent_grid_for(sampler, target)
-    work = max(budget * 0.5, 2**28)
-    report(progress, 0.1, "encoding the estimate")
-    with torch.inference_mode():
-        z_init = ae.split_latent(encode_tiled(ae, torch.from_numpy(x0)[None, None], target, z_grid, budget_bytes=work))[0]
-    z_init = z_init.clone()
     yt = torch.from_numpy(np.ascontiguousarray(yn, dtype=np.float32))[None, None]
     seconds = time_budget_min * 60 * 0.9 / samples
     out, runs = [], []
@@ -355,15 +364,14 @@ def diffusion_cycles(
     cancel,
 ) -> np.ndarray:
     """(samples, *target.shape): noise/denoise cycles of the normalised estimate ``x0`` through a latent diffusion model, each data-consistent."""
+    from ..geometry import centred
+    from ..metrics import foreground_centres
     from ..nn.diffusion import geometry_channels, source_spacing_along
-    from ..training.data import foreground_centres
-    from ..training.latents import centred
-    from .sample import SPACING_COND_RANGE_MM, latent_grid_for
-    from .tiling import DecodePlan, OutputArray, decode_tiled, encode_tiled
+    from .sample import SPACING_COND_RANGE_MM
+    from .tiling import DecodePlan, OutputArray, decode_tiled
 
-    sampler = _generative(model, modality)
-    ae, ldm = sampler.autoencoder.cpu().eval(), sampler.diffusion.cpu().eval()
-    z_grid = latent_grid_for(sampler, target)
+    sampler, z_grid, z_mean, work = _encoded_estimate(x0, target, model, modality, budget, progress)
+    ae, ldm = sampler.autoencoder, sampler.diffusion.cpu().eval()
     # the model knows heads centred at the origin: condition on the latent grid moved the same way
     moved = centred(target, foreground_centres(x0, modality))
     shift = moved.affine[:3, 3] - target.affine[:3, 3]
@@ -372,13 +380,10 @@ def diffusion_cycles(
     cond_grid = Grid(z_grid.shape, cond_affine)
     spacing = np.clip(source_spacing_along(z_grid, target.direction, target.spacing), *SPACING_COND_RANGE_MM)
     cond = geometry_channels(cond_grid, spacing, ldm.config)[None]
-    plan = DecodePlan(ae, z_grid, target, max(budget * 0.5, 2**28), 4)
+    plan = DecodePlan(ae, z_grid, target, work, 4)
     t_start = max(1, int(round(strength * (ldm.config.timesteps - 1))))
+    z0 = ldm.standardise(z_mean)
     out = []
-    report(progress, 0.1, "encoding the estimate")
-    with torch.inference_mode():
-        raw = encode_tiled(ae, torch.from_numpy(x0)[None, None], target, z_grid, budget_bytes=max(budget * 0.5, 2**28))
-        z0 = ldm.standardise(ae.split_latent(raw)[0])
     for k in range(samples):
         check_cancel(cancel)
         a, b = 0.1 + 0.85 * k / samples, 0.1 + 0.85 * (k + 1) / samples

@@ -197,13 +197,16 @@ def export_checkpoint(
 
 
 class MedILCLI(LightningCLI):
+    #: the validation metric the default checkpoint callback keeps the best of
+    monitor = "val/l1"
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults(
             {
                 "trainer.callbacks": [
                     {
                         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                        "init_args": {"monitor": "val/l1", "mode": "min", "save_last": True},
+                        "init_args": {"monitor": self.monitor, "mode": "min", "save_last": True},
                     },
                 ],
                 "trainer.max_epochs": 10,
@@ -246,19 +249,8 @@ def is_diffusion_recipe(argv: list[str]) -> bool:
     return False
 
 
-class DiffusionCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults(
-            {
-                "trainer.callbacks": [
-                    {
-                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                        "init_args": {"monitor": "val/loss", "mode": "min", "save_last": True},
-                    },
-                ],
-                "trainer.max_epochs": 10,
-            }
-        )
+class DiffusionCLI(MedILCLI):
+    monitor = "val/loss"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ from ..errors import MedILError
 from ..geometry import Grid, covering_grid
 from ..intensity import fit_normalizer
 from ..io import read_volume
+from ..metrics import foreground_centres  # noqa: F401 (also this module's public name)
 from ..models import sha256_file
+from ..nn.resample import resample_to_grid  # noqa: F401 (also this module's public name)
 from .patches import input_shape_for, sample_patch
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -54,23 +56,6 @@ def find_volumes(source: str | Path) -> list[Path]:
 
 def manifest_entries(paths: list[Path]) -> list[dict]:
     return [{"file": p.name, "sha256": sha256_file(p)} for p in paths]
-
-
-def resample_to_grid(array: np.ndarray, grid: Grid, target: Grid) -> np.ndarray:
-    """Trilinear resampling in world coordinates (border values outside), for stage-1 global grids."""
-    from ..nn.resample import sample_on_grids
-
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    return sample_on_grids(x, [grid], [target])[0, 0].numpy()
-
-
-def foreground_centres(array: np.ndarray, modality: str, limit: int = 20000) -> np.ndarray:
-    """Candidate patch centres inside the tissue mask (MRI: intensity threshold; CT: > -200 HU, filled)."""
-    from ..metrics import foreground_mask
-
-    mask = foreground_mask(array, modality)
-    pts = np.argwhere(mask)
-    return pts[:: max(1, len(pts) // limit)]
 
 
 @dataclass

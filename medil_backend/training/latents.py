@@ -30,25 +30,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..acquisition import thick_slices
 from ..errors import MedILError
-from ..geometry import Grid, nearest_aligned_direction
+from ..geometry import Grid, centred, nearest_aligned_direction, rotation
 from ..nn.diffusion import DiffusionConfig, geometry_channels, source_spacing_along
-
-
-def rotation(angles_deg) -> np.ndarray:
-    """Rotation matrix about x, then y, then z (degrees)."""
-    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
-    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
-    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
-    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def centred(grid: Grid, centres_ijk: np.ndarray) -> Grid:
-    """``grid`` translated so the world centroid of the foreground voxels ``centres_ijk`` is the origin."""
-    c = grid.voxel_to_world(np.asarray(centres_ijk, dtype=np.float64)).mean(0)
-    aff = grid.affine.copy()
-    aff[:3, 3] -= c
-    return Grid(grid.shape, aff)
 
 
 def encode_augmented(ae, vol: dict, rng: np.random.Generator, *, thick_prob: float, thick_mm, max_rotation_deg: float) -> dict:
