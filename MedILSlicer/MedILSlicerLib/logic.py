@@ -265,15 +265,7 @@ class MedILLogicCore:
         }
         name = outputNode.GetName() if outputNode is not None else f"{inputNode.GetName()}_medil_{task}"
         job = RunningJob(BackendJob(args, python=self.python), workdir, inputNode, outputNode, name, parameters)
-        try:
-            job.backend.start()
-            if not waitForCompletion:
-                return job
-            job.backend.wait(onEvent)
-        except BaseException:  # Ctrl-C or a signal in a batch script: stop the backend, delete its files
-            self.cancel(job)
-            raise
-        return self.finish(job)
+        return self._run(job, waitForCompletion, onEvent)
 
     def processSample(
         self,
@@ -320,12 +312,16 @@ class MedILLogicCore:
             "arguments": [a.replace(workdir, "<tmp>") for a in args[2:]],
         }
         job = RunningJob(BackendJob(args, python=self.python), workdir, None, None, "medil_sample", parameters)
+        return self._run(job, waitForCompletion, onEvent)
+
+    def _run(self, job: RunningJob, waitForCompletion: bool, onEvent):
+        """Start the backend; synchronous: wait and finish (the output node, or the sample nodes), else the job."""
         try:
             job.backend.start()
             if not waitForCompletion:
                 return job
             job.backend.wait(onEvent)
-        except BaseException:
+        except BaseException:  # Ctrl-C or a signal in a batch script: stop the backend, delete its files
             self.cancel(job)
             raise
         return self.finish(job)
