@@ -192,7 +192,9 @@ def markdown(result: dict) -> str:
 
 
 def write_reports(result: dict, json_path: str | None, md_path: str | None) -> None:
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2, default=float) + "\n")
-    if md_path:
-        Path(md_path).write_text(markdown(result))
+    """JSON and Markdown reports, each written beside its target and renamed into place (never half-written)."""
+    for path, text in ((json_path, json.dumps(result, indent=2, default=float) + "\n"), (md_path, markdown(result))):
+        if path:
+            tmp = Path(path).with_name(Path(path).name + ".part")
+            tmp.write_text(text)
+            tmp.replace(path)
