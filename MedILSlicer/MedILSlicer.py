@@ -29,6 +29,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, ModelListJob, OutputSpace, describeModel, modelLabel  # noqa: E402
+from MedILSlicerLib.tasks import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS  # noqa: E402
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
 from MedILSlicerLib.tasks import task_by_label  # noqa: E402
 
@@ -84,6 +85,9 @@ class MedILSlicerParameterNode:
     maxMemoryGB: Annotated[float, WithinRange(0.25, 512.0)] = 3.0
     outputVolume: vtkMRMLScalarVolumeNode
     showIn3D: bool = False
+    superresMethod: Annotated[str, Choice(SUPERRES_METHODS)] = "adapt"
+    superresSamples: Annotated[int, WithinRange(1, 32)] = 1
+    superresTimeBudgetMin: Annotated[float, WithinRange(0.5, 120.0)] = 3.0
     sampleSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
     sampleCount: Annotated[int, WithinRange(1, 100)] = 1
     sampleSteps: Annotated[int, WithinRange(1, 1000)] = 25
@@ -139,6 +143,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.chooseModelFolderButton.clicked.connect(self.onChooseModelFolder)
         self.ui.refreshModelsButton.clicked.connect(self.refreshModels)
         self.ui.taskComboBox.currentTextChanged.connect(self.updateTaskOptions)
+        self.ui.superresMethodComboBox.currentTextChanged.connect(self.updateTaskOptions)
         self.ui.spacingPresetComboBox.currentTextChanged.connect(self.updateGeometryOptions)
         self.ui.orientationComboBox.currentTextChanged.connect(self.updateGeometryOptions)
         self.ui.fovComboBox.currentTextChanged.connect(self.updateGeometryOptions)
@@ -203,9 +208,12 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateTaskOptions(self, *args) -> None:
         key = task_by_label(self.ui.taskComboBox.currentText).key
         self.ui.reconstructOptionsCollapsibleButton.visible = key in ("reconstruct", "superres")
+        self.ui.superresOptionsCollapsibleButton.visible = key == "superres"
         self.ui.sampleOptionsCollapsibleButton.visible = key == "sample"
         self.ui.outputsCollapsibleButton.visible = key != "sample"  # each sample is a new node, named with its seed
-        self.ui.modelComboBox.enabled = key in ("reconstruct", "sample")  # super-resolution's fast method has no model
+        # super-resolution adapts to the scan itself, except its generative methods, which take a diffusion model
+        generative = key == "superres" and self.ui.superresMethodComboBox.currentText in GENERATIVE_SUPERRES_METHODS
+        self.ui.modelComboBox.enabled = key in ("reconstruct", "sample") or generative
         self._checkCanApply()
 
     def updateGeometryOptions(self, *args) -> None:
@@ -300,14 +308,16 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ):
             return
         task = task_by_label(p.task).key
+        chosen = self.ui.modelComboBox.currentData or None
+        # sampling and generative super-resolution need a diffusion model: a reconstruction model chosen for
+        # another task means the backend's default one
+        sampler = chosen if chosen and "sample" in getattr(self, "_modelTasks", {}).get(chosen, []) else None
         try:
             space = outputSpaceFromParameters(p)
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
             if task == "sample":
-                chosen = self.ui.modelComboBox.currentData or None
-                # a reconstruction model cannot sample: then the default sampling model
-                model = chosen if chosen and "sample" in getattr(self, "_modelTasks", {}).get(chosen, []) else None
+                model = sampler
                 self._job = self.logic.process(
                     None,
                     space,
@@ -324,16 +334,18 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.applyButton.enabled = True
                 self._timer.start()
                 return
+            superres = dict(method=p.superresMethod, samples=p.superresSamples, timeBudgetMin=p.superresTimeBudgetMin)
             self._job = self.logic.process(
                 p.inputVolume,
                 space,
-                model=self.ui.modelComboBox.currentData or None,
+                model=sampler if task == "superres" else chosen,
                 device=p.device,
                 outputNode=p.outputVolume,
                 modality=p.modality,
                 maxMemoryGB=p.maxMemoryGB,
-                task=task_by_label(p.task).key,
+                task=task,
                 waitForCompletion=False,
+                **(superres if task == "superres" else {}),
             )
         except MedILSlicerError as exc:
             slicer.util.errorDisplay(str(exc))

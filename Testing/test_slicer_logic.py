@@ -1,5 +1,6 @@
 """MedILSlicer's Logic against real MRML from the slicer-core wheel (no Slicer application)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -118,6 +119,22 @@ def test_superres_samples_give_an_uncertainty_node(scene, tmp_path):
     assert node_array(unc).min() >= 0 and node_array(unc).max() > 0
     assert unc.GetName().endswith("_uncertainty") and "AI-generated" in unc.GetDescription()
     assert unc.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeRainbow"
+
+
+def test_generative_superres_takes_the_chosen_diffusion_model(scene, tmp_path, sampler_dir):
+    """The panel's model choice reaches `superres --method cycles` (and only the generative methods)."""
+    src = crop_file(*CASES[0][:2], tmp_path)
+    node = load_node(scene, src)
+    out = MedILLogicCore().process(
+        node, OutputSpace(spacing=[1.6, 1.6, 3.25]), task="superres", method="cycles", model="tiny-ldm", maxMemoryGB=2
+    )
+    parameters = json.loads(out.GetAttribute("MedIL.parameters"))
+    arguments = parameters["arguments"]
+    assert arguments[arguments.index("--model") + 1] == "tiny-ldm" and arguments[arguments.index("--method") + 1] == "cycles"
+    assert parameters["model"] == "tiny-ldm" and out.GetAttribute("MedIL.task") == "superres"
+    fast = MedILLogicCore().process(node, OutputSpace(spacing=[1.6, 1.6, 3.25]), task="superres", method="fast", model="tiny-ldm")
+    parameters = json.loads(fast.GetAttribute("MedIL.parameters"))
+    assert "--model" not in parameters["arguments"] and parameters["model"] is None
 
 
 def test_logic_like_reference_is_exact(scene, tmp_path, model_dir):

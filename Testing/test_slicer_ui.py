@@ -94,12 +94,13 @@ def parameter_fields():
 
 
 def module_constant(name):
-    if name == "TASKS":  # the one task list lives in MedILSlicerLib/tasks.py; the module imports it
+    if name in ("TASKS", "SUPERRES_METHODS"):  # these lists live in MedILSlicerLib/tasks.py; the module imports them
         sys.path.insert(0, str(MODULE.parent))
-        from MedILSlicerLib.tasks import LABELS
+        from MedILSlicerLib import tasks
 
         assert "from MedILSlicerLib.tasks import LABELS as TASKS" in MODULE.read_text()
-        return LABELS
+        assert "SUPERRES_METHODS" in re.search(r"from MedILSlicerLib.tasks import ([^\n]*)", MODULE.read_text()).group(1)
+        return tasks.LABELS if name == "TASKS" else tasks.SUPERRES_METHODS
     for node in module_ast().body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
             return ast.literal_eval(node.value)
@@ -137,6 +138,7 @@ def test_parameter_names_match_the_parameter_node(panel):
         ("fovMode", "FOV_MODES"),
         ("device", "DEVICES"),
         ("modality", "MODALITIES"),
+        ("superresMethod", "SUPERRES_METHODS"),
     ],
 )
 def test_combo_boxes_offer_the_parameter_choices_and_default(panel, param, constant):

@@ -1,8 +1,10 @@
 """`medil superres --method fast`: B-spline, then data consistency through the input's own acquisition operator."""
 
+import sys
+
 import numpy as np
 import pytest
-from conftest import EXAMPLE
+from conftest import EXAMPLE, REPO
 
 from medil_backend.acquisition import thick_slices
 from medil_backend.cli import main
@@ -143,3 +145,16 @@ def test_evaluate_scores_superres_against_bspline(thick_crop, tmp_path, capsys):
     assert "superres-fast" in out and "mean gain" in out
     rows = json.loads((tmp_path / "e.json").read_text())["volumes"]["hr.nii.gz"]["sr4mm"]
     assert rows["superres-fast"]["psnr_mask"] > rows["bspline"]["psnr_mask"]
+
+
+def test_the_method_lists_agree():
+    """The backend's methods, the CLI's choices and the Slicer panel's list are the same methods, `adapt` the default."""
+    from medil_backend.cli import build_parser
+    from medil_backend.ops.superres import METHODS
+
+    sys.path.insert(0, str(REPO / "MedILSlicer"))
+    from MedILSlicerLib.tasks import SUPERRES_METHODS
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["superres"]._actions if a.dest == "method")
+    assert set(action.choices) == set(METHODS) == set(SUPERRES_METHODS)
+    assert action.default == SUPERRES_METHODS[0] == "adapt"

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument(
         "--method",
         default="adapt",
-        choices=["adapt", "fast", "inverse", "cycles"],
+        choices=["adapt", "fast", "inverse", "cycles"],  # ops.superres.METHODS (imported there with torch; a test checks they agree)
         help="adapt (default): a network trained on this scan's own in-plane slices, then data consistency; "
         "fast: cubic B-spline, then data consistency (seconds); cycles: noise/denoise cycles through the latent "
         "diffusion model (Patel et al.), each made data-consistent; inverse: the generative latent optimised so that the "

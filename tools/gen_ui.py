@@ -10,6 +10,7 @@ from xml.sax.saxutils import escape
 OUT = Path(__file__).resolve().parents[1] / "MedILSlicer" / "Resources" / "UI" / "MedILSlicer.ui"
 sys.path.insert(0, str(OUT.parents[2]))
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402  (the one task list)
+from MedILSlicerLib.tasks import SUPERRES_METHODS  # noqa: E402
 
 SPACING = ["input", "finest isotropic", "1 mm", "custom"]
 ORIENT = ["input", "axial (RAS-aligned)", "like reference"]
@@ -164,6 +165,28 @@ def build() -> str:
             "Reconstruct options",
             [
                 ("Modality:", combo("modalityComboBox", MODALITIES, "modality")),
+            ],
+        ),
+        collapsible(
+            "superresOptionsCollapsibleButton",
+            "Super-resolution options",
+            [
+                ("Method:", combo("superresMethodComboBox", SUPERRES_METHODS, "superresMethod")),
+                (
+                    "Samples:",
+                    ispin(
+                        "superresSamplesSpinBox",
+                        "superresSamples",
+                        1,
+                        32,
+                        1,
+                        "K > 1: the output is the mean of K runs, and a second volume holds their per-voxel standard deviation (uncertainty), shown as a colour overlay",
+                    ),
+                ),
+                (
+                    "Time budget:",
+                    spin("superresTimeBudgetSpinBox", "superresTimeBudgetMin", 0.5, 120, 3.0, suffix=" min", step=0.5),
+                ),
             ],
         ),
         collapsible(
