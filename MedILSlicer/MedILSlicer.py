@@ -29,9 +29,8 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, ModelListJob, OutputSpace, describeModel, modelLabel  # noqa: E402
-from MedILSlicerLib.tasks import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS  # noqa: E402
+from MedILSlicerLib.tasks import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, task_by_label  # noqa: E402
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
-from MedILSlicerLib.tasks import task_by_label  # noqa: E402
 
 #: Choices shown in the panel (parameter values; the .ui lists the same texts).
 SPACING_PRESETS = ["input", "finest isotropic", "1 mm", "custom"]
