@@ -395,3 +395,54 @@ def test_evaluate_generative_checks_its_report_folders_first(sampler_dir, tmp_pa
         capsys,
     )
     assert rc != 0 and "does not exist" in err and "Traceback" not in err
+
+
+def test_training_latents_see_each_head_in_air():
+    """With pad/box, a head that fills its volume to the border is encoded as if surrounded by air, and its latent
+    is extended to a cube about its centroid with the background's own latent."""
+    from conftest import TINY_AE
+
+    from medil_backend.nn import MedILAutoencoder, MedILConfig
+    from medil_backend.training.latents import encode_augmented, far_field_latent
+
+    torch.manual_seed(0)
+    ae = MedILAutoencoder(MedILConfig.from_dict(TINY_AE)).eval()
+    rng = np.random.default_rng(0)
+    array = (0.5 + 0.4 * rng.random((30, 28, 26))).astype(np.float32)  # "tissue" to every border
+    grid = Grid((30, 28, 26), affine_from_parts([2.0, 2.0, 2.0], direction_from_code("RAS"), [0.0, 0.0, 0.0]))
+    vol = {"array": array, "grid": grid, "centres": np.array([[14.5, 13.5, 12.5]]), "path": "blob"}
+    aug = dict(thick_prob=0.0, thick_mm=(3.0, 7.0), max_rotation_deg=0.0)
+
+    it = encode_augmented(ae, vol, np.random.default_rng(1), pad_mm=16.0, box_mm=120.0, **aug)
+    z, z_grid = it["latent"].astype(np.float32), Grid(it["latent"].shape[1:], it["affine"])
+    centre = z_grid.world_to_voxel(np.zeros((1, 3)))[0]
+    assert np.all(centre - 15 >= -0.5) and np.all(centre + 15 <= np.asarray(z_grid.shape) - 0.5)  # the 120 mm cube
+    # the background's latent fills everything away from the head ...
+    fill = far_field_latent(ae, grid.spacing, np.eye(3)).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(z[:, 0, 0, 0], fill)
+    np.testing.assert_array_equal(z[:, -1, -1, -1], fill)
+    # ... and next to it the latent is that of the head in plenty of air (not of a volume's border)
+    wide = encode_augmented(ae, vol, np.random.default_rng(1), pad_mm=64.0, box_mm=120.0, **aug)
+    assert np.allclose(wide["affine"], it["affine"]) and wide["latent"].shape == it["latent"].shape
+    from medil_backend.geometry import centred
+
+    # the latent voxels over the scanned volume and just outside it (the volume moved to its centroid, as encoded)
+    ijk = centred(grid, vol["centres"]).world_to_voxel(z_grid.voxel_to_world(np.indices(z_grid.shape).reshape(3, -1).T))
+    over = ((ijk >= -2) & (ijk <= np.asarray(grid.shape) + 1)).all(1).reshape(z_grid.shape)
+    assert over.sum() > 100
+    np.testing.assert_allclose(z[:, over], wide["latent"].astype(np.float32)[:, over], atol=2e-3)
+    plain = encode_augmented(ae, vol, np.random.default_rng(1), **aug)  # without: the volume's border shows
+    assert plain["latent"].shape[1:] != it["latent"].shape[1:]
+
+
+def test_a_latent_cache_of_other_augmentation_is_refused(sampler_dir, tmp_path):
+    from medil_backend.errors import MedILError
+    from medil_backend.models import sha256_file
+    from medil_backend.training.latents import LatentDataModule, save_latents
+
+    item = {"latent": np.zeros((2, 4, 4, 4), np.float16), "affine": np.eye(4), "spacing": np.ones(3), "name": "train:x"}
+    meta = {"autoencoder": {"name": "tiny-gen", "sha256": sha256_file(sampler_dir / "tiny-gen.safetensors")}, "augmentation": {}}
+    save_latents(tmp_path / "cache.npz", [item], meta)
+    LatentDataModule("tiny-gen", "unused", cache=str(tmp_path / "cache.npz")).setup()  # as encoded: no pad, no box
+    with pytest.raises(MedILError, match="delete the cache file or name another"):
+        LatentDataModule("tiny-gen", "unused", cache=str(tmp_path / "cache.npz"), pad_mm=20.0, box_mm=224.0).setup()
