@@ -59,6 +59,15 @@ class MedILSlicer(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "Builds on MedIL (implicit latent spaces for arbitrary-resolution medical images) and the Local Texture Estimator."
         )
+        # the MedIL sample in the Sample Data module, once every module is loaded
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    import SampleData
+    from MedILSlicerLib import sampledata
+
+    sampledata.register(SampleData.SampleDataLogic)
 
 
 #

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 from conftest import REPO
 
@@ -97,3 +98,63 @@ def test_an_installed_layout_runs_the_shipped_backend(tmp_path):
     assert models.returncode == 0, models.stderr
     bundled = {m["name"]: m for m in json.loads(models.stdout) if m["source"] == "bundled"}
     assert "medil-brain-t1" in bundled and Path(bundled["medil-brain-t1"]["card"]).is_relative_to(lib)
+
+
+def sample_install_rule() -> tuple[list[Path], str]:
+    """(files, destination) of the top-level install(FILES ...) rule of the Sample Data module's sample."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    m = re.search(r"install\(FILES(.*?)DESTINATION (\S+)", text, re.S)
+    assert m, "CMakeLists.txt has no install rule for the sample data"
+    files = [REPO / f for f in re.findall(r"\$\{CMAKE_CURRENT_SOURCE_DIR\}/(\S+)", m.group(1))]
+    return files, m.group(2)
+
+
+def test_the_sample_data_registers_and_loads_from_the_installed_layout(tmp_path):
+    """What Slicer's Sample Data module does with our registration: fetch the URI (urllib), check the SHA256, load it."""
+    import hashlib
+    import urllib.request
+
+    files, destination = sample_install_rule()
+    assert destination == "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/MedILSampleData"
+    lib = tmp_path / "qt-scripted-modules"
+    (lib / "MedILSampleData").mkdir(parents=True)
+    for f in files:
+        shutil.copy2(f, lib / "MedILSampleData" / f.name)
+    shutil.copytree(REPO / "MedILSlicer" / "MedILSlicerLib", lib / "MedILSlicerLib", ignore=shutil.ignore_patterns("__pycache__"))
+    ours = ("MedILSlicerLib", "MedILSlicerLib.deps", "MedILSlicerLib.sampledata")
+    saved = {name: sys.modules.pop(name) for name in ours if name in sys.modules}  # import the installed copy
+    sys.path.insert(0, str(lib))
+    try:
+        from MedILSlicerLib import sampledata
+
+        calls = []
+
+        class SampleDataLogic:  # records the call with Slicer's keyword names
+            @staticmethod
+            def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None,
+                                               customDownloader=None, thumbnailFileName=None, loadFileTypes=None, loadFiles=None,
+                                               loadFileProperties=None, checksums=None, loadFileType=None):  # fmt: skip
+                calls.append(dict(category=category, sampleName=sampleName, uris=uris, fileNames=fileNames, checksums=checksums))
+
+        assert sampledata.register(SampleDataLogic) is True
+    finally:
+        sys.path.remove(str(lib))
+        for name in ours:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+    (call,) = calls
+    module = (REPO / "MedILSlicer" / "MedILSlicer.py").read_text()  # the module registers it once Slicer has started
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in module and "sampledata.register(" in module
+    assert call["category"] == "MedIL" and call["uris"].startswith("file://") and str(lib) in call["uris"]
+    fetched = tmp_path / call["fileNames"]
+    urllib.request.urlretrieve(call["uris"], fetched)
+    algo, digest = call["checksums"].split(":")
+    assert algo == "SHA256" and hashlib.sha256(fetched.read_bytes()).hexdigest() == digest
+    slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel")
+    scene = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(fetched))
+    assert storage.ReadData(node) == 1 and node.GetImageData().GetDimensions() == (128, 128, 62)
