@@ -38,6 +38,9 @@ ORIENTATIONS = ["input", "axial (RAS-aligned)", "like reference"]
 FOV_MODES = ["input extent", "ROI", "like reference"]
 DEVICES = ["auto", "cuda", "cpu"]
 MODALITIES = ["auto", "mri", "ct"]
+DEFAULT_MODEL_LABEL = "default (by modality and task)"
+#: the model list's order by card role: models, then generative autoencoders (latent spaces), then comparisons
+MODEL_ROLE_ORDER = {"model": 0, "generative": 1, "comparison": 2}
 
 
 #
@@ -166,10 +169,16 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGeometryOptions()
 
     def cleanup(self) -> None:
+        # stop polling first: a timer that fired after this would poll a cancelled job
+        for timer in (self._timer, getattr(self, "_modelTimer", None)):
+            if timer is not None:
+                timer.stop()
         if self._job is not None:
             self.logic.cancel(self._job)
+            self._job = None
         if getattr(self, "_modelJob", None) is not None:
             self._modelJob.cancel()
+            self._modelJob = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -268,9 +277,12 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = combo.currentData
         combo.clear()
         self._modelTasks = {m["name"]: list(m.get("tasks", ["reconstruct"])) for m in models}
-        # comparison models last and marked; each item's tooltip is its card's essentials; the text is the label,
+        # first the backend's own choice (by the input's modality, or the task's default model), then the models
+        # (comparison ones last and marked); each item's tooltip is its card's essentials; the text is the label,
         # the item data the registry name the backend takes
-        for m in sorted(models, key=lambda m: m.get("role") == "comparison"):
+        combo.addItem(DEFAULT_MODEL_LABEL, "")
+        combo.setItemData(0, "The default model for the input's modality (reconstruction) or for the task", qt.Qt.ToolTipRole)
+        for m in sorted(models, key=lambda m: MODEL_ROLE_ORDER.get(m.get("role"), 1)):
             combo.addItem(modelLabel(m), m["name"])
             combo.setItemData(combo.count - 1, describeModel(m), qt.Qt.ToolTipRole)
         combo.toolTip = "Models from the registry (bundled, $MEDIL_MODELS, ~/.medil/models)"

@@ -1,0 +1,174 @@
+"""The module's widget code (MedILSlicer.py) driven as a user drives it: real Qt widgets from the real
+.ui (PySide6, offscreen), a real MRML scene with real volume nodes, the real backend in a real
+process; Slicer's application layer rebuilt by ``slicer_app``. Apply -> progress -> result node;
+Cancel (process tree gone, no node, no file); a failing job (message shown, panel usable); the
+model list filled in the background; a screenshot of the panel."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import tempfile
+import time
+import types
+
+import numpy as np
+import pytest
+from conftest import EXAMPLE, REPO
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+pytest.importorskip("PySide6.QtWidgets", reason="needs PySide6-Essentials")
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel")
+import slicer_app  # noqa: E402
+
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def pump(app, until, timeout=300.0, widget=None):
+    """Run Qt's event loop (the panel's timers poll the backend) until ``until()`` or the timeout."""
+    t0 = time.monotonic()
+    while not until():
+        if time.monotonic() - t0 > timeout:
+            log = raw_ui(widget).logTextEdit.toPlainText()[-2000:] if widget is not None else ""
+            raise AssertionError(f"still waiting after {timeout} s; the panel's log: {log}")
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def raw_ui(widget):
+    """The panel's widgets as PySide6 objects (the module itself sees them as PythonQt shows them)."""
+    return types.SimpleNamespace(**{k: slicer_app.raw(v) for k, v in vars(widget.ui).items()})
+
+
+def backend_files():
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "medil-slicer-*")))
+
+
+@pytest.fixture
+def panel(tmp_path):
+    scene = slicer.vtkMRMLScene()
+    app, module, dialogs, views = slicer_app.install(scene)
+    node = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(EXAMPLE))
+    assert storage.ReadData(node) == 1
+    node.SetName("t1_thick")
+    module.MedILSlicer(slicer_app.QtWidgets.QWidget())  # registers the sample data once Slicer has started
+    widget = module.MedILSlicerWidget()
+    widget.setup()
+    pump(app, lambda: widget.ui.modelComboBox.count > 0, timeout=120)  # models listed by a background process
+    yield app, widget, scene, node, dialogs, views
+    widget.cleanup()
+
+
+def volumes(scene):
+    return [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+
+
+def test_panel_fills_from_the_scene_and_the_backend(panel):
+    app, widget, scene, node, dialogs, views = panel
+    ui, module = raw_ui(widget), sys.modules[type(widget).__module__]
+    assert widget._parameterNode.inputVolume.GetID() == node.GetID() and ui.inputSelector.currentNode() is node
+    assert ui.applyButton.isEnabled() and ui.applyButton.text() == "Apply"
+    labels = [ui.modelComboBox.itemText(i) for i in range(ui.modelComboBox.count())]
+    assert labels[0] == module.DEFAULT_MODEL_LABEL and ui.modelComboBox.currentIndex() == 0 and not ui.modelComboBox.itemData(0)
+    assert labels.index("medil-brain-t1") < labels.index("medil-brain-t1-gen") and "(comparison only)" in labels[-1]
+    tips = [ui.modelComboBox.itemData(i, slicer_app.QtCore.Qt.ToolTipRole) for i in range(ui.modelComboBox.count())]
+    assert all(t and "Tasks:" in t for t in tips[1:]) and "default" in tips[0]
+    assert ui.deviceLabel.text().startswith("detected:")
+    assert [s for s, _ in slicer.app.connections] == ["startupCompleted()"]
+    ui.taskComboBox.setCurrentText("Super-resolve")  # the panel shows each task's own options
+    assert widget._parameterNode.task == "Super-resolve"
+    assert not ui.superresOptionsCollapsibleButton.isHidden() and ui.sampleOptionsCollapsibleButton.isHidden()
+    assert not ui.modelComboBox.isEnabled()  # adapt needs no model ...
+    ui.superresMethodComboBox.setCurrentText("cycles")
+    assert ui.modelComboBox.isEnabled() and widget._parameterNode.superresMethod == "cycles"  # ... cycles a diffusion model
+    ui.taskComboBox.setCurrentText("Sample")
+    assert ui.outputsCollapsibleButton.isHidden() and not ui.sampleOptionsCollapsibleButton.isHidden()
+
+
+def test_apply_runs_the_backend_and_adds_a_new_node_each_time(panel):
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    ui.spacingPresetComboBox.setCurrentText("custom")
+    for axis in "XYZ":
+        getattr(ui, f"customSpacing{axis}SpinBox").setValue(4.0)
+    before = len(volumes(scene))
+    progress = []
+    ui.progressBar.valueChanged.connect(progress.append)
+    ui.applyButton.click()
+    assert ui.applyButton.text() == "Cancel"
+    pump(app, lambda: ui.applyButton.text() == "Apply", widget=widget)
+    assert not dialogs.errors, dialogs.errors
+    out = volumes(scene)[-1]
+    assert len(volumes(scene)) == before + 1 and out is not node and out.GetAttribute("MedIL.task") == "reconstruct"
+    np.testing.assert_allclose(out.GetSpacing(), 4.0, atol=1e-5)
+    assert progress and max(progress) == 100 and "wrote" in ui.logTextEdit.toPlainText()
+    assert widget._parameterNode.outputVolume is None and ui.outputSelector.currentNode() is None  # next Apply: a new node
+    assert views[0][0] == "layers" and views[0][1]["foreground"] is out
+    ui.applyButton.click()
+    pump(app, lambda: ui.applyButton.text() == "Apply")
+    assert len(volumes(scene)) == before + 2  # the first result is still there
+    # choosing an earlier result as the output asks before replacing it; "Cancel" there changes nothing
+    ui.outputSelector.setCurrentNode(out)
+    dialogs.answer = False
+    ui.applyButton.click()
+    assert "holds an earlier MedIL result" in dialogs.questions[-1] and ui.applyButton.text() == "Apply"
+
+
+def test_cancel_stops_the_backend_and_leaves_nothing(panel):
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    ui.spacingPresetComboBox.setCurrentText("1 mm")
+    before, files = len(volumes(scene)), backend_files()
+    ui.applyButton.click()
+    job = widget._job
+    pump(app, lambda: job.backend.process is not None and job.backend.running(), timeout=30)
+    pump(app, lambda: ui.progressBar.value() > 0 or "encod" in ui.logTextEdit.toPlainText().lower(), timeout=60)
+    ui.applyButton.click()  # Cancel
+    assert ui.applyButton.text() == "Apply" and widget._job is None
+    pump(app, lambda: job.backend.process.poll() is not None, timeout=10)
+    assert len(volumes(scene)) == before and backend_files() == files
+    assert "cancelled" in ui.logTextEdit.toPlainText() and not dialogs.errors
+
+
+def test_a_failing_job_shows_its_message_and_the_panel_stays_usable(panel):
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    ui.spacingPresetComboBox.setCurrentText("custom")
+    for axis in "XYZ":
+        getattr(ui, f"customSpacing{axis}SpinBox").setValue(0.05)  # far too many voxels for the memory limit
+    ui.maxMemorySpinBox.setValue(0.5)
+    before = len(volumes(scene))
+    ui.applyButton.click()
+    pump(app, lambda: ui.applyButton.text() == "Apply")
+    assert len(dialogs.errors) == 1 and "memory" in dialogs.errors[0].lower() and "Traceback" not in dialogs.errors[0]
+    assert len(volumes(scene)) == before and ui.applyButton.isEnabled()
+    for axis in "XYZ":  # the user follows the message
+        getattr(ui, f"customSpacing{axis}SpinBox").setValue(4.0)
+    ui.maxMemorySpinBox.setValue(3.0)
+    ui.applyButton.click()
+    assert ui.applyButton.text() == "Cancel"
+    pump(app, lambda: ui.applyButton.text() == "Apply")
+    assert len(volumes(scene)) == before + 1 and len(dialogs.errors) == 1, (dialogs.errors, ui.logTextEdit.toPlainText())
+
+
+def test_panel_screenshot_with_the_model_list_filled(panel):
+    """The README's picture of the panel, made from the real widgets with the backend's model list."""
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    ui.spacingPresetComboBox.setCurrentText("1 mm")
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findData("medil-brain-t1"))
+    assert ui.modelComboBox.currentText() == "medil-brain-t1"
+    top = widget.parent
+    top.resize(460, 900)
+    top.show()
+    pump(app, lambda: True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "MedILSlicer_panel_live.png"
+    assert top.grab().save(str(path)) and path.stat().st_size > 5000
+    if os.environ.get("MEDIL_UPDATE_SCREENSHOT"):  # MEDIL_UPDATE_SCREENSHOT=1 pytest ... refreshes the README's copy
+        path.replace(REPO / "docs" / "MedILSlicer_panel.png")
