@@ -378,3 +378,28 @@ def test_model_list_job_reports_a_broken_backend(tmp_path):
     with pytest.raises(MedILSlicerError, match="medil_backend"):
         while job.poll() is None:
             time.sleep(0.05)
+
+
+def test_provenance_survives_saving_and_reloading_the_scene(scene, tmp_path):
+    """Slicer's Save writes the scene (node attributes and description) and each volume through its storage node;
+    re-loading the scene gives back the output with every MedIL attribute."""
+    src = crop_file(*CASES[0][:2], tmp_path)
+    node = load_node(scene, src)
+    out = MedILLogicCore().process(node, OutputSpace(spacing=[1.6, 1.6, 3.25]), task="superres", method="fast")
+    attributes = {name: out.GetAttribute(name) for name in out.GetAttributeNames() if name.startswith("MedIL.")}
+    assert attributes["MedIL.aiGenerated"] == "true" and len(attributes) >= 6
+    for n in (node, out):
+        n.AddDefaultStorageNode()
+        n.GetStorageNode().SetFileName(str(tmp_path / f"{n.GetName()}.nrrd"))
+        assert n.GetStorageNode().WriteData(n) == 1
+    scene.SetRootDirectory(str(tmp_path))
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit() == 1
+    again = slicer.vtkMRMLScene()
+    again.SetRootDirectory(str(tmp_path))
+    again.SetURL(str(tmp_path / "scene.mrml"))
+    assert again.Connect() == 1
+    back = again.GetFirstNodeByName(out.GetName())
+    assert {name: back.GetAttribute(name) for name in attributes} == attributes
+    assert back.GetDescription() == out.GetDescription() and "AI-generated" in back.GetDescription()
+    np.testing.assert_allclose(node_array(back), node_array(out), atol=1e-6)
