@@ -291,8 +291,22 @@ def test_evaluate_generative_reports_every_figure(sampler_dir, tmp_path, capsys)
     assert -1 <= r["diversity_ms_ssim"]["samples"] <= 1 and -1 <= r["diversity_ms_ssim"]["real"] <= 1
     assert len(r["memorisation"]["sample_max_corr_with_train"]) == 3 and len(r["memorisation"]["held_out_max_corr_with_train"]) == 2
     assert "MS-SSIM" in md.read_text() and "not Med3D FID" in r["feature_note"]
+    for figure in ("head_fraction", "head_fraction_in_outer_10mm"):
+        assert all(0 <= r[figure][k] <= 1 for k in ("samples", "real")) and "outer 10 mm shell" in md.read_text()
     rc, _, err = run([*argv[:-4], "--n", "1"], capsys)
     assert rc != 0 and "at least 2" in err
+
+
+def test_head_in_air_tells_a_head_from_a_field_of_tissue():
+    from medil_backend.evaluate_generative import head_in_air
+
+    grid = Grid((40, 40, 40), affine_from_parts([2.0] * 3, np.eye(3), [0.0] * 3))
+    ijk = np.indices(grid.shape) - 19.5
+    head = (np.sqrt((ijk**2).sum(0)) < 14).astype(np.float32) * 0.8  # a ball in air
+    share, shell = head_in_air(head, grid)
+    assert 0.15 < share < 0.25 and shell == 0.0
+    share, shell = head_in_air(np.full(grid.shape, 0.7, np.float32), grid)  # tissue to the border
+    assert share == 1.0 and shell == 1.0
 
 
 def test_superres_cycles_gives_a_consistent_mean_and_an_uncertainty_map(sampler_dir, tmp_path, capsys):

@@ -12,6 +12,9 @@ origin, trilinear, normalised per volume). Then:
   channel (mean and standard deviation). It is *not* comparable with the papers' Med3D FID;
   with a handful of volumes it is a coarse, noisy figure. Precision/recall follow Kynkäänniemi et
   al. (k-nearest-neighbour balls, k=3);
+- **a head in air**: the share of the grid that is head (foreground), and of its outer shell
+  (``shell_mm`` from each face): a real head leaves air around it; a model that never learnt
+  where a head ends fills the field of view with tissue;
 - **memorisation**: each sample's highest Pearson correlation (inside the head) with any training
   volume, next to the same figure for held-out real volumes. A sample far above the held-out
   figures is a copy of a training volume.
@@ -116,6 +119,15 @@ def max_correlation(a: np.ndarray, others: Sequence[np.ndarray]) -> float:
     return best
 
 
+def head_in_air(a: np.ndarray, grid: Grid, shell_mm: float = 10.0) -> tuple[float, float]:
+    """(share of the grid that is head, share of its outer ``shell_mm`` shell that is head)."""
+    m = foreground_mask(a, "mri")
+    k = [max(1, int(round(shell_mm / s))) for s in grid.spacing]
+    inner = np.zeros_like(m)
+    inner[k[0] : -k[0], k[1] : -k[1], k[2] : -k[2]] = True
+    return float(m.mean()), float(m[~inner].mean())
+
+
 def evaluate_generative(
     model: str | None,
     train: Sequence[Volume],
@@ -147,6 +159,7 @@ def evaluate_generative(
     precision, recall = precision_recall(f_real, f_fake)
     mem_samples = [max_correlation(s, train_arrays) for s in samples]
     mem_held = [max_correlation(h, train_arrays) for h in held_arrays]
+    air = {name: np.array([head_in_air(a, grid) for a in arrays]) for name, arrays in (("samples", samples), ("real", real))}
     return {
         "model": sampler.name,
         "model_sha256": sampler.sha256,
@@ -162,6 +175,8 @@ def evaluate_generative(
         "fd_medil_real_split": frechet_distance(np.stack(f_real[: len(train_arrays)]), np.stack(f_real[len(train_arrays) :]))
         if len(held_arrays) > 1
         else None,
+        "head_fraction": {k: round(float(v[:, 0].mean()), 4) for k, v in air.items()},
+        "head_fraction_in_outer_10mm": {k: round(float(v[:, 1].mean()), 4) for k, v in air.items()},
         "precision": precision,
         "recall": recall,
         "memorisation": {
@@ -175,6 +190,7 @@ def evaluate_generative(
 
 def markdown(result: dict) -> str:
     d, m = result["diversity_ms_ssim"], result["memorisation"]
+    h, hs = result["head_fraction"], result["head_fraction_in_outer_10mm"]
     rows = [
         "| figure | samples | real volumes |",
         "|---|---|---|",
@@ -183,6 +199,8 @@ def markdown(result: dict) -> str:
         f"| {np.median(m['held_out_max_corr_with_train']):.3f} (held-out) |",
         f"| samples more similar to a training volume than any held-out volume is | {m['samples_above_every_held_out']} of "
         f"{result['n_samples']} | - |",
+        f"| share of the grid that is head (mean) | {h['samples']:.2f} | {h['real']:.2f} |",
+        f"| share of the outer 10 mm shell that is head (mean; a head in air leaves it empty) | {hs['samples']:.2f} | {hs['real']:.2f} |",
         f"| Fréchet distance on MedIL features (fd_medil) | {result['fd_medil']:.3f} | - |",
         f"| precision / recall (k-NN, MedIL features) | {result['precision']:.2f} / {result['recall']:.2f} | - |",
         f"| seconds per sample ({result['grid']['spacing_mm']} mm grid {tuple(result['grid']['shape'])}, {result['steps']} steps) "
