@@ -5,7 +5,8 @@
 Sections: ``quality-brain`` / ``quality-ct`` (``medil evaluate`` mean tables and the issue's
 targets, from ``eval-brain.json`` / ``eval-ct.json``), ``superres-brain`` / ``superres-ct``
 (``eval-superres-*.json``), ``superres-speed`` (``bench_superres.json``), ``speed``
-(``bench_reconstruct.json``), ``generative-brain`` (``eval-generative-brain.json``) and
+(``bench_reconstruct.json``), ``generative-brain`` (``eval-generative-brain.json``, and
+``eval-generative-brain-previous.json`` for the model it replaced) and
 ``sample-speed`` (``bench_sample.json``).
 """
 
@@ -129,12 +130,20 @@ def superres_speed() -> str:
 def generative() -> str:
     from medil_backend.evaluate_generative import markdown
 
-    r = json.loads((RESULTS / "eval-generative-brain.json").read_text())
-    return (
-        markdown(r)
-        + f"\n{r['n_samples']} samples of `{r['model']}` (seeds {r['seed']}..{r['seed'] + r['n_samples'] - 1}); "
-        + (f"real: {len(r['real']['train'])} training + {len(r['real']['held_out'])} held-out volumes.")
-    )
+    def table(r: dict) -> str:
+        return (
+            markdown(r)
+            + f"\n{r['n_samples']} samples of `{r['model']}` (sha256 {r['model_sha256'][:12]}…, seeds {r['seed']}.."
+            + f"{r['seed'] + r['n_samples'] - 1}); real: {len(r['real']['train'])} training + {len(r['real']['held_out'])} held-out volumes."
+        )
+
+    text = table(json.loads((RESULTS / "eval-generative-brain.json").read_text()))
+    previous = RESULTS / "eval-generative-brain-previous.json"
+    if previous.exists():  # the model this one replaced, measured by the same command
+        text += "\n\nThe model it replaced (`eval-generative-brain-previous.json`, same command):\n\n" + table(
+            json.loads(previous.read_text())
+        )
+    return text
 
 
 def sample_speed() -> str:
