@@ -337,11 +337,10 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
             if task == "sample":
-                model = sampler
                 self._job = self.logic.process(
                     None,
                     space,
-                    model=model,
+                    model=sampler,
                     device=p.device,
                     maxMemoryGB=p.maxMemoryGB,
                     task="sample",

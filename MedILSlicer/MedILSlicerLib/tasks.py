@@ -24,12 +24,12 @@ TASKS: tuple[Task, ...] = (
 )
 
 LABELS: list[str] = [t.label for t in TASKS]
+AVAILABLE_KEYS: tuple[str, ...] = tuple(t.key for t in TASKS if t.available)
 
 #: super-resolution's methods, the default first (the backend's ``medil_backend.ops.superres.METHODS``)
 SUPERRES_METHODS: list[str] = ["adapt", "fast", "inverse", "cycles"]
 #: the methods that run through a latent diffusion model (the panel's model choice applies to them)
 GENERATIVE_SUPERRES_METHODS: tuple[str, ...] = ("inverse", "cycles")
-AVAILABLE_KEYS: tuple[str, ...] = tuple(t.key for t in TASKS if t.available)
 
 
 def task_by_label(label: str) -> Task:
