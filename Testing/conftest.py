@@ -133,3 +133,17 @@ def _utf8_locale():
                 break
             except locale.Error:
                 continue
+
+
+def load_node(scene, path):
+    """A real vtkMRMLScalarVolumeNode read from ``path`` by a real storage node (needs the slicer-core wheel)."""
+    import slicer
+
+    node = slicer.vtkMRMLScalarVolumeNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    node.SetName(Path(path).name.split(".")[0])
+    return node

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from conftest import REPO
+from conftest import REPO, load_node
 
 
 def install_rule() -> tuple[list[str], list[str]]:
@@ -151,10 +151,5 @@ def test_the_sample_data_registers_and_loads_from_the_installed_layout(tmp_path)
     algo, digest = call["checksums"].split(":")
     assert algo == "SHA256" and hashlib.sha256(fetched.read_bytes()).hexdigest() == digest
     slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel")
-    scene = slicer.vtkMRMLScene()
-    node = slicer.vtkMRMLScalarVolumeNode()
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(fetched))
-    assert storage.ReadData(node) == 1 and node.GetImageData().GetDimensions() == (128, 128, 62)
+    node = load_node(slicer.vtkMRMLScene(), fetched)
+    assert node.GetImageData().GetDimensions() == (128, 128, 62)

@@ -349,19 +349,25 @@ def test_bundled_sampler_draws_a_head_patch_near_the_origin():
     np.testing.assert_allclose(v.affine, grid.affine, atol=1e-9)
 
 
-def test_superres_inverse_lowers_its_data_loss(sampler_dir, tmp_path, capsys):
-    """InverseSR (decoder only): the latent is optimised through the tiling engine with checkpointing; its L1 falls."""
+def thick_head_patch():
+    """A patch of the example head centred on the origin (as the diffusion model's group space has it), in thick slices."""
     from medil_backend.acquisition import thick_slices
-    from medil_backend.geometry import Volume
     from medil_backend.io import read_volume
-    from medil_backend.ops.superres import superres
 
     v = read_volume(EXAMPLE)
     arr = np.ascontiguousarray(v.array[30:54, 30:58, 10:30]).astype(np.float32)
     sub = v.grid.sub_grid((30, 30, 10), (54, 58, 30))
     aff = sub.affine.copy()
     aff[:3, 3] -= sub.voxel_to_world(np.array([[12, 14, 10]]))[0]
-    thick, tgrid = thick_slices(arr, Grid(arr.shape, aff), 2, 2)
+    return thick_slices(arr, Grid(arr.shape, aff), 2, 2)
+
+
+def test_superres_inverse_lowers_its_data_loss(sampler_dir, tmp_path, capsys):
+    """InverseSR (decoder only): the latent is optimised through the tiling engine with checkpointing; its L1 falls."""
+    from medil_backend.geometry import Volume
+    from medil_backend.ops.superres import superres
+
+    thick, tgrid = thick_head_patch()
     out = superres(
         Volume(thick, tgrid.affine, modality="mri"), method="inverse", model="tiny-ldm", max_iterations=15, samples=2, time_budget_min=5
     )
@@ -377,16 +383,10 @@ def test_sampling_and_generative_superres_need_no_training_extra(sampler_dir, tm
     import subprocess
     import sys
 
-    from medil_backend.acquisition import thick_slices
     from medil_backend.geometry import Volume
-    from medil_backend.io import read_volume, write_volume
+    from medil_backend.io import write_volume
 
-    v = read_volume(EXAMPLE)
-    arr = np.ascontiguousarray(v.array[30:54, 30:58, 10:30]).astype(np.float32)
-    sub = v.grid.sub_grid((30, 30, 10), (54, 58, 30))
-    aff = sub.affine.copy()
-    aff[:3, 3] -= sub.voxel_to_world(np.array([[12, 14, 10]]))[0]
-    thick, tgrid = thick_slices(arr, Grid(arr.shape, aff), 2, 2)
+    thick, tgrid = thick_head_patch()
     write_volume(Volume(thick, tgrid.affine), tmp_path / "thick.nii.gz")
     code = (
         "import sys; sys.modules['lightning'] = None; sys.modules['torchio'] = None; sys.modules['monai'] = None\n"

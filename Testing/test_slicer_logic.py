@@ -6,11 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, shared
+from conftest import REPO, load_node, shared
 
 from medil_backend.geometry import Volume
 from medil_backend.io import read_volume, write_volume
@@ -28,17 +27,6 @@ def scene():
     slicer.mrmlScene = slicer.vtkMRMLScene()
     yield slicer.mrmlScene
     slicer.mrmlScene.Clear(1)
-
-
-def load_node(scene, path):
-    node = slicer.vtkMRMLScalarVolumeNode()
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node) == 1
-    node.SetName(Path(path).name.split(".")[0])
-    return node
 
 
 def node_array(node):

@@ -10,40 +10,11 @@ from conftest import REPO
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="needs PySide6-Essentials")
-from PySide6.QtCore import Property, QFile  # noqa: E402
-from PySide6.QtUiTools import QUiLoader  # noqa: E402
+from slicer_app import load_ui, qMRMLNodeComboBox  # noqa: E402  (Slicer's custom widgets, stood in for)
 
 UI = REPO / "MedILSlicer" / "Resources" / "UI" / "MedILSlicer.ui"
 MODULE = REPO / "MedILSlicer" / "MedILSlicer.py"
 ARTIFACTS = REPO / "test-artifacts"
-
-
-# Stand-ins for Slicer's custom widgets, named as in Slicer so QUiLoader builds them.
-class qMRMLWidget(QtWidgets.QWidget):
-    pass
-
-
-class ctkCollapsibleButton(QtWidgets.QGroupBox):
-    """Shows its ``text`` property as the group title, as the real widget shows it on its button."""
-
-    def _get_text(self):
-        return self.title()
-
-    def _set_text(self, value):
-        self.setTitle(value)
-
-    def _get_collapsed(self):
-        return False
-
-    def _set_collapsed(self, value):
-        pass
-
-    text = Property(str, _get_text, _set_text)
-    collapsed = Property(bool, _get_collapsed, _set_collapsed)
-
-
-class qMRMLNodeComboBox(QtWidgets.QComboBox):
-    pass
 
 
 def ui_node_types():
@@ -65,15 +36,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def panel(app):
-    loader = QUiLoader()
-    for cls in (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox):
-        loader.registerCustomWidget(cls)
-    f = QFile(str(UI))
-    assert f.open(QFile.ReadOnly)
-    widget = loader.load(f)
-    f.close()
-    assert widget is not None, loader.errorString()
-    return widget
+    return load_ui(UI)
 
 
 def module_ast():

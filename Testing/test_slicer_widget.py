@@ -15,7 +15,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE, REPO
+from conftest import EXAMPLE, REPO, load_node
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("PySide6.QtWidgets", reason="needs PySide6-Essentials")
@@ -49,12 +49,7 @@ def backend_files():
 def panel(tmp_path):
     scene = slicer.vtkMRMLScene()
     app, module, dialogs, views = slicer_app.install(scene)
-    node = slicer.vtkMRMLScalarVolumeNode()
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(EXAMPLE))
-    assert storage.ReadData(node) == 1
+    node = load_node(scene, EXAMPLE)
     node.SetName("t1_thick")
     module.MedILSlicer(slicer_app.QtWidgets.QWidget())  # registers the sample data once Slicer has started
     widget = module.MedILSlicerWidget()
