@@ -1,8 +1,8 @@
 """Speed, peak memory and quality of `medil superres` against SimpleITK B-spline, in the same run.
 
 The case the super-resolution issue names: a 4 mm -> 1 mm head. A whole 1 mm T1 head
-(`pydeface_mean_head_t1`, 176x256x256; neither method uses trained weights, so no volume is
-held out from them) is averaged into 4 mm slices along its superior-inferior axis (rect
+(`pydeface_mean_head_t1`, 176x256x256; ``fast`` uses no trained weights, and ``adapt``'s
+pre-trained starting weights leave this head out: ``--exclude`` in their card's command) is averaged into 4 mm slices along its superior-inferior axis (rect
 profile), then brought back to its own 1 mm grid by B-spline,
 ``fast`` and ``adapt`` (default settings). Each method runs in a fresh process; its peak resident
 memory is the process's high-water mark (``VmHWM``) after reading. PSNR is inside the head mask,

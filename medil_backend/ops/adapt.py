@@ -6,7 +6,13 @@ back on the fine grid with cubic B-spline, and train a small 2D residual network
 time, to undo that on in-plane slices. The network has then learnt what the B-spline interpolant
 of *this* scanner's slices misses; applied to planes that contain the slice axis (B-spline
 upsampled along it), it restores through-plane detail. Both planes that contain the slice axis are
-processed and averaged, and data consistency with the input follows (as in ``fast``).
+processed and averaged (only the orientations whose columns run along an axis that ran along the
+training planes' columns, when there is one: the network knows that spacing), with the network's
+mirror images averaged too, and data consistency with the input follows (as in ``fast``).
+
+The network starts from bundled weights pre-trained on the same task over the training volumes
+(:func:`load_prior`; ``medil_backend/training/adapt_prior.py``), so the minutes at test time go
+to what is particular to this scan; with none for the modality it starts from scratch.
 
 Each seed trains its own network (``samples`` > 1): their mean is the output and their per-voxel
 standard deviation is an uncertainty map.
@@ -14,7 +20,9 @@ standard deviation is an uncertainty map.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +38,9 @@ MIN_PATCH = 16
 BATCH = 12
 WIDTH = 32
 DEPTH = 6
+#: where the pre-trained starting weights live (``prior-mri``, ``prior-ct``: medil_backend/training/adapt_prior.py)
+PRIOR_DIR = Path(__file__).resolve().parents[1] / "weights" / "adapt"
+LR = 1e-3  # constant: within minutes the network is still learning (a cosine decay to zero lost 0.2 dB, 2e-3 diverged)
 
 
 class ResidualCNN2d(nn.Module):
@@ -37,6 +48,7 @@ class ResidualCNN2d(nn.Module):
 
     def __init__(self, width: int = WIDTH, depth: int = DEPTH) -> None:
         super().__init__()
+        self.width, self.depth = width, depth
         layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True)]
@@ -129,55 +141,104 @@ def train_adapter(
     progress: Progress | None = None,
     span: tuple[float, float] = (0.0, 1.0),
     cancel=None,
+    init: dict[str, torch.Tensor] | None = None,
+    max_steps: int | None = None,
 ) -> tuple[ResidualCNN2d, dict]:
-    """Train a :class:`ResidualCNN2d` for ``seconds`` on in-plane slices of ``x`` (normalised
-    intensities on ``grid``), degraded along each in-plane axis as the scanner degraded ``slice_axis``."""
+    """Train a :class:`ResidualCNN2d` (from ``init``, e.g. :func:`load_prior`, or from scratch) for ``seconds`` on
+    in-plane slices of ``x`` (normalised intensities on ``grid``), degraded along each in-plane axis as the
+    scanner degraded ``slice_axis`` (``max_steps``: stop sooner)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    pairs = []
+    pairs, columns = [], []
     for a in (a for a in range(3) if a != slice_axis):
         deg = _degraded_in_plane(x, grid, a, thickness, profile)
         if deg is not None:
             b = 3 - a - slice_axis
             pairs.append((_planes(deg, a, b), _planes(x, a, b)))  # the degraded axis runs down the rows
+            columns.append(b)
     if not pairs:
         raise MedILError("the input's in-plane voxels are not fine enough, compared with its slices, to learn from; use --method fast")
     batch = _patch_sampler(pairs, rng)
     net = ResidualCNN2d()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    if init is not None:
+        net.load_state_dict(init)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    info = fit_adapter(net, opt, batch, seconds, max_steps, cancel, progress, span)
+    return net.eval(), info | {"columns": columns, "prior": init is not None}
+
+
+def fit_adapter(
+    net, opt, batch, seconds: float, max_steps: int | None = None, cancel=None, progress=None, span=(0.0, 1.0), clip: float | None = None
+) -> dict:
+    """Train ``net`` with ``opt`` (L1; gradient norm clipped to ``clip``) on ``batch()`` for ``seconds`` (or
+    ``max_steps``): steps and the mean L1 of the first and last steps. A step whose loss is not finite is skipped."""
     t0 = time.perf_counter()
     losses: list[float] = []
     step = 0
-    while time.perf_counter() - t0 < seconds:
+    while time.perf_counter() - t0 < seconds and (max_steps is None or step < max_steps):
         check_cancel(cancel)
         xb, yb = batch()
         loss = torch.nn.functional.l1_loss(net(xb), yb)
         opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            continue
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         opt.step()
         losses.append(loss.item())
         step += 1
         if step % 20 == 0:
             frac = min(1.0, (time.perf_counter() - t0) / seconds)
             report(progress, span[0] + (span[1] - span[0]) * frac, f"adapting to this scan: step {step}, L1 {np.mean(losses[-20:]):.4f}")
-    first = float(np.mean(losses[: max(1, min(20, len(losses) // 4))])) if losses else float("nan")
-    last = float(np.mean(losses[-max(1, min(20, len(losses) // 4)) :])) if losses else float("nan")
-    return net.eval(), {"steps": step, "l1_first": first, "l1_last": last}
+    k = max(1, min(20, len(losses) // 4))
+    first = float(np.mean(losses[:k])) if losses else float("nan")
+    last = float(np.mean(losses[-k:])) if losses else float("nan")
+    return {"steps": step, "l1_first": first, "l1_last": last}
 
 
-def apply_adapter(net: ResidualCNN2d, y: np.ndarray, grid: Grid, fine: Grid, slice_axis: int, cancel=None) -> np.ndarray:
+def load_prior(modality: str) -> dict[str, torch.Tensor] | None:
+    """The bundled starting weights of the adaptation network for ``modality``, checked against their card's sha256
+    (None when there are none: the network then starts from scratch)."""
+    card_path = PRIOR_DIR / f"prior-{modality}.json"
+    if not card_path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    from ..models.cards import sha256_file
+
+    card = json.loads(card_path.read_text())
+    path = PRIOR_DIR / card["weights"]
+    if sha256_file(path) != card["sha256"]:
+        raise MedILError(f"the adaptation starting weights {path} do not match their card's sha256: reinstall MedIL")
+    return load_file(str(path))
+
+
+def _mirrored(net: ResidualCNN2d, planes: torch.Tensor) -> torch.Tensor:
+    """``net`` on ``planes`` and on their mirror images (the degradation is symmetric under both flips), averaged."""
+    flips = ((), (2,), (3,), (2, 3))
+    return sum(net(planes.flip(f)).flip(f) if f else net(planes) for f in flips) / len(flips)
+
+
+def apply_adapter(
+    net: ResidualCNN2d, y: np.ndarray, grid: Grid, fine: Grid, slice_axis: int, columns: list[int] | None = None, cancel=None
+) -> np.ndarray:
     """``y`` (on ``grid``) B-spline-upsampled onto ``fine`` (``grid`` refined along ``slice_axis``), then ``net``
-    applied to every plane that contains ``slice_axis`` (as rows), both orientations, averaged."""
+    applied to the planes that contain ``slice_axis`` (as rows), averaged over orientations: those whose columns
+    run along an axis in ``columns`` (the axes that ran along the columns of the planes it was trained on: the
+    network knows their spacing), or both."""
     u = _bspline(y, grid, fine)
     out = np.zeros_like(u)
     others = [a for a in range(3) if a != slice_axis]
+    if columns:
+        others = [b for b in others if b in columns] or others
     with torch.no_grad():
         for b in others:
             planes = _planes(u, slice_axis, b)
             pred = np.empty_like(planes)
             for i in range(0, planes.shape[0], 8):
                 check_cancel(cancel)
-                pred[i : i + 8] = net(torch.from_numpy(planes[i : i + 8])).numpy()
+                pred[i : i + 8] = _mirrored(net, torch.from_numpy(planes[i : i + 8])).numpy()
             other = 3 - slice_axis - b
             order = np.argsort((other, slice_axis, b))
             out += np.transpose(pred[:, 0], order)

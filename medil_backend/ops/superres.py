@@ -225,18 +225,19 @@ def superres(
             meta.update(time_budget_min=time_budget_min)
     else:
         from ..intensity import fit_normalizer
-        from .adapt import apply_adapter, train_adapter
+        from .adapt import apply_adapter, load_prior, train_adapter
 
         norm = fit_normalizer(y, volume.modality)
         yn = norm.forward(y)
+        prior = load_prior(norm.modality)
         estimates, runs = [], []
         seconds = time_budget_min * 60 * 0.8 / samples
         for k in range(samples):
             start, stop = 0.9 * k / samples, 0.9 * (k + 1) / samples
             mid = start + 0.8 * (stop - start)
-            net, info = train_adapter(yn, grid, axis, width, slice_profile, seconds, seed + k, progress, (start, mid), cancel)
+            net, info = train_adapter(yn, grid, axis, width, slice_profile, seconds, seed + k, progress, (start, mid), cancel, prior)
             report(progress, mid, "applying the adapted network through-plane")
-            est = apply_adapter(net, yn, grid, work, axis, cancel)
+            est = apply_adapter(net, yn, grid, work, axis, info["columns"], cancel)
             estimates.append(est)
             runs.append(info)
         stack = np.stack(estimates)
