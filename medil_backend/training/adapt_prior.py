@@ -10,7 +10,7 @@ makes them at test time (:func:`~medil_backend.ops.adapt._degraded_in_plane`): a
 thickness of 1.5 to 10 times its spacing, rect or Gaussian profile; it trains on random planes for a
 fixed time. No held-out volume is seen: nothing is selected on validation.
 
-    python -m medil_backend.training.adapt_prior --pack packs/brain-train.npz --minutes 40 --exclude pydeface_mean_head
+    python -m medil_backend.training.adapt_prior --pack packs/brain-train.npz --minutes 30 --exclude pydeface_mean_head
 
 (the mean head is left out: ``benchmarks/bench_superres.py`` measures ``adapt`` on it)
 
