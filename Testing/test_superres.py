@@ -178,6 +178,8 @@ def test_adapt_prior_pretrains_exports_and_is_checked_on_load(tmp_path, monkeypa
     assert card["training"]["steps"] > 0 and card["data"][0]["name"] == "colin-crop"
     with pytest.raises(MedILError, match="no CT volume"):
         pretrain([str(tmp_path / "train.npz")], "ct", minutes=0.01)
+    with pytest.raises(MedILError, match="positive number of minutes"):
+        pretrain([str(tmp_path / "train.npz")], "mri", minutes=0)
     monkeypatch.setattr(adapt, "PRIOR_DIR", tmp_path / "prior")
     assert adapt.load_prior("mri") is None  # none bundled: adapt starts from scratch
     export_prior(net, card, tmp_path / "prior")
@@ -188,6 +190,9 @@ def test_adapt_prior_pretrains_exports_and_is_checked_on_load(tmp_path, monkeypa
     assert json.loads((tmp_path / "prior" / "prior-mri.json").read_text())["modality"] == "mri"
     weights = tmp_path / "prior" / "prior-mri.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(MedILError, match="sha256"):
+        adapt.load_prior("mri")
+    weights.unlink()  # a card without its weights: the same clear refusal, no traceback
     with pytest.raises(MedILError, match="sha256"):
         adapt.load_prior("mri")
 

@@ -209,7 +209,7 @@ def load_prior(modality: str) -> dict[str, torch.Tensor] | None:
 
     card = json.loads(card_path.read_text())
     path = PRIOR_DIR / card["weights"]
-    if sha256_file(path) != card["sha256"]:
+    if not path.is_file() or sha256_file(path) != card["sha256"]:
         raise MedILError(f"the adaptation starting weights {path} do not match their card's sha256: reinstall MedIL")
     return load_file(str(path))
 

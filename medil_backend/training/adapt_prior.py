@@ -64,12 +64,15 @@ def pretrain(
 ) -> tuple[ResidualCNN2d, dict]:
     """Train a :class:`ResidualCNN2d` for ``minutes`` on in-plane degradations of the ``modality`` volumes of
     ``packs`` (but those whose names contain a string in ``exclude``)."""
+    if not (np.isfinite(minutes) and minutes > 0):
+        raise MedILError(f"the pre-training time must be a positive number of minutes, got {minutes!r}")
     volumes, data = [], []
     for pack in packs:
         for name, vol, entry in read_pack(pack):
             if entry["modality"] != modality or any(e in name for e in exclude):
                 continue
-            volumes.append((fit_normalizer(vol.array.astype(np.float32), modality).forward(vol.array).astype(np.float32), vol.grid))
+            array = vol.array.astype(np.float32)
+            volumes.append((fit_normalizer(array, modality).forward(array).astype(np.float32), vol.grid))
             data.append({"name": name, "sha256": entry.get("sha256"), "pack": Path(pack).name})
     if not volumes:
         raise MedILError(f"the packs {', '.join(packs)} hold no {modality.upper()} volume to pre-train on")
