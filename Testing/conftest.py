@@ -79,7 +79,7 @@ DEFAULT_SPACE = {"shape": [24, 28, 20], "spacing": [2.0, 2.0, 2.0], "centre": [0
 @pytest.fixture
 def sampler_dir(tmp_path, monkeypatch):
     """A user model folder with a tiny generative autoencoder and a tiny diffusion model on its latents."""
-    from medil_backend.models import export_model, sha256_file
+    from medil_backend.models import export_model, latent_space_ref, load_model
     from medil_backend.nn import MedILAutoencoder, MedILConfig
     from medil_backend.nn.diffusion import DiffusionConfig, LatentDiffusionUNet
 
@@ -94,7 +94,7 @@ def sampler_dir(tmp_path, monkeypatch):
         "tasks": ["sample"],
         "modality": "mri",
         "description": "test sampler",
-        "autoencoder": {"name": "tiny-gen", "sha256": sha256_file(folder / "tiny-gen.safetensors")},
+        "autoencoder": latent_space_ref(load_model(folder / "tiny-gen.json")),
         "default_space": DEFAULT_SPACE,
         "native_spaces": [
             {"weight": 0.5, "mean": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "var": [0.01] * 6},

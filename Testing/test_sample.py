@@ -460,3 +460,25 @@ def test_a_latent_cache_of_other_augmentation_is_refused(sampler_dir, tmp_path):
     LatentDataModule("tiny-gen", "unused", cache=str(tmp_path / "cache.npz")).setup()  # as encoded: no pad, no box
     with pytest.raises(MedILError, match="delete the cache file or name another"):
         LatentDataModule("tiny-gen", "unused", cache=str(tmp_path / "cache.npz"), pad_mm=20.0, box_mm=224.0).setup()
+
+
+def test_a_decoder_fine_tuned_autoencoder_keeps_its_diffusion_model(sampler_dir):
+    """A diffusion model depends on its autoencoder's encoder side: new decoder weights (stage 3) still sample,
+    new encoder weights are refused."""
+    from medil_backend.errors import MedILError
+    from medil_backend.models import export_model, load_model
+    from medil_backend.ops.sample import load_sampler, sample
+
+    grid = Grid((12, 14, 10), affine_from_parts([3.0, 3.0, 3.0], np.eye(3), [-18.0, -21.0, -15.0]))
+    before = sample("tiny-ldm", grid, steps=2, seed=1)[0].array
+    ae = load_model("tiny-gen")
+    with torch.no_grad():
+        ae.net.decoder.head.bias.add_(0.25)
+    export_model(ae.net, sampler_dir, "tiny-gen", {k: v for k, v in ae.card.items() if k != "latent"})
+    after = sample("tiny-ldm", grid, steps=2, seed=1)[0].array
+    assert not np.allclose(before, after)  # the new decoder drew the same latent
+    with torch.no_grad():
+        next(ae.net.encoder.parameters()).add_(0.25)
+    export_model(ae.net, sampler_dir, "tiny-gen", {k: v for k, v in ae.card.items() if k != "latent"})
+    with pytest.raises(MedILError, match="another 'tiny-gen' encoder"):
+        load_sampler("tiny-ldm")

@@ -101,6 +101,7 @@ def test_a_few_steps_lower_the_loss(stage, mode, extra):
     opt = opts[0]
     first = None
     frozen = {n: p.detach().clone() for n, p in lit.net.encoder.named_parameters()}
+    latent_sha = lit.net.latent_sha256()
     for _ in range(12):
         parts, y_hat = lit.losses(batch, sample=False)
         loss = parts["l1"] + 1e-6 * parts.get("kl", 0.0)
@@ -109,9 +110,10 @@ def test_a_few_steps_lower_the_loss(stage, mode, extra):
         loss.backward()
         opt.step()
     assert float(lit.losses(batch, sample=False)[0]["l1"].detach()) < 0.9 * first
-    if stage == 3:  # decoder-only: the encoder did not move
+    if stage == 3:  # decoder-only: the encoder did not move, and the latent space (its sha256) is the same
         for n, p in lit.net.encoder.named_parameters():
             torch.testing.assert_close(p, frozen[n])
+    assert (lit.net.latent_sha256() == latent_sha) == (stage == 3)
 
 
 def test_guided_fidelity_model_trains_without_starving_its_decoder():

@@ -10,8 +10,10 @@ from .cards import (
     default_model_for,
     export_model,
     find_model,
+    latent_space_ref,
     list_models,
     load_model,
+    same_latent_space,
     sha256_file,
     user_model_dirs,
 )
@@ -31,10 +33,12 @@ __all__ = [
     "export_model",
     "find_model",
     "get_architecture",
+    "latent_space_ref",
     "list_models",
     "load_model",
     "register",
     "run_model",
+    "same_latent_space",
     "sha256_file",
     "user_model_dirs",
 ]

@@ -166,6 +166,20 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> LoadedModel:
     return LoadedModel(entry.name, net, entry.card, digest)
 
 
+def latent_space_ref(model: LoadedModel) -> dict:
+    """What a latent diffusion model records of the autoencoder whose latents it learns: its name, the sha256
+    of its weights file and that of its latent space (:meth:`MedILAutoencoder.latent_sha256`)."""
+    return {"name": model.name, "sha256": model.sha256, "latent_sha256": model.net.latent_sha256()}
+
+
+def same_latent_space(ref: dict, model: LoadedModel) -> bool:
+    """Whether ``model`` encodes into the latent space that ``ref`` (:func:`latent_space_ref`) recorded: the
+    same encoder side, whatever its decoder; a record without a latent sha256 needs the same weights file."""
+    if ref.get("latent_sha256"):
+        return ref["latent_sha256"] == model.net.latent_sha256()
+    return not ref.get("sha256") or ref["sha256"] == model.sha256
+
+
 def export_model(net: nn.Module, folder: str | os.PathLike, name: str, card: dict) -> Path:
     """Write ``NAME.safetensors`` and ``NAME.json`` (card completed with config, weights file and sha256)."""
     from safetensors.torch import save_file

@@ -62,11 +62,14 @@ def run_model(volume, target, net: nn.Module, **options):
 
 def _medil_latent(net) -> dict:
     c = net.config
-    return {
+    out = {
         "spacing_mm": c.latent_spacing,
         "channels": c.latent_channels,
         "compression_vs_1mm": round(c.latent_spacing**3 / c.latent_channels, 2),
     }
+    if hasattr(net, "latent_sha256"):  # an autoencoder (a diffusion model draws the latent of the one its card names)
+        out["sha256"] = net.latent_sha256()
+    return out
 
 
 def _fixed_grid_latent(net) -> dict:

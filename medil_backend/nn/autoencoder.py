@@ -125,6 +125,20 @@ class MedILAutoencoder(nn.Module):
         # A guided decoder keeps the default init: a zero (or small) head starves the layers below
         # it of gradient, and the learned residual collapsed to zero in CPU training runs.
 
+    def latent_sha256(self) -> str:
+        """sha256 of what defines the latent space: the config and the encoder side's weights (encoder
+        and encoder LTE). Decoder-only fine-tuning (stage 3) keeps it, and with it every latent diffusion
+        model trained on this autoencoder's latents."""
+        import hashlib
+
+        h = hashlib.sha256(self.config.to_json().encode())
+        for name, t in sorted(self.state_dict().items()):
+            if name.startswith(("encoder.", "encoder_lte.")):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.to(torch.float32).numpy().tobytes())
+        return h.hexdigest()
+
     # -- geometry ---------------------------------------------------------------------------------
     def latent_grid(self, input_grid: Grid, direction: np.ndarray | None = None) -> Grid:
         """The latent grid C_Z for an input: latent spacing, enclosing the input with a margin."""

@@ -68,7 +68,7 @@ class Sampler:
 
 def load_sampler(name: str | None) -> Sampler:
     """The latent diffusion model ``name`` (default: the bundled brain model) and the autoencoder its card names."""
-    from ..models import find_model, list_models, load_model
+    from ..models import find_model, list_models, load_model, same_latent_space
 
     name = name or DEFAULT_SAMPLER
     entry = find_model(name)
@@ -80,9 +80,9 @@ def load_sampler(name: str | None) -> Sampler:
     if not ref.get("name"):
         raise MedILError(f"the card of {ldm.name!r} names no autoencoder; re-export the model")
     ae = load_model(ref["name"])
-    if ref.get("sha256") and ref["sha256"] != ae.sha256:
+    if not same_latent_space(ref, ae):
         raise MedILError(
-            f"{ldm.name!r} was trained on the latents of other {ref['name']!r} weights (sha256 differs); "
+            f"{ldm.name!r} was trained on the latents of another {ref['name']!r} encoder (sha256 differs); "
             "install the autoencoder it was trained with, or retrain the diffusion model"
         )
     return Sampler(ldm.name, ldm.net, ae.net, ldm.card, ldm.sha256, ae.name, ae.sha256)

@@ -287,7 +287,7 @@ class LatentDataModule(L.LightningDataModule):
         self.config = DiffusionConfig()
 
     def build_cache(self) -> None:
-        from ..models import load_model
+        from ..models import latent_space_ref, load_model
         from .data import VolumeDataModule
 
         ae = load_model(self.autoencoder)
@@ -309,7 +309,7 @@ class LatentDataModule(L.LightningDataModule):
         real = [v for v in vdm.train_volumes if not v["path"].startswith("synthetic-")]
         meta = {
             "native_spaces": fit_native_mixture(np.stack([native_space(v["grid"]) for v in real])),
-            "autoencoder": {"name": ae.name, "sha256": ae.sha256},
+            "autoencoder": latent_space_ref(ae),
             "modality": vdm.modality,
             "manifest": vdm.manifest(),
             "augmentation": dict(aug, thick_mm=list(self.thick_mm), encodings=self.encodings),
@@ -322,11 +322,12 @@ class LatentDataModule(L.LightningDataModule):
         if not self.cache.exists():
             self.build_cache()
         items, self.meta = load_latents(self.cache)
-        from ..models import find_model, sha256_file
+        from ..models import load_model, same_latent_space
 
-        entry = find_model(self.autoencoder)
-        if self.meta["autoencoder"]["sha256"] != sha256_file(entry.weights_path):
-            raise MedILError(f"the latents in {self.cache} were encoded by other weights than {self.autoencoder}; delete the cache file")
+        if not same_latent_space(self.meta["autoencoder"], load_model(self.autoencoder)):
+            raise MedILError(
+                f"the latents in {self.cache} were encoded by another encoder than {self.autoencoder}'s; delete the cache file"
+            )
         cached = {k: self.meta.get("augmentation", {}).get(k, 0.0) for k in ("pad_mm", "box_mm")}
         if cached != {"pad_mm": self.pad_mm, "box_mm": self.box_mm}:
             raise MedILError(
