@@ -482,3 +482,60 @@ def test_a_decoder_fine_tuned_autoencoder_keeps_its_diffusion_model(sampler_dir)
     export_model(ae.net, sampler_dir, "tiny-gen", {k: v for k, v in ae.card.items() if k != "latent"})
     with pytest.raises(MedILError, match="another 'tiny-gen' encoder"):
         load_sampler("tiny-ldm")
+
+
+def test_patch_wise_denoising_covers_the_latent_and_blends_window_predictions():
+    from medil_backend.nn.diffusion import Windows
+
+    torch.manual_seed(0)
+    net = LatentDiffusionUNet(DiffusionConfig.from_dict(TINY_LDM)).eval()
+    with torch.no_grad():
+        net.head[-1].weight.normal_(0, 0.1)
+    shape = (20, 22, 9)
+    z_grid = Grid(shape, affine_from_parts([4.0, 4.0, 4.0], np.eye(3), [-40.0, -44.0, -18.0]))
+    cond = geometry_channels(z_grid, [1.0, 1.0, 1.0], net.config)[None]
+    z = torch.randn((1, 2, *shape))
+    w = Windows(shape, 8, 2)
+    cover = torch.zeros(shape)
+    for sl in w.slices():
+        assert all(s.stop - s.start <= 8 for s in sl)
+        cover[sl] += 1
+    assert cover.min() >= 1 and len(w.slices()) == 3 * 4 * 2
+    weight = w.weight((8, 8, 8))
+    assert float(weight.min()) > 0 and float(weight[0, 0, 2:6, 2:6, 2:6].min()) == 1.0
+    with torch.no_grad():
+        whole = net.predict(z, 40, cond)
+        assert torch.equal(net.predict(z, 40, cond, Windows(shape, 22, 0)), whole)  # one window: the one pass
+        blended = net.predict(z, 40, cond, w)
+        first = net(z[:, :, :8, :8, :8], torch.full((1,), 40), cond[:, :, :8, :8, :8])
+    assert blended.shape == z.shape and torch.isfinite(blended).all()
+    # voxel (0, 0, 0) lies in one window only: its prediction is that window's
+    torch.testing.assert_close(blended[:, :, 0, 0, 0], first[:, :, 0, 0, 0])
+    assert not torch.allclose(blended, whole)  # each window sees only its own context
+
+
+def test_sample_denoises_patch_wise_when_one_pass_exceeds_the_memory_limit(sampler_dir):
+    from medil_backend.errors import MedILError
+    from medil_backend.limits import GB
+    from medil_backend.ops.reconstruct import RUNTIME_OVERHEAD_BYTES
+    from medil_backend.ops.sample import MIN_WINDOW, denoise_windows, latent_grid_for, load_sampler, sample, unet_bytes
+
+    sampler = load_sampler("tiny-ldm")
+    grid = Grid((36, 36, 36), affine_from_parts([4.0, 4.0, 4.0], np.eye(3), [-70.0, -70.0, -70.0]))
+    z_shape = latent_grid_for(sampler, grid).shape
+    whole = unet_bytes(sampler, z_shape)
+    assert denoise_windows(sampler, z_shape, 1.01 * whole) is None
+    windows = denoise_windows(sampler, z_shape, 0.3 * whole)
+    assert MIN_WINDOW <= windows.size < max(z_shape) and len(windows.slices()) > 1
+    with pytest.raises(MedILError, match="raise the memory limit"):
+        denoise_windows(sampler, z_shape, 0.5 * unet_bytes(sampler, [MIN_WINDOW] * 3))
+    # the memory limit that leaves 30 % of one pass's working memory once the output and the latent are held
+    resident = RUNTIME_OVERHEAD_BYTES + 4.0 * grid.num_voxels + 4.0 * (3 * 2 + 6) * np.prod(z_shape)
+    limit = (resident + 0.3 * whole) / GB
+    a, b = sample(sampler, grid, n=2, seed=3, steps=2, max_memory_gb=limit)
+    assert a.meta["denoise_windows"] == len(windows.slices()) > 1
+    assert a.array.shape == grid.shape and np.allclose(a.affine, grid.affine) and np.isfinite(a.array).all()
+    (a2,) = sample(sampler, grid, seed=3, steps=2, max_memory_gb=limit)
+    assert np.array_equal(a.array, a2.array) and not np.array_equal(a.array, b.array)
+    (one,) = sample(sampler, grid, seed=3, steps=2, max_memory_gb=64)
+    assert one.meta["denoise_windows"] == 1

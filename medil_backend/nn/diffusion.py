@@ -16,6 +16,12 @@ The denoiser is a small 3D UNet (residual blocks with group norm and a sinusoida
 self-attention at the coarsest level), trained DDPM-style with v-prediction on a cosine noise
 schedule and sampled with deterministic DDIM in any number of steps. Latents are standardised
 by per-channel statistics of the training latents, stored as buffers with the weights.
+
+A latent too large for one pass (a wide field of view under a memory limit) is denoised
+**patch-wise** (as 3D MedDiffusion does in latent space): at every step the network runs on
+overlapping :class:`Windows`, each with its own geometry channels (so each window knows where it
+lies in the group space), and the predictions are blended with weights that fall off towards each
+window's faces, before the one DDIM update of the whole latent.
 """
 
 from __future__ import annotations
@@ -101,6 +107,44 @@ def group_overlap(grid: Grid, config: DiffusionConfig) -> float:
     glo, ghi = np.asarray(config.group_lo), np.asarray(config.group_hi)
     inter = np.clip(np.minimum(hi, ghi) - np.maximum(lo, glo), 0, None)
     return float(np.prod(inter) / max(np.prod(hi - lo), 1e-9))
+
+
+# -- patch-wise denoising -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Overlapping windows of at most ``size`` voxels along each axis that cover a latent of ``shape``;
+    neighbours share at least ``overlap`` voxels, over which their predictions are blended."""
+
+    shape: tuple[int, int, int]
+    size: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < self.size:
+            raise ValueError(f"the overlap ({self.overlap}) must be below the window size ({self.size})")
+
+    def slices(self) -> list[tuple[slice, slice, slice]]:
+        axes = []
+        for n in self.shape:
+            if n <= self.size:
+                axes.append([slice(0, n)])
+                continue
+            k = math.ceil((n - self.overlap) / (self.size - self.overlap))  # evenly spread, sharing >= overlap
+            starts = [round(i * (n - self.size) / (k - 1)) for i in range(k)]
+            axes.append([slice(a, a + self.size) for a in starts])
+        return [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
+
+    def weight(self, shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+        """(1, 1, *shape): 1 inside a window, falling linearly towards its faces over ``overlap`` voxels
+        (never to 0, so a voxel only one window covers keeps that window's prediction)."""
+        w = torch.ones((1, 1, *shape), device=device, dtype=dtype)
+        for axis, n in enumerate(shape):
+            d = torch.arange(n, device=device, dtype=dtype)
+            ramp = ((torch.minimum(d, n - 1 - d) + 1) / (self.overlap + 1)).clamp(max=1)
+            w = w * ramp.view([-1 if i == axis + 2 else 1 for i in range(5)])
+        return w
 
 
 # -- noise schedule -----------------------------------------------------------------------------------
@@ -250,9 +294,23 @@ class LatentDiffusionUNet(nn.Module):
         return F.mse_loss(self(z_t, t, cond).float(), target.float())
 
     # -- sampling ----------------------------------------------------------------------------------------
-    def _x0_eps(self, z_t: torch.Tensor, t: int, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, z_t: torch.Tensor, t: int, cond: torch.Tensor, windows: Windows | None = None) -> torch.Tensor:
+        """The network's output at step ``t``: in one pass, or blended over overlapping ``windows``."""
+        tt = torch.full((z_t.shape[0],), t, device=z_t.device, dtype=torch.long)
+        if windows is None:
+            return self(z_t, tt, cond).to(z_t.dtype)
+        acc = torch.zeros_like(z_t)
+        total = z_t.new_zeros((1, 1, *z_t.shape[2:]))
+        for sl in windows.slices():
+            idx = (slice(None), slice(None), *sl)
+            w = windows.weight(z_t[idx].shape[2:], z_t.device, z_t.dtype)
+            acc[idx] += w * self(z_t[idx], tt, cond[idx]).to(z_t.dtype)
+            total[idx] += w
+        return acc / total
+
+    def _x0_eps(self, z_t: torch.Tensor, t: int, cond: torch.Tensor, windows: Windows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.alphas_cumprod[t].to(z_t.dtype)
-        out = self(z_t, torch.full((z_t.shape[0],), t, device=z_t.device, dtype=torch.long), cond).to(z_t.dtype)
+        out = self.predict(z_t, t, cond, windows)
         if self.config.prediction == "v":
             return a.sqrt() * z_t - (1 - a).sqrt() * out, (1 - a).sqrt() * z_t + a.sqrt() * out
         x0 = (z_t - (1 - a).sqrt() * out) / a.sqrt()
@@ -270,14 +328,16 @@ class LatentDiffusionUNet(nn.Module):
         steps: int,
         start: int | None = None,
         callback: Callable[[int, int], None] | None = None,
+        windows: Windows | None = None,
     ) -> torch.Tensor:
-        """Deterministic DDIM (η = 0) from step ``start`` (default T-1) down to 0 in ``steps`` steps; standardised latents in and out."""
+        """Deterministic DDIM (η = 0) from step ``start`` (default T-1) down to 0 in ``steps`` steps; standardised latents in
+        and out; patch-wise over ``windows`` if given."""
         start = self.config.timesteps - 1 if start is None else int(start)
         steps = max(1, min(int(steps), start + 1))
         ts = np.unique(np.linspace(0, start, steps).round().astype(int))[::-1]
         x = z_t
         for i, t in enumerate(ts):
-            x0, eps = self._x0_eps(x, int(t), cond)
+            x0, eps = self._x0_eps(x, int(t), cond, windows)
             if i + 1 < len(ts):
                 a_prev = self.alphas_cumprod[int(ts[i + 1])].to(x.dtype)
                 x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps

@@ -11,6 +11,9 @@
 4. decoded onto exactly ``target`` in tiles that fit the memory limit (no input volume: the
    generative autoencoder has no skip).
 
+A latent whose one-pass denoising would exceed the memory limit (a wide field of view) is
+denoised patch-wise, in the largest overlapping windows that fit (:func:`denoise_windows`).
+
 A model's card names its autoencoder (name and sha256, checked), its group space, its default
 space and its native spaces (a Gaussian mixture over the training volumes' spacings and
 orientations, drawn by :func:`native_grid`).
@@ -28,7 +31,7 @@ import torch
 from ..errors import MedILError
 from ..geometry import Grid, Volume, covering_grid
 from ..limits import GB, check_memory_limit
-from ..nn.diffusion import LatentDiffusionUNet, geometry_channels, group_overlap, source_spacing_along
+from ..nn.diffusion import LatentDiffusionUNet, Windows, geometry_channels, group_overlap, source_spacing_along
 from .reconstruct import RUNTIME_OVERHEAD_BYTES, SPILL_FRACTION
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
 from .tiling import DecodePlan, OutputArray, check_disk_space, decode_tiled
@@ -36,6 +39,8 @@ from .tiling import DecodePlan, OutputArray, check_disk_space, decode_tiled
 #: the spacing channels are clamped to what the training data showed
 SPACING_COND_RANGE_MM = (1.0, 10.0)
 DEFAULT_STEPS = 25
+#: the smallest patch-wise denoising window, latent voxels along each axis (64 mm at 4 mm; the brain model learnt crops of 24-48)
+MIN_WINDOW = 16
 
 
 @dataclass
@@ -125,14 +130,34 @@ def check_in_group_space(sampler: Sampler, target: Grid, min_overlap: float = 0.
         )
 
 
-def unet_bytes(sampler: Sampler, z_grid: Grid) -> float:
-    """Working bytes of one denoising step on ``z_grid`` (activations and skips of the UNet, attention at the coarsest level)."""
+def unet_bytes(sampler: Sampler, shape) -> float:
+    """Working bytes of one network pass on a latent of ``shape`` (activations and skips of the UNet, attention at the coarsest level)."""
     cfg = sampler.diffusion.config
-    n = float(z_grid.num_voxels)
+    n = float(np.prod(shape))
     conv = sum(n / 8**i * c * 6 * 4 for i, c in enumerate(cfg.channels))
     tokens = n / 8 ** (len(cfg.channels) - 1)
     attn = tokens * tokens * 4 * 2 if cfg.attention else 0.0
     return conv + attn + n * (cfg.latent_channels * 4 + 6) * 4
+
+
+def denoise_windows(sampler: Sampler, shape, work: float) -> Windows | None:
+    """None when one pass over a latent of ``shape`` fits in ``work`` bytes; otherwise the largest overlapping
+    windows that do, for patch-wise denoising (a quarter of a window shared with each neighbour). A user
+    error when not even :data:`MIN_WINDOW` fits."""
+    shape = tuple(int(n) for n in shape)
+    blend = 4.0 * (sampler.diffusion.config.latent_channels + 1) * float(np.prod(shape))  # the blended prediction and its weights
+    if unet_bytes(sampler, shape) < work:
+        return None
+    s = sampler.diffusion.stride
+    for size in range(max(shape) // s * s, MIN_WINDOW - 1, -s):
+        if size < max(shape) and unet_bytes(sampler, [min(size, n) for n in shape]) + blend < work:
+            return Windows(shape, size, max(s, size // 4 // s * s))
+    need = unet_bytes(sampler, [min(MIN_WINDOW, n) for n in shape]) + blend
+    raise MedILError(
+        f"denoising a latent of {shape} voxels, even patch-wise in windows of {MIN_WINDOW}, needs about {need / GB:.2f} GB "
+        "more than the memory limit leaves: raise the memory limit, or choose a smaller field of view",
+        options=("max_memory", "fov"),
+    )
 
 
 def sample(
@@ -170,15 +195,15 @@ def sample(
     ae, ldm = sampler.autoencoder.to(dev).eval(), sampler.diffusion.to(dev).eval()
     C = ldm.config.latent_channels
     spill = 4.0 * target.num_voxels > SPILL_FRACTION * budget
-    resident = RUNTIME_OVERHEAD_BYTES + (0 if spill else 4.0 * target.num_voxels) + 4.0 * 3 * C * z_grid.num_voxels
-    denoise = unet_bytes(sampler, z_grid)
+    resident = RUNTIME_OVERHEAD_BYTES + (0 if spill else 4.0 * target.num_voxels) + 4.0 * (3 * C + 6) * z_grid.num_voxels
     work = budget - resident
-    if work <= denoise:
+    if work <= 0:
         raise MedILError(
-            f"drawing a latent for the output grid {target.shape} needs about {(resident + denoise) / GB:.1f} GB, over the memory "
-            f"limit ({budget / GB:.1f} GB): raise the memory limit, or choose a smaller field of view",
+            f"the output grid {target.shape} and its latent alone need about {resident / GB:.1f} GB, over the memory "
+            f"limit ({budget / GB:.1f} GB): raise the memory limit, or choose a coarser spacing or a smaller field of view",
             options=("max_memory", "fov"),
         )
+    windows = denoise_windows(sampler, z_grid.shape, work)
     plan = DecodePlan(ae, z_grid, target, work, 2 if dtype != torch.float32 else 4)
     if spill:
         check_disk_space(4.0 * target.num_voxels * n)
@@ -203,7 +228,7 @@ def sample(
             report(progress, base + per * denoise_share * k / total, f"sample {i + 1}/{n}: denoising step {k}/{total}")
 
         with torch.inference_mode(), autocast(dev, dtype):
-            z = ldm.destandardise(ldm.ddim(noise, cond, steps, callback=step_done).float())
+            z = ldm.destandardise(ldm.ddim(noise, cond, steps, callback=step_done, windows=windows).float())
             array = OutputArray(target.shape, spill=spill, transform=lambda a: np.maximum(a, np.float32(floor)))
             decode_tiled(
                 ae, z, z_grid, target, plan=plan, out=array, progress=progress, cancel=cancel, span=(base + per * denoise_share, base + per)
@@ -224,6 +249,7 @@ def sample(
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "intensity": "normalised (MR: about 0..1, the training volumes' robust range)" if sampler.modality == "mri" else "HU",
             "tiles": len(plan.tiles),
+            "denoise_windows": len(windows.slices()) if windows else 1,
         }
         out.append(Volume(array.array, target.affine, modality=sampler.modality, meta=meta))
     report(progress, 1.0, "done")

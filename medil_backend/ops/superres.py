@@ -368,7 +368,7 @@ def diffusion_cycles(
     from ..geometry import centred
     from ..metrics import foreground_centres
     from ..nn.diffusion import geometry_channels, source_spacing_along
-    from .sample import SPACING_COND_RANGE_MM
+    from .sample import SPACING_COND_RANGE_MM, denoise_windows
     from .tiling import DecodePlan, OutputArray, decode_tiled
 
     sampler, z_grid, z_mean, work = _encoded_estimate(x0, target, model, modality, budget, progress)
@@ -382,6 +382,7 @@ def diffusion_cycles(
     spacing = np.clip(source_spacing_along(z_grid, target.direction, target.spacing), *SPACING_COND_RANGE_MM)
     cond = geometry_channels(cond_grid, spacing, ldm.config)[None]
     plan = DecodePlan(ae, z_grid, target, work, 4)
+    windows = denoise_windows(sampler, z_grid.shape, work)
     t_start = max(1, int(round(strength * (ldm.config.timesteps - 1))))
     z0 = ldm.standardise(z_mean)
     out = []
@@ -392,7 +393,7 @@ def diffusion_cycles(
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + k))
         arr = OutputArray(target.shape)
         with torch.inference_mode():
-            z = ldm.destandardise(ldm.ddim(ldm.noised(z0, t_start, noise), cond, steps, start=t_start))
+            z = ldm.destandardise(ldm.ddim(ldm.noised(z0, t_start, noise), cond, steps, start=t_start, windows=windows))
             decode_tiled(ae, z, z_grid, target, plan=plan, out=arr, progress=progress, cancel=cancel, span=(a, a + 0.8 * (b - a)))
         # data consistency uses the operator's adjoint (autograd): outside inference mode
         xk, _, _ = _consistent(arr.array, yn, op, iterations, progress, (a + 0.8 * (b - a), b), cancel)
