@@ -154,8 +154,8 @@ def denoise_windows(sampler: Sampler, shape, work: float) -> Windows | None:
             return Windows(shape, size, max(s, size // 4 // s * s))
     need = unet_bytes(sampler, [min(MIN_WINDOW, n) for n in shape]) + blend
     raise MedILError(
-        f"denoising a latent of {shape} voxels, even patch-wise in windows of {MIN_WINDOW}, needs about {need / GB:.2f} GB "
-        "more than the memory limit leaves: raise the memory limit, or choose a smaller field of view",
+        f"denoising a latent of {shape} voxels, even patch-wise in windows of {MIN_WINDOW}, needs about {need / GB:.2f} GB of "
+        f"working memory, and the memory limit leaves {max(work, 0) / GB:.2f} GB: raise the memory limit, or choose a smaller field of view",
         options=("max_memory", "fov"),
     )
 
