@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE, REPO
+from conftest import DATA, EXAMPLE, REPO
 
 from medil_backend.acquisition import thick_slices
 from medil_backend.cli import main
@@ -198,17 +198,28 @@ def test_adapt_prior_pretrains_exports_and_is_checked_on_load(tmp_path, monkeypa
 
 
 @pytest.mark.skipif(not (REPO / "medil_backend" / "weights" / "adapt" / "prior-mri.json").is_file(), reason="no bundled MRI prior")
-def test_the_bundled_prior_starts_adaptation_ahead_of_scratch(thick_crop):
+def _thick_head_ct() -> Volume:
+    """A crop of the held-out head CT (0.96 x 0.96 x 1.5 mm) averaged into 4.5 mm slices."""
+    v = read_volume(DATA / "ct" / "head_ct_0p96x0p96x1p5mm.nrrd")
+    lo = np.asarray(v.array.shape) // 2 - (40, 40, 12)
+    hi = lo + (80, 80, 24)
+    arr = np.ascontiguousarray(v.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]).astype(np.float32)
+    arr, grid = thick_slices(arr, v.grid.sub_grid(tuple(lo), tuple(hi)), int(np.argmax(v.grid.spacing)), 3)
+    return Volume(arr, grid.affine, modality="ct")
+
+
+@pytest.mark.parametrize("modality", ["mri", "ct"])
+def test_the_bundled_prior_starts_adaptation_ahead_of_scratch(thick_crop, modality):
     """On a held-out scan, the network started from the bundled prior undoes the scan's own in-plane degradation
     better, over the same first steps, than one started from scratch."""
     from medil_backend.intensity import fit_normalizer
     from medil_backend.ops.adapt import load_prior, train_adapter
 
-    _, thick = thick_crop
-    yn = fit_normalizer(thick.array, "mri").forward(thick.array).astype(np.float32)
+    thick = thick_crop[1] if modality == "mri" else _thick_head_ct()
+    yn = fit_normalizer(thick.array, modality).forward(thick.array).astype(np.float32)
     axis = int(np.argmax(thick.grid.spacing))
     runs = {}
-    for name, init in [("scratch", None), ("prior", load_prior("mri"))]:
+    for name, init in [("scratch", None), ("prior", load_prior(modality))]:
         _, info = train_adapter(yn, thick.grid, axis, float(thick.grid.spacing[axis]), "rect", 60.0, 0, init=init, max_steps=30)
         runs[name] = info
     assert runs["prior"]["prior"] and not runs["scratch"]["prior"]

@@ -141,17 +141,22 @@ def unet_bytes(sampler: Sampler, shape) -> float:
 
 
 def denoise_windows(sampler: Sampler, shape, work: float) -> Windows | None:
-    """None when one pass over a latent of ``shape`` fits in ``work`` bytes; otherwise the largest overlapping
-    windows that do, for patch-wise denoising (a quarter of a window shared with each neighbour). A user
+    """None when one pass over a latent of ``shape`` fits in ``work`` bytes; otherwise overlapping windows that
+    do, for patch-wise denoising (a quarter of a window shared with each neighbour): of the window sizes that
+    fit, the one with the fewest windows (the most context each), then the smallest (the least work). A user
     error when not even :data:`MIN_WINDOW` fits."""
     shape = tuple(int(n) for n in shape)
     blend = 4.0 * (sampler.diffusion.config.latent_channels + 1) * float(np.prod(shape))  # the blended prediction and its weights
     if unet_bytes(sampler, shape) < work:
         return None
     s = sampler.diffusion.stride
-    for size in range(max(shape) // s * s, MIN_WINDOW - 1, -s):
-        if size < max(shape) and unet_bytes(sampler, [min(size, n) for n in shape]) + blend < work:
-            return Windows(shape, size, max(s, size // 4 // s * s))
+    fitting = [
+        Windows(shape, size, max(s, size // 4 // s * s))
+        for size in range(max(shape) // s * s, MIN_WINDOW - 1, -s)
+        if size < max(shape) and unet_bytes(sampler, [min(size, n) for n in shape]) + blend < work
+    ]
+    if fitting:
+        return min(fitting, key=lambda w: (len(w.slices()), w.size))
     need = unet_bytes(sampler, [min(MIN_WINDOW, n) for n in shape]) + blend
     raise MedILError(
         f"denoising a latent of {shape} voxels, even patch-wise in windows of {MIN_WINDOW}, needs about {need / GB:.2f} GB of "
