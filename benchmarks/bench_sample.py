@@ -7,7 +7,7 @@ limit, and how far the patch-wise volume lies from the one-pass one (PSNR and co
 Each job runs in a fresh process; its peak resident memory is the process's high-water mark
 (``VmHWM``) minus what it held after importing torch and loading the models. Prints JSON.
 
-    python benchmarks/bench_sample.py [--steps 25] [--model medil-brain-t1-ldm] [--wide-limits 8 1.5]
+    python benchmarks/bench_sample.py [--steps 25] [--model medil-brain-t1-ldm] [--wide-limits 8 1]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--model", default="medil-brain-t1-ldm")
-    ap.add_argument("--wide-limits", type=float, nargs=2, default=(8.0, 1.5), metavar=("ONE_PASS_GB", "PATCH_WISE_GB"))
+    ap.add_argument("--wide-limits", type=float, nargs=2, default=(8.0, 1.0), metavar=("ONE_PASS_GB", "PATCH_WISE_GB"))
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     results = []
