@@ -14,7 +14,7 @@
 A latent whose one-pass denoising would exceed the memory limit (a wide field of view) is
 denoised patch-wise, in the largest overlapping windows that fit (:func:`denoise_windows`).
 
-A model's card names its autoencoder (name and sha256, checked), its group space, its default
+A model's card names its autoencoder (name, weights sha256 and the latent sha256 that is checked), its group space, its default
 space and its native spaces (a Gaussian mixture over the training volumes' spacings and
 orientations, drawn by :func:`native_grid`).
 """
