@@ -81,13 +81,19 @@ def superres_quality(name: str) -> str:
             if task.startswith("sr"):
                 cells = [f"{r[f'superres-{m}']['psnr_mask'] - r['bspline']['psnr_mask']:+.2f}" for m in methods]
                 per_volume.append(f"| {vol} | {task} | {r['bspline']['psnr_mask']:.2f} dB | " + " | ".join(cells) + " |")
-    return (
+    text = (
         markdown_table(res, keys=("psnr_mask", "ssim_mask", "psnr", "seconds"))
         + "\n\nGain over B-spline (psnr_mask), against the super-resolution issue's targets:\n\n"
         + superres_table(res, methods)
         + "\n\nPer volume (masked PSNR of B-spline; each method's gain over it, dB):\n\n"
         + "\n".join(per_volume)
     )
+    previous = RESULTS / f"eval-superres-{name}-previous.json"
+    if previous.exists():  # the version this one replaced, measured by the same command
+        text += f"\n\nThe version it replaced (`{previous.name}`, same command):\n\n" + superres_table(
+            json.loads(previous.read_text()), methods
+        )
+    return text
 
 
 def superres_uncertainty() -> str:
