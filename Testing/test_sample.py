@@ -35,6 +35,59 @@ def test_a_tiny_diffusion_model_learns_a_fixed_batch():
     assert loss() < 0.7 * before
 
 
+def test_position_standardisation_reads_the_maps_where_each_latent_voxel_lies():
+    """The mean and std maps are read at each latent voxel's place in the group space, whatever the latent grid's
+    orientation and field of view, and standardising round-trips."""
+    cfg = DiffusionConfig.from_dict({**TINY_LDM, "standardise": "position", "group_lo": [-20, -24, -16], "group_hi": [20, 24, 16]})
+    assert cfg.map_shape() == (11, 13, 9)
+    net = LatentDiffusionUNet(cfg)
+    with torch.no_grad():
+        net.mean_map.normal_()
+        net.std_map.uniform_(0.5, 2.0)
+    # a grid whose voxels are the maps' voxels reads them exactly, along the right axes
+    grid = Grid(cfg.map_shape(), affine_from_parts([4, 4, 4], np.eye(3), cfg.group_lo))
+    mean, std = net.latent_statistics(geometry_channels(grid, [1, 1, 1], cfg)[None])
+    torch.testing.assert_close(mean[0], net.mean_map, atol=1e-5, rtol=0)
+    torch.testing.assert_close(std[0], net.std_map, atol=1e-5, rtol=0)
+    # a partial, flipped (LPS) field of view reads the same values where it meets
+    lps = Grid((4, 5, 3), affine_from_parts([4, 4, 4], direction_from_code("LPS"), [8, 4, -8]))
+    mean_lps, _ = net.latent_statistics(geometry_channels(lps, [1, 1, 1], cfg)[None])
+    i0, j0, k0 = np.rint(grid.world_to_voxel(lps.voxel_to_world(np.zeros((1, 3))))[0]).astype(int)
+    torch.testing.assert_close(mean_lps[0], net.mean_map[:, i0 - 3 : i0 + 1, j0 - 4 : j0 + 1, k0 : k0 + 3].flip(1, 2), atol=1e-5, rtol=0)
+    z = torch.randn(1, 2, 4, 5, 3)
+    cond = geometry_channels(lps, [1, 1, 1], cfg)[None]
+    torch.testing.assert_close(net.destandardise(net.standardise(z, cond), cond), z, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="geometry channels"):
+        net.standardise(z)
+
+
+def test_position_maps_are_the_training_latents_statistics_where_they_lie():
+    from medil_backend.training.latents import MAP_SIGMA, STD_FLOOR, position_maps
+
+    cfg = DiffusionConfig.from_dict({**TINY_LDM, "standardise": "position", "group_lo": [-20, -20, -20], "group_hi": [20, 20, 20]})
+    grid = Grid((11, 11, 11), affine_from_parts([4, 4, 4], np.eye(3), [-20, -20, -20]))
+    rng = np.random.default_rng(0)
+    head = np.zeros((2, 11, 11, 11), np.float32)
+    head[:, 3:8, 3:8, 3:8] = 5.0  # a "head" in the middle, air around it
+    items = [{"latent": head + rng.normal(0, 1, head.shape).astype(np.float32) * (head > 0), "affine": grid.affine} for _ in range(6)]
+    mean, std = position_maps(items, cfg)
+    assert mean.shape == (2, *cfg.map_shape()) and MAP_SIGMA > 0
+    assert float(mean[:, 5, 5, 5].min()) > 4.0 and float(mean[:, 0, 0, 0].max()) < 0.5  # the mean head, and air
+    overall = np.concatenate([it["latent"].reshape(2, -1) for it in items], 1).std(1)
+    np.testing.assert_allclose(std[:, 0, 0, 0].numpy(), STD_FLOOR * overall, rtol=1e-5)  # air varies by nothing: the floor
+    assert float(std[:, 5, 5, 5].min()) > 0.6  # the heads vary by about 1 there
+
+
+def test_native_mixture_has_no_duplicate_components():
+    from medil_backend.training.latents import fit_native_mixture
+
+    a, b = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.4, 0.4, 1.0, 0.0, 0.0, 0.0]
+    mix = fit_native_mixture(np.array([a] * 5 + [b] * 3), k=4)
+    means = [tuple(np.round(c["mean"], 4)) for c in mix]
+    assert len(means) == len(set(means)) <= 2
+    assert abs(sum(c["weight"] for c in mix) - 1) < 1e-5
+
+
 def test_conditioning_follows_field_of_view_and_orientation():
     cfg = DiffusionConfig.from_dict(TINY_LDM)
     full = Grid((10, 10, 10), affine_from_parts([4, 4, 4], np.eye(3), [-18, -18, -18]))
@@ -240,6 +293,7 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
     from conftest import REPO
 
     from medil_backend.training.cli import main as train_main
+    from medil_backend.training.latents import STD_FLOOR
 
     cache, out = tmp_path / "latents.npz", tmp_path / "export"
     callbacks = (
@@ -267,6 +321,9 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
 
     net = load_model(out / "tiny-ldm2.json").net
     assert float(net.latent_std.min()) > 0 and not torch.all(net.latent_std == 1)  # standardised by the training latents
+    # ... by position: a mean head and its spread over the group space, floored where every head agrees
+    assert net.config.standardise == "position" and net.mean_map.std() > 0 and net.std_map.std() > 0
+    assert float(net.std_map.min()) >= 0.99 * STD_FLOOR * float(net.latent_std.min())
     grid = Grid((20, 24, 10), affine_from_parts([2.0, 2.0, 3.0], np.eye(3), [-20.0, -24.0, -15.0]))
     (v,) = sample(str(out / "tiny-ldm2.json"), grid, steps=2)
     assert v.array.shape == grid.shape and np.isfinite(v.array).all()

@@ -15,7 +15,12 @@ concatenated to its input:
 The denoiser is a small 3D UNet (residual blocks with group norm and a sinusoidal time embedding,
 self-attention at the coarsest level), trained DDPM-style with v-prediction on a cosine noise
 schedule and sampled with deterministic DDIM in any number of steps. Latents are standardised
-by per-channel statistics of the training latents, stored as buffers with the weights.
+by statistics of the training latents, stored as buffers with the weights: one mean and std per
+channel, or (``standardise="position"``) mean and std *maps* over the group space. With maps the
+network diffuses each latent's residual from the mean head where it lies, scaled by how much the
+training heads vary there (a data-dependent prior, as in PriorGrad, Lee et al. 2022): background
+stays background and the head's layout is given, so the network spends its capacity on what
+varies between heads.
 
 A latent too large for one pass (a wide field of view under a memory limit) is denoised
 **patch-wise** (as 3D MedDiffusion does in latent space): at every step the network runs on
@@ -55,7 +60,14 @@ class DiffusionConfig:
     group_hi: Sequence[float] = (120.0, 120.0, 120.0)
     spacing_scale_mm: float = 10.0
     latent_spacing: float = 4.0
+    #: "channel": standardise each latent channel by one mean and std; "position": by a mean and std map over the group
+    #: space (a latent voxel's statistics where it lies), so the network learns the residual from the mean head
+    standardise: str = "channel"
     extra: dict = field(default_factory=dict)
+
+    def map_shape(self) -> tuple[int, int, int]:
+        """Voxels a side of the position maps: the group space at the latent spacing, both faces included."""
+        return tuple(int(round((b - a) / self.latent_spacing)) + 1 for a, b in zip(self.group_lo, self.group_hi))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -220,9 +232,14 @@ class LatentDiffusionUNet(nn.Module):
         self.config = c = config or DiffusionConfig()
         if c.prediction not in ("v", "eps"):
             raise ValueError(f"prediction must be v or eps, not {c.prediction!r}")
+        if c.standardise not in ("channel", "position"):
+            raise ValueError(f"standardise must be channel or position, not {c.standardise!r}")
         ch, g, td = list(c.channels), c.groups, c.time_dim
         self.register_buffer("latent_mean", torch.zeros(c.latent_channels))
         self.register_buffer("latent_std", torch.ones(c.latent_channels))
+        if c.standardise == "position":
+            self.register_buffer("mean_map", torch.zeros(c.latent_channels, *c.map_shape()))
+            self.register_buffer("std_map", torch.ones(c.latent_channels, *c.map_shape()))
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(c.timesteps).float())
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], td), nn.SiLU(), nn.Linear(td, td))
         self.stem = nn.Conv3d(c.latent_channels + COND_CHANNELS, ch[0], 3, padding=1)
@@ -276,11 +293,28 @@ class LatentDiffusionUNet(nn.Module):
         return out[:, :, : shape[0], : shape[1], : shape[2]]
 
     # -- latent standardisation ------------------------------------------------------------------------
-    def standardise(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
+    def latent_statistics(self, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and std that standardise a latent whose geometry channels are ``cond``: per channel, or with
+        ``standardise="position"`` read from the maps at each voxel's group-space coordinates (trilinear; the
+        maps' faces beyond the group space)."""
+        if self.config.standardise == "channel":
+            return self.latent_mean.view(1, -1, 1, 1, 1), self.latent_std.view(1, -1, 1, 1, 1)
+        if cond is None:
+            raise ValueError("a position-standardised model needs the latent's geometry channels")
+        # grid_sample reads (x, y, z) as (last, middle, first) map axis; the maps' axes are world R, A, S
+        pts = (2 * cond[:, [2, 1, 0]].float() - 1).permute(0, 2, 3, 4, 1)
+        maps = torch.cat([self.mean_map, self.std_map])[None].expand(cond.shape[0], -1, -1, -1, -1)
+        stats = F.grid_sample(maps, pts, mode="bilinear", padding_mode="border", align_corners=True)
+        C = self.config.latent_channels
+        return stats[:, :C], stats[:, C:]
 
-    def destandardise(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+    def standardise(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        mean, std = self.latent_statistics(cond)
+        return (z - mean.to(z.dtype)) / std.to(z.dtype)
+
+    def destandardise(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        mean, std = self.latent_statistics(cond)
+        return z * std.to(z.dtype) + mean.to(z.dtype)
 
     # -- training ----------------------------------------------------------------------------------------
     def training_loss(self, z0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

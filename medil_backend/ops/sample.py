@@ -233,7 +233,7 @@ def sample(
             report(progress, base + per * denoise_share * k / total, f"sample {i + 1}/{n}: denoising step {k}/{total}")
 
         with torch.inference_mode(), autocast(dev, dtype):
-            z = ldm.destandardise(ldm.ddim(noise, cond, steps, callback=step_done, windows=windows).float())
+            z = ldm.destandardise(ldm.ddim(noise, cond, steps, callback=step_done, windows=windows).float(), cond)
             array = OutputArray(target.shape, spill=spill, transform=lambda a: np.maximum(a, np.float32(floor)))
             decode_tiled(
                 ae, z, z_grid, target, plan=plan, out=array, progress=progress, cancel=cancel, span=(base + per * denoise_share, base + per)

@@ -384,7 +384,7 @@ def diffusion_cycles(
     plan = DecodePlan(ae, z_grid, target, work, 4)
     windows = denoise_windows(sampler, z_grid.shape, work)
     t_start = max(1, int(round(strength * (ldm.config.timesteps - 1))))
-    z0 = ldm.standardise(z_mean)
+    z0 = ldm.standardise(z_mean, cond)
     out = []
     for k in range(samples):
         check_cancel(cancel)
@@ -393,7 +393,7 @@ def diffusion_cycles(
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + k))
         arr = OutputArray(target.shape)
         with torch.inference_mode():
-            z = ldm.destandardise(ldm.ddim(ldm.noised(z0, t_start, noise), cond, steps, start=t_start, windows=windows))
+            z = ldm.destandardise(ldm.ddim(ldm.noised(z0, t_start, noise), cond, steps, start=t_start, windows=windows), cond)
             decode_tiled(ae, z, z_grid, target, plan=plan, out=arr, progress=progress, cancel=cancel, span=(a, a + 0.8 * (b - a)))
         # data consistency uses the operator's adjoint (autograd): outside inference mode
         xk, _, _ = _consistent(arr.array, yn, op, iterations, progress, (a + 0.8 * (b - a), b), cancel)

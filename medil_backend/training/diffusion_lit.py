@@ -42,10 +42,15 @@ class DiffusionLitModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = LatentDiffusionUNet(DiffusionConfig.from_dict(model or {}))
+        #: whether the latent statistics come from the data (a fresh run, or one continued from a model without position maps)
+        self.fit_statistics = True
         if init_weights:
             from safetensors.torch import load_file
 
-            self.net.load_state_dict(load_file(init_weights), strict=True)
+            missing, unexpected = self.net.load_state_dict(load_file(init_weights), strict=False)
+            if unexpected or set(missing) - {"mean_map", "std_map"}:
+                raise ValueError(f"{init_weights} does not fit this model: missing {missing}, unexpected {unexpected}")
+            self.fit_statistics = bool(missing)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
 
     def setup(self, stage: str | None = None) -> None:
@@ -54,11 +59,15 @@ class DiffusionLitModule(L.LightningModule):
             return
         dm.config = self.net.config
         dm.setup(stage)
-        if not self.hparams.init_weights:  # a continued run keeps the statistics it was trained with
+        if self.fit_statistics:  # a continued run keeps the statistics it was trained with
             mean, std = dm.latent_stats()
+            maps = dm.position_maps() if self.net.config.standardise == "position" else None
             for net in (self.net, self.ema):
                 net.latent_mean.copy_(mean)
                 net.latent_std.copy_(std)
+                if maps is not None:
+                    net.mean_map.copy_(maps[0])
+                    net.std_map.copy_(maps[1])
         self.autoencoder_ref = dm.autoencoder_ref
         self.native_spaces = dm.meta.get("native_spaces")
 
@@ -91,7 +100,7 @@ class DiffusionLitModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         z0, cond = batch
-        loss = self.net.training_loss(self.net.standardise(z0), cond)
+        loss = self.net.training_loss(self.net.standardise(z0, cond), cond)
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         return loss
 
@@ -112,5 +121,5 @@ class DiffusionLitModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         z0, cond = batch
         g = torch.Generator(device=z0.device).manual_seed(1000 + batch_idx)
-        loss = self.ema.training_loss(self.ema.standardise(z0), cond, generator=g)
+        loss = self.ema.training_loss(self.ema.standardise(z0, cond), cond, generator=g)
         self.log("val/loss", loss, prog_bar=True, batch_size=z0.shape[0], sync_dist=True)

@@ -157,6 +157,11 @@ def fit_native_mixture(points: np.ndarray, k: int = 4, seed: int = 0, iters: int
         w = nk / nk.sum()
         means = (resp.T @ x) / nk[:, None]
         var = np.maximum((resp.T @ x**2) / nk[:, None] - means**2, floor)
+    # components that converged onto the same volumes are one component (EM started from duplicate points)
+    merged: dict[tuple, list] = {}
+    for wi, m, s in zip(w, means, var):
+        key = tuple(np.round(np.concatenate([m, s]), 4))
+        merged.setdefault(key, [0.0, m, s])[0] += wi
     # the mixture's angles are in degrees; native_grid takes radians
     return [
         {
@@ -164,7 +169,7 @@ def fit_native_mixture(points: np.ndarray, k: int = 4, seed: int = 0, iters: int
             "mean": [round(float(v), 6) for v in np.concatenate([m[:3], np.deg2rad(m[3:])])],
             "var": [round(float(v), 8) for v in np.concatenate([s[:3], np.deg2rad(np.sqrt(s[3:])) ** 2])],
         }
-        for wi, m, s in zip(w, means, var)
+        for wi, m, s in merged.values()
         if wi > 1e-3
     ]
 
@@ -197,6 +202,51 @@ def load_latents(path: str | Path) -> tuple[list[dict], dict]:
             for i, name in enumerate(meta["names"])
         ]
     return items, meta
+
+
+#: the std maps' floor, as a fraction of each channel's overall std: where every training head agrees (air), a
+#: latent's residual is still measured against a spread that noise in the data cannot blow up
+STD_FLOOR = 0.2
+#: smoothing of the maps (map voxels): a handful of heads leave a mean with each head's edges in it
+MAP_SIGMA = 1.0
+
+
+def position_maps(items: list[dict], config: DiffusionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std), each (C, *config.map_shape()): the statistics of the latents' voxels binned by where they lie
+    in the group space (nearest map voxel), smoothed by :data:`MAP_SIGMA`; map voxels no latent reaches take
+    their nearest reached neighbour's; std is floored at :data:`STD_FLOOR` of each channel's overall std."""
+    from scipy import ndimage
+
+    shape = config.map_shape()
+    lo, hi = np.asarray(config.group_lo, dtype=np.float64), np.asarray(config.group_hi, dtype=np.float64)
+    C = items[0]["latent"].shape[0]
+    n = int(np.prod(shape))
+    total, total_sq, count = np.zeros((C, n)), np.zeros((C, n)), np.zeros(n)
+    for it in items:
+        z = it["latent"].reshape(C, -1).astype(np.float64)
+        grid = Grid(it["latent"].shape[1:], it["affine"])
+        world = grid.voxel_to_world(np.indices(grid.shape).reshape(3, -1).T)
+        ijk = np.rint((world - lo) / (hi - lo) * (np.asarray(shape) - 1)).astype(np.int64)
+        keep = ((ijk >= 0) & (ijk < np.asarray(shape))).all(1)
+        flat = np.ravel_multi_index(ijk[keep].T, shape)
+        count += np.bincount(flat, minlength=n)
+        for c in range(C):
+            total[c] += np.bincount(flat, weights=z[c, keep], minlength=n)
+            total_sq[c] += np.bincount(flat, weights=z[c, keep] ** 2, minlength=n)
+    if not count.any():
+        raise MedILError("no training latent lies in the diffusion model's group space")
+    reached = (count > 0).reshape(shape)
+    nearest = ndimage.distance_transform_edt(~reached, return_distances=False, return_indices=True)
+    safe = np.maximum(count, 1)
+    flat_all = np.concatenate([it["latent"].reshape(C, -1) for it in items], axis=1).astype(np.float64)
+    floor = STD_FLOOR * flat_all.std(1)
+    mean_map, std_map = np.empty((C, *shape)), np.empty((C, *shape))
+    for c in range(C):
+        mean = (total[c] / safe).reshape(shape)[tuple(nearest)]
+        var = np.maximum((total_sq[c] / safe).reshape(shape)[tuple(nearest)] - mean**2, 0.0)
+        mean_map[c] = ndimage.gaussian_filter(mean, MAP_SIGMA, mode="nearest")
+        std_map[c] = np.maximum(np.sqrt(ndimage.gaussian_filter(var, MAP_SIGMA, mode="nearest")), floor[c])
+    return torch.from_numpy(mean_map).float(), torch.from_numpy(std_map).float()
 
 
 def crop_batch(items: list[dict], config: DiffusionConfig, crop: int, batch: int, rng: np.random.Generator):
@@ -356,6 +406,10 @@ class LatentDataModule(L.LightningDataModule):
         """Per-channel mean and standard deviation over every training latent voxel."""
         flat = np.concatenate([it["latent"].reshape(it["latent"].shape[0], -1) for it in self.train_items], axis=1)
         return torch.from_numpy(flat.mean(1)).float(), torch.from_numpy(flat.std(1)).float().clamp_min(1e-6)
+
+    def position_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std maps of the training latents over the group space (see :func:`position_maps`)."""
+        return position_maps(self.train_items, self.config)
 
     def manifest(self) -> dict:
         return dict(self.meta.get("manifest", {}), latents={"cache": self.cache.name, **self.meta.get("augmentation", {})})
