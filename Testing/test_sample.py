@@ -327,6 +327,28 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
     grid = Grid((20, 24, 10), affine_from_parts([2.0, 2.0, 3.0], np.eye(3), [-20.0, -24.0, -15.0]))
     (v,) = sample(str(out / "tiny-ldm2.json"), grid, steps=2)
     assert v.array.shape == grid.shape and np.isfinite(v.array).all()
+    # medil export of the run's best checkpoint (a run stopped early) writes the same model and card
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "training/configs/tiny-diffusion.yaml").read_text())
+    recipe["data"]["cache"] = str(cache)
+    for key in ("train", "val"):
+        recipe["data"][key] = str(REPO / recipe["data"][key])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    rc, _, err = run(["export", ckpt, "--config", tmp_path / "recipe.yaml", "--folder", tmp_path / "exp", "--name", "tiny-ldm3"], capsys)
+    assert rc == 0, err
+    again = load_model(tmp_path / "exp" / "tiny-ldm3.json")
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(again.net.state_dict()[key], value, rtol=0, atol=0)
+    card3 = json.loads((tmp_path / "exp" / "tiny-ldm3.json").read_text())
+    for key in ("autoencoder", "native_spaces", "group_space", "default_space", "tasks", "metrics"):
+        assert card3[key] == card[key], key
+    assert card3["training"]["exported_from"] == ckpt.name
+    # without the run's latent cache there is nothing to name the autoencoder by: one line, nothing written
+    cache.unlink()
+    rc, _, err = run(["export", ckpt, "--config", tmp_path / "recipe.yaml", "--folder", tmp_path / "exp4", "--name", "x"], capsys)
+    assert rc != 0 and "latent cache" in err and "Traceback" not in err and not (tmp_path / "exp4").exists()
 
 
 def test_evaluate_generative_reports_every_figure(sampler_dir, tmp_path, capsys):

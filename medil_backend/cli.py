@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
 
     x = sub.add_parser("export", help="write a medil train checkpoint as safetensors + model card")
-    x.add_argument("checkpoint", help="Lightning .ckpt of a medil train run")
+    x.add_argument("checkpoint", help="Lightning .ckpt of a medil train run (autoencoder or latent diffusion)")
     x.add_argument("--config", required=True, help="the run's YAML recipe")
     x.add_argument("--folder", default=None, help="output folder (default: the recipe's ExportWeights folder)")
     x.add_argument("--name", default=None, help="model name (default: the recipe's ExportWeights name)")

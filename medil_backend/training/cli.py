@@ -163,6 +163,15 @@ def export_checkpoint(
     hparams = ckpt.get("hyper_parameters") or conf.get("model") or {}  # the run's own (incl. command-line overrides)
     if not isinstance(hparams, dict):
         raise MedILError(f"{checkpoint} is not a Lightning checkpoint of medil train (no hyper-parameters)")
+    # a run's version folder holds hparams.yaml from its start: the checkpoint's age relative to it is the training time
+    start = checkpoint.parent.parent / "hparams.yaml"
+    minutes = round((checkpoint.stat().st_mtime - start.stat().st_mtime) / 60, 2) if start.exists() else None
+    score = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("ModelCheckpoint") and "best_model_score" in v), {})
+    score = float(score["best_model_score"]) if score.get("best_model_score") is not None else None
+    data = conf.get("data") or {}
+    common = dict(description=cb.get("description", ""), tasks=cb.get("tasks"), config_file=config, exported_from=checkpoint.name)
+    if isinstance(data, dict) and "autoencoder" in data:
+        return _export_diffusion(checkpoint, state, hparams, data, folder, name, common, int(ckpt.get("global_step", 0)), minutes, score)
     # a checkpoint is untrusted input: only the settings that shape the network are taken from it, and
     # nothing it names is imported (``perceptual`` names a module; exporting needs no loss)
     try:
@@ -175,25 +184,40 @@ def export_checkpoint(
     except (RuntimeError, TypeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise MedILError(f"{checkpoint} does not match the network of {config} ({first}); give the checkpoint of that run") from None
-    data = conf.get("data") or {}
     dm = VolumeDataModule(**{k: v for k, v in data.items() if k in ("train", "val", "modality", "synthetic", "tissue_maps")})
     dm.setup()
-    # a run's version folder holds hparams.yaml from its start: the checkpoint's age relative to it is the training time
-    start = checkpoint.parent.parent / "hparams.yaml"
-    minutes = round((checkpoint.stat().st_mtime - start.stat().st_mtime) / 60, 2) if start.exists() else None
-    score = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("ModelCheckpoint") and "best_model_score" in v), {})
     card = training_card(
-        description=cb.get("description", ""),
-        tasks=cb.get("tasks"),
-        datamodule=dm,
-        config_file=config,
-        stage=lit.hparams.stage,
-        steps_done=int(ckpt.get("global_step", 0)),
-        minutes=minutes,
-        val_l1_best=float(score["best_model_score"]) if score.get("best_model_score") is not None else None,
-        exported_from=checkpoint.name,
+        **common, datamodule=dm, stage=lit.hparams.stage, steps_done=int(ckpt.get("global_step", 0)), minutes=minutes, val_l1_best=score
     )
     return export_model(lit.net, folder, name, card)
+
+
+def _export_diffusion(checkpoint: Path, state: dict, hparams: dict, data: dict, folder, name, common: dict, steps, minutes, score) -> Path:
+    """:func:`export_checkpoint` for a latent diffusion run: its moving average, with the card ``ExportWeights`` writes
+    (the autoencoder and native spaces come from the run's latent cache)."""
+    import inspect
+
+    from ..errors import MedILError
+    from .diffusion_lit import DiffusionLitModule
+    from .latents import LatentDataModule
+
+    try:
+        lit = DiffusionLitModule(model=hparams.get("model"))  # nothing else from the checkpoint: it is untrusted input
+        lit.ema.load_state_dict({k[len("ema.") :]: v for k, v in state.items() if k.startswith("ema.")})
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MedILError(f"{checkpoint} does not describe a latent diffusion network ({first}); give the checkpoint of that run") from None
+    accepted = set(inspect.signature(LatentDataModule).parameters)
+    dm = LatentDataModule(**{k: v for k, v in data.items() if k in accepted})
+    if not dm.cache.exists():
+        raise MedILError(f"the run's latent cache {dm.cache} is missing: exporting reads the autoencoder and native spaces from it")
+    dm.config = lit.ema.config
+    dm.setup()
+    lit.autoencoder_ref, lit.native_spaces = dm.autoencoder_ref, dm.meta.get("native_spaces")
+    card = training_card(**common, datamodule=dm, stage=None, steps_done=steps, minutes=minutes, val_l1_best=score)
+    card["metrics"] = {"val_loss_best": score}
+    card.update(lit.card_extra())
+    return export_model(lit.ema, folder, name, card)
 
 
 class MedILCLI(LightningCLI):
