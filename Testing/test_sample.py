@@ -133,6 +133,12 @@ def test_ddim_with_more_steps_is_deterministic_and_finite():
         a, b = net.ddim(noise, cond, 5), net.ddim(noise, cond, 5)
         c = net.ddim(noise, cond, 1)
     assert torch.equal(a, b) and torch.isfinite(a).all() and c.shape == a.shape
+    # eta > 0 adds fresh noise at every step: reproducible from its generator, different from eta = 0 and between seeds
+    with torch.no_grad():
+        s1, s2, s3 = (net.ddim(noise, cond, 5, eta=1.0, generator=torch.Generator().manual_seed(k)) for k in (7, 7, 8))
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3) and (s1 - a).abs().max() > 1e-3 and torch.isfinite(s1).all()
+    with pytest.raises(ValueError, match="eta"):
+        net.ddim(noise, cond, 5, eta=1.5)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +173,9 @@ def test_same_seed_same_volume_other_seed_other_volume(sampler_dir):
     assert np.array_equal(a.array, a2.array)
     assert not np.array_equal(a.array, b.array) and b.meta["seed"] == 6
     assert a.array.shape == tuple(DEFAULT_SPACE["shape"])
+    # stochastic DDIM draws its noise from the same seed: reproducible, and recorded
+    s1, s2 = (sample("tiny-ldm", n=1, seed=5, steps=2, eta=1.0)[0] for _ in range(2))
+    assert np.array_equal(s1.array, s2.array) and s1.meta["eta"] == 1.0 and a.meta["eta"] == 0.0
 
 
 def test_sample_progress_and_cancel(sampler_dir):
@@ -274,6 +283,7 @@ def test_cli_sample_native_spaces_and_fov(sampler_dir, tmp_path, capsys):
         (["--model", "tiny-ldm", "--fov", "5000", "5100", "0", "10", "0", "10"], "outside the space"),
         (["--model", "tiny-ldm", "--steps", "0"], "steps"),
         (["--model", "tiny-ldm", "--native", "--spacing", "1"], "--native"),
+        (["--model", "tiny-ldm", "--eta", "2"], "--eta must be between 0"),
     ],
 )
 def test_cli_sample_errors_are_one_line(sampler_dir, tmp_path, capsys, extra, message):
@@ -370,6 +380,9 @@ def test_evaluate_generative_reports_every_figure(sampler_dir, tmp_path, capsys)
     assert r["n_samples"] == 3 and np.isfinite(r["fd_medil"]) and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
     assert -1 <= r["diversity_ms_ssim"]["samples"] <= 1 and -1 <= r["diversity_ms_ssim"]["real"] <= 1
     assert len(r["memorisation"]["sample_max_corr_with_train"]) == 3 and len(r["memorisation"]["held_out_max_corr_with_train"]) == 2
+    m = r["memorisation"]
+    assert len(m["train_max_corr_with_other_train"]) == 2 and len(m["sample_corr_with_train_mean"]) == 3
+    assert 0 <= m["samples_above_every_train_pair"] <= 3 and "than any training volume is to another" in md.read_text()
     assert "MS-SSIM" in md.read_text() and "not Med3D FID" in r["feature_note"]
     for figure in ("head_fraction", "head_fraction_in_outer_10mm"):
         assert all(0 <= r[figure][k] <= 1 for k in ("samples", "real")) and "outer 10 mm shell" in md.read_text()

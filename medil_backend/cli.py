@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--n", type=int, default=1, metavar="N", help="how many volumes (seeds SEED, SEED+1, ...)")
     sm.add_argument("--seed", type=int, default=0, help="the first seed (the same seed gives the same volume)")
     sm.add_argument("--steps", type=int, default=25, metavar="K", help="DDIM denoising steps (default 25)")
+    sm.add_argument(
+        "--eta", type=float, default=None, metavar="E", help="DDIM stochasticity: 0 deterministic .. 1 DDPM-like (default %(default)s)"
+    )
     g = sm.add_argument_group("output grid (default: the model's default space, 1 mm around a head at the origin)")
     g.add_argument("--like", metavar="REF", help="exactly the grid of REF (shape, spacing, direction, origin)")
     g.add_argument("--spacing", type=float, nargs="+", metavar="S", help="output spacing in mm: one value (isotropic) or three")
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--n", type=int, default=8, help="samples to draw (default 8)")
     eg.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
     eg.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    eg.add_argument("--eta", type=float, default=None, help="DDIM stochasticity, as for sample")
     eg.add_argument("--spacing", type=float, default=2.0, metavar="MM", help="evaluation grid spacing (default 2 mm)")
     eg.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of sampling (default 3 GB)")
     eg.add_argument("--json", metavar="FILE", help="write the result as JSON")
@@ -450,10 +454,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .geometry import output_grid
     from .io import check_output_path, check_output_path_free, read_grid, sidecar_path, write_volume
-    from .ops.sample import load_sampler, native_grid, sample
+    from .ops.sample import DEFAULT_ETA, load_sampler, native_grid, sample
 
     if args.n < 1:
         raise MedILError(f"--n must be at least 1, not {args.n}", options=("n",))
+    eta = DEFAULT_ETA if args.eta is None else args.eta
+    if not 0.0 <= eta <= 1.0:
+        raise MedILError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), not {eta}", options=("eta",))
     if args.like and (args.spacing or args.orientation or args.fov or args.native):
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation, --fov and --native, or drop --like")
     if args.native and (args.spacing or args.orientation):
@@ -490,6 +497,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 n=1,
                 seed=args.seed + i,
                 steps=args.steps,
+                eta=eta,
                 device=args.device,
                 progress=part if update else None,
                 max_memory_gb=args.max_memory,
@@ -517,6 +525,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "model_sha256": sampler.sha256,
         "seed": args.seed,
         "steps": args.steps,
+        "eta": eta,
         "version": __version__,
     }
     if args.progress == "json":
@@ -564,6 +573,7 @@ def cmd_evaluate_generative(args: argparse.Namespace) -> int:
             n=args.n,
             seed=args.seed,
             steps=args.steps,
+            eta=args.eta,
             spacing=args.spacing,
             max_memory_gb=args.max_memory,
             progress=update,

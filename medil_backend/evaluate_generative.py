@@ -136,18 +136,20 @@ def evaluate_generative(
     n: int = 8,
     seed: int = 1000,
     steps: int = 25,
+    eta: float | None = None,
     spacing: float = 2.0,
     max_memory_gb: float | None = None,
     progress=None,
 ) -> dict:
-    from .ops.sample import load_sampler, sample
+    from .ops.sample import DEFAULT_ETA, load_sampler, sample
 
+    eta = DEFAULT_ETA if eta is None else float(eta)
     sampler = load_sampler(model)
     grid = evaluation_grid(sampler.default_grid(), spacing)
     t0 = time.perf_counter()
     samples = [
         v.array.astype(np.float32)
-        for v in sample(sampler, grid, n=n, seed=seed, steps=steps, max_memory_gb=max_memory_gb, progress=progress)
+        for v in sample(sampler, grid, n=n, seed=seed, steps=steps, eta=eta, max_memory_gb=max_memory_gb, progress=progress)
     ]
     seconds_per_sample = (time.perf_counter() - t0) / n
     modality = sampler.modality
@@ -159,6 +161,13 @@ def evaluate_generative(
     precision, recall = precision_recall(f_real, f_fake)
     mem_samples = [max_correlation(s, train_arrays) for s in samples]
     mem_held = [max_correlation(h, train_arrays) for h in held_arrays]
+    # two more references: how close two distinct real training heads get (each against the others), and how close a
+    # sample is to the training heads' mean (a sample nearer the mean than any one head is no copy of one)
+    mem_train = (
+        [max_correlation(a, train_arrays[:i] + train_arrays[i + 1 :]) for i, a in enumerate(train_arrays)] if len(train_arrays) > 1 else []
+    )
+    train_mean = np.mean(train_arrays, axis=0)
+    corr_mean = [max_correlation(s, [train_mean]) for s in samples]
     air = {name: np.array([head_in_air(a, grid) for a in arrays]) for name, arrays in (("samples", samples), ("real", real))}
     return {
         "model": sampler.name,
@@ -167,6 +176,7 @@ def evaluate_generative(
         "n_samples": n,
         "seed": seed,
         "steps": steps,
+        "eta": eta,
         "grid": {"shape": list(grid.shape), "spacing_mm": spacing},
         "real": {"train": [v.meta.get("name", "") for v in train], "held_out": [v.meta.get("name", "") for v in held_out]},
         "seconds_per_sample": round(seconds_per_sample, 2),
@@ -183,6 +193,9 @@ def evaluate_generative(
             "sample_max_corr_with_train": [round(v, 4) for v in mem_samples],
             "held_out_max_corr_with_train": [round(v, 4) for v in mem_held],
             "samples_above_every_held_out": int(sum(v > max(mem_held, default=1.0) for v in mem_samples)),
+            "train_max_corr_with_other_train": [round(v, 4) for v in mem_train],
+            "samples_above_every_train_pair": int(sum(v > max(mem_train, default=1.0) for v in mem_samples)),
+            "sample_corr_with_train_mean": [round(v, 4) for v in corr_mean],
         },
         "feature_note": "fd_medil: Frechet distance on medil generative-encoder latent statistics (2x2x2 regions); not Med3D FID",
     }
@@ -199,6 +212,15 @@ def markdown(result: dict) -> str:
         f"| {np.median(m['held_out_max_corr_with_train']):.3f} (held-out) |",
         f"| samples more similar to a training volume than any held-out volume is | {m['samples_above_every_held_out']} of "
         f"{result['n_samples']} | - |",
+        *(
+            [
+                f"| samples more similar to a training volume than any training volume is to another | {m['samples_above_every_train_pair']} of "
+                f"{result['n_samples']} | {max(m['train_max_corr_with_other_train'], default=float('nan')):.3f} (highest training pair) |",
+                f"| correlation with the training volumes' mean (median) | {np.median(m['sample_corr_with_train_mean']):.3f} | - |",
+            ]
+            if "samples_above_every_train_pair" in m  # results written before these references existed lack them
+            else []
+        ),
         f"| share of the grid that is head (mean) | {h['samples']:.2f} | {h['real']:.2f} |",
         f"| share of the outer 10 mm shell that is head (mean; a head in air leaves it empty) | {hs['samples']:.2f} | {hs['real']:.2f} |",
         f"| Fréchet distance on MedIL features (fd_medil) | {result['fd_medil']:.3f} | - |",

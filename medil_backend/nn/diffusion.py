@@ -363,9 +363,14 @@ class LatentDiffusionUNet(nn.Module):
         start: int | None = None,
         callback: Callable[[int, int], None] | None = None,
         windows: Windows | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Deterministic DDIM (η = 0) from step ``start`` (default T-1) down to 0 in ``steps`` steps; standardised latents in
-        and out; patch-wise over ``windows`` if given."""
+        """DDIM from step ``start`` (default T-1) down to 0 in ``steps`` steps; standardised latents in and out;
+        patch-wise over ``windows`` if given. ``eta`` = 0 is deterministic; ``eta`` = 1 adds the fresh noise of
+        ancestral (DDPM-like) sampling at every step, drawn on the CPU from ``generator``."""
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be between 0 and 1, not {eta}")
         start = self.config.timesteps - 1 if start is None else int(start)
         steps = max(1, min(int(steps), start + 1))
         ts = np.unique(np.linspace(0, start, steps).round().astype(int))[::-1]
@@ -373,8 +378,11 @@ class LatentDiffusionUNet(nn.Module):
         for i, t in enumerate(ts):
             x0, eps = self._x0_eps(x, int(t), cond, windows)
             if i + 1 < len(ts):
-                a_prev = self.alphas_cumprod[int(ts[i + 1])].to(x.dtype)
-                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+                a, a_prev = self.alphas_cumprod[int(t)].to(x.dtype), self.alphas_cumprod[int(ts[i + 1])].to(x.dtype)
+                sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
+                x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+                if eta > 0:
+                    x = x + sigma * torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
             else:
                 x = x0
             if callback is not None:

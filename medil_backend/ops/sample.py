@@ -39,6 +39,8 @@ from .tiling import DecodePlan, OutputArray, check_disk_space, decode_tiled
 #: the spacing channels are clamped to what the training data showed
 SPACING_COND_RANGE_MM = (1.0, 10.0)
 DEFAULT_STEPS = 25
+#: DDIM's stochasticity by default (0: deterministic; 1: DDPM-like)
+DEFAULT_ETA = 0.0
 #: the smallest patch-wise denoising window, latent voxels along each axis (64 mm at 4 mm; the brain model learnt crops of 24-48)
 MIN_WINDOW = 16
 
@@ -178,18 +180,23 @@ def sample(
     max_memory_gb: float | None = None,
     precision: str = "float32",
     spacing_condition: np.ndarray | None = None,
+    eta: float = DEFAULT_ETA,
 ) -> list[Volume]:
     """Draw ``n`` volumes onto ``target_grid`` (default: the model's default space); sample i uses seed ``seed + i``.
 
     Returns :class:`Volume` objects on exactly ``target_grid`` whose ``meta`` holds the seed,
     steps, models and the latent grid. ``spacing_condition`` overrides the spacing the output
-    depicts (default: the target's spacing along the latent axes, clamped to 1..10 mm).
+    depicts (default: the target's spacing along the latent axes, clamped to 1..10 mm). ``eta``: DDIM's
+    stochasticity (0: deterministic from the first noise; 1: fresh noise at every step, as DDPM), drawn from the
+    same seed.
     """
     sampler = model if isinstance(model, Sampler) else load_sampler(model)
     if int(n) < 1:
         raise MedILError(f"the number of samples must be at least 1, not {n}", options=("n",))
     if int(steps) < 1 or int(steps) > sampler.diffusion.config.timesteps:
         raise MedILError(f"steps must be between 1 and {sampler.diffusion.config.timesteps}, not {steps}", options=("steps",))
+    if not 0.0 <= float(eta) <= 1.0:
+        raise MedILError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), not {eta}", options=("eta",))
     target = (target_grid or sampler.default_grid()).validate("the output grid")
     target = Grid(target.shape, target.affine)
     check_in_group_space(sampler, target)
@@ -233,7 +240,8 @@ def sample(
             report(progress, base + per * denoise_share * k / total, f"sample {i + 1}/{n}: denoising step {k}/{total}")
 
         with torch.inference_mode(), autocast(dev, dtype):
-            z = ldm.destandardise(ldm.ddim(noise, cond, steps, callback=step_done, windows=windows).float(), cond)
+            z = ldm.ddim(noise, cond, steps, callback=step_done, windows=windows, eta=float(eta), generator=gen)
+            z = ldm.destandardise(z.float(), cond)
             array = OutputArray(target.shape, spill=spill, transform=lambda a: np.maximum(a, np.float32(floor)))
             decode_tiled(
                 ae, z, z_grid, target, plan=plan, out=array, progress=progress, cancel=cancel, span=(base + per * denoise_share, base + per)
@@ -244,6 +252,7 @@ def sample(
             "task": "sample",
             "seed": s,
             "steps": int(steps),
+            "eta": float(eta),
             "model": sampler.name,
             "model_sha256": sampler.sha256,
             "autoencoder": sampler.autoencoder_name,
