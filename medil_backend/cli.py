@@ -128,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--n", type=int, default=1, metavar="N", help="how many volumes (seeds SEED, SEED+1, ...)")
     sm.add_argument("--seed", type=int, default=0, help="the first seed (the same seed gives the same volume)")
     sm.add_argument("--steps", type=int, default=25, metavar="K", help="DDIM denoising steps (default 25)")
-    sm.add_argument(
-        "--eta", type=float, default=None, metavar="E", help="DDIM stochasticity: 0 deterministic .. 1 DDPM-like (default %(default)s)"
-    )
+    sm.add_argument("--eta", type=float, default=None, metavar="E", help="DDIM stochasticity: 0 deterministic (default) .. 1 DDPM-like")
     g = sm.add_argument_group("output grid (default: the model's default space, 1 mm around a head at the origin)")
     g.add_argument("--like", metavar="REF", help="exactly the grid of REF (shape, spacing, direction, origin)")
     g.add_argument("--spacing", type=float, nargs="+", metavar="S", help="output spacing in mm: one value (isotropic) or three")
