@@ -283,7 +283,7 @@ def test_cli_sample_native_spaces_and_fov(sampler_dir, tmp_path, capsys):
         (["--model", "tiny-ldm", "--fov", "5000", "5100", "0", "10", "0", "10"], "outside the space"),
         (["--model", "tiny-ldm", "--steps", "0"], "steps"),
         (["--model", "tiny-ldm", "--native", "--spacing", "1"], "--native"),
-        (["--model", "tiny-ldm", "--eta", "2"], "--eta must be between 0"),
+        (["--model", "tiny-ldm", "--eta", "2"], "eta must be between 0"),
     ],
 )
 def test_cli_sample_errors_are_one_line(sampler_dir, tmp_path, capsys, extra, message):

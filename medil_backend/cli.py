@@ -456,9 +456,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise MedILError(f"--n must be at least 1, not {args.n}", options=("n",))
-    eta = DEFAULT_ETA if args.eta is None else args.eta
-    if not 0.0 <= eta <= 1.0:
-        raise MedILError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), not {eta}", options=("eta",))
+    eta = DEFAULT_ETA if args.eta is None else args.eta  # its range is checked by sample(), before any work
     if args.like and (args.spacing or args.orientation or args.fov or args.native):
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation, --fov and --native, or drop --like")
     if args.native and (args.spacing or args.orientation):
