@@ -258,6 +258,29 @@ def test_termination_signals_leave_nothing(small_mri, tmp_path, model_dir, sig):
             assert err.strip().splitlines()[-1].startswith("medil: interrupted"), err
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_an_import_waits_for_the_import(tmp_path, sig):
+    """torch's C++ start-up aborts the process (SIGABRT, no cleanup) when a signal handler raises
+    inside it: a signal that comes while any module loads must end the run after the import."""
+    (tmp_path / "slow_module.py").write_text(f"import os, signal, time\nos.kill(os.getpid(), {int(sig)})\ntime.sleep(0.3)\nLOADED = True\n")
+    script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from medil_backend.cli import _install_signals\n"
+        "_install_signals()\n"
+        "try:\n"
+        "    import slow_module\n"
+        "    print('loaded', slow_module.LOADED, flush=True)\n"
+        "    time.sleep(10)\n"
+        "except KeyboardInterrupt as exc:\n"
+        "    print('interrupted', type(exc).__name__, getattr(exc, 'signum', 2), flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    expected = "KeyboardInterrupt" if sig == signal.SIGINT else "Interrupted"
+    assert done.stdout.split("\n")[:2] == ["loaded True", f"interrupted {expected} {int(sig)}"], done.stdout + done.stderr
+    assert done.returncode == 0, done.stderr
+
+
 def test_signal_during_the_write_removes_the_part_file(tmp_path, monkeypatch):
     import medil_backend.io as io
 

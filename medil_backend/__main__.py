@@ -1,7 +1,7 @@
 """``python -m medil_backend`` and the ``medil`` command's entry point.
 
-The command's modules (numpy, nibabel, torch, ...) take a while to load; Ctrl-C in that time ends
-the command with the same one line as Ctrl-C during a run, not an import traceback.
+The command's modules (numpy, nibabel, torch, ...) take a while to load; Ctrl-C, SIGTERM or SIGHUP
+in that time end the command with the same one line as during a run, not an import traceback.
 """
 
 import signal
@@ -9,17 +9,24 @@ import sys
 
 
 def run() -> int:
-    # Ctrl-C while loading is held until the modules are in (an interrupted import can leave a library
-    # half-initialised, and some turn the interrupt into an ImportError); nothing has started yet
+    # a signal while loading is held until the modules are in (an interrupted import can leave a library
+    # half-initialised, some turn the interrupt into an ImportError, torch's C++ start-up aborts); nothing
+    # has started yet. Signals the caller ignores (nohup, a background job) stay ignored.
     held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, lambda signum, frame: held.append(signum))
     try:
         from .cli import main
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if held:
-        print("medil: interrupted; no output was written", file=sys.stderr)
-        return 128 + int(signal.SIGINT)
+        how = "" if held[0] == signal.SIGINT else f" ({signal.Signals(held[0]).name})"
+        print(f"medil: interrupted{how}; no output was written", file=sys.stderr)
+        return 128 + int(held[0])
     return main()
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shlex
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -734,7 +736,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise_interrupted(signum, frame) -> None:
+    """Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP :class:`Interrupted`; one that comes while
+    a module is loading is sent again 50 ms later, until the import is done (an exception raised
+    inside torch's C++ start-up is not caught there: the process aborts with no cleanup)."""
+    if _importing(frame):
+        resend = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        resend.daemon = True
+        resend.start()
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Interrupted(signum)
 
 
@@ -747,12 +767,13 @@ class _StderrNotes(logging.Handler):
 
 def _install_signals() -> dict:
     """Termination signals end a run the way Ctrl-C does, so every temporary file is removed (and
-    are unblocked: a parent that held them while starting this process passes its mask on)."""
+    are unblocked: a parent that held them while starting this process passes its mask on). None of
+    them interrupts an import (see :func:`_raise_interrupted`)."""
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     previous = {}
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:  # nohup, a background job
             try:
                 previous[name] = signal.signal(getattr(signal, name), _raise_interrupted)
             except ValueError:  # not the main thread (main() called from a library): leave signals alone
@@ -774,8 +795,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("ignore")  # library warnings (nibabel, torch) would come before the one error line
             return _main(argv)
     except BrokenPipeError:  # the reader of stdout went away (e.g. `medil info F | head`): nothing more to say
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt as exc:
