@@ -384,10 +384,32 @@ def test_evaluate_generative_reports_every_figure(sampler_dir, tmp_path, capsys)
     assert len(m["train_max_corr_with_other_train"]) == 2 and len(m["sample_corr_with_train_mean"]) == 3
     assert 0 <= m["samples_above_every_train_pair"] <= 3 and "than any training volume is to another" in md.read_text()
     assert "MS-SSIM" in md.read_text() and "not Med3D FID" in r["feature_note"]
+    d = r["diversity_ms_ssim"]
+    assert -1 <= d["real_train"] <= 1 and -1 <= d["real_through_autoencoder"] <= 1 and d["real_through_autoencoder"] != d["real"]
+    assert "training volumes alone" in md.read_text() and "through the autoencoder" in md.read_text()
     for figure in ("head_fraction", "head_fraction_in_outer_10mm"):
         assert all(0 <= r[figure][k] <= 1 for k in ("samples", "real")) and "outer 10 mm shell" in md.read_text()
     rc, _, err = run([*argv[:-4], "--n", "1"], capsys)
     assert rc != 0 and "at least 2" in err
+
+
+def test_through_autoencoder_is_the_posterior_mean_decoded_on_the_same_grid():
+    from conftest import TINY_AE
+
+    from medil_backend.evaluate_generative import through_autoencoder
+    from medil_backend.nn import MedILAutoencoder, MedILConfig
+
+    torch.manual_seed(0)
+    ae = MedILAutoencoder(MedILConfig.from_dict({**TINY_AE, "kl": True})).eval()
+    a = np.random.default_rng(0).random((18, 20, 14)).astype(np.float32)
+    grid = Grid(a.shape, affine_from_parts([2.0, 2.0, 3.0], direction_from_code("LPS"), [5.0, -3.0, 1.0]))
+    z_grid = ae.latent_grid(grid, grid.direction)
+    with torch.inference_mode():
+        z, mean, _ = ae.encode(torch.from_numpy(a)[None, None], grid, z_grid)
+        expected = ae.decode(mean, z_grid, grid)[0, 0].numpy()
+    out = through_autoencoder(ae, a, grid)
+    assert out.shape == a.shape
+    np.testing.assert_allclose(out, expected, atol=1e-4)
 
 
 def test_head_in_air_tells_a_head_from_a_field_of_tissue():
@@ -542,6 +564,24 @@ def test_training_latents_see_each_head_in_air():
     assert plain["latent"].shape[1:] != it["latent"].shape[1:]
 
 
+def test_a_mirrored_head_is_the_mirror_image_about_its_centroid():
+    from medil_backend.geometry import centred
+    from medil_backend.training.latents import mirrored
+
+    array = np.zeros((10, 12, 14), np.float32)
+    array[2:8, 3:9, 4:12] = 1.0  # the head
+    array[2, 4, 6] = 5.0  # a marker on one side
+    direction = direction_from_code("ASL")  # voxel axis 2 runs along world x (L)
+    grid = Grid(array.shape, affine_from_parts([1.0, 1.2, 0.8], direction, [3.0, -4.0, 7.0]))
+    centres = np.argwhere(array > 0).astype(np.float64)
+    flipped, flipped_centres = mirrored(array, grid, centres)
+    before = centred(grid, centres).voxel_to_world(np.argwhere(array == 5.0).astype(float))[0]
+    after = centred(grid, flipped_centres).voxel_to_world(np.argwhere(flipped == 5.0).astype(float))[0]
+    np.testing.assert_allclose(after, before * [-1, 1, 1], atol=1e-9)
+    assert np.abs(before[0]) > 1  # the marker is off the mid-sagittal plane
+    np.testing.assert_array_equal(np.flip(flipped, 2), array)  # voxels flipped, not resampled
+
+
 def test_a_latent_cache_of_other_augmentation_is_refused(sampler_dir, tmp_path):
     from medil_backend.errors import MedILError
     from medil_backend.models import sha256_file
@@ -553,6 +593,8 @@ def test_a_latent_cache_of_other_augmentation_is_refused(sampler_dir, tmp_path):
     LatentDataModule("tiny-gen", "unused", cache=str(tmp_path / "cache.npz")).setup()  # as encoded: no pad, no box
     with pytest.raises(MedILError, match="delete the cache file or name another"):
         LatentDataModule("tiny-gen", "unused", cache=str(tmp_path / "cache.npz"), pad_mm=20.0, box_mm=224.0).setup()
+    with pytest.raises(MedILError, match="delete the cache file or name another"):
+        LatentDataModule("tiny-gen", "unused", cache=str(tmp_path / "cache.npz"), mirror_prob=0.5).setup()
 
 
 def test_a_decoder_fine_tuned_autoencoder_keeps_its_diffusion_model(sampler_dir):

@@ -14,7 +14,9 @@ means, never mean + σε), each time:
 - **in air** (``pad_mm``, ``box_mm``): training volumes are cropped to their body, often to the
   skin, so without this the model never sees where a head ends and fills every field of view with
   tissue. The volume is padded with background before encoding, and its latent is extended with
-  the background's own latent to a cube about the centroid.
+  the background's own latent to a cube about the centroid;
+- **mirrored** left-right with probability ``mirror_prob`` (a head's mirror image is another
+  plausible head: a model that has a handful learns twice as many).
 
 The latents are computed once and kept in a cache file (``cache``, float16) that later runs and
 the GPU machine reuse. Batches are random crops (``crop`` latent voxels a side; a smaller field of
@@ -68,6 +70,15 @@ def padded_to_box(z: np.ndarray, z_grid: Grid, box_mm: float, fill: np.ndarray) 
     return out, z_grid.sub_grid(lo, hi)
 
 
+def mirrored(array: np.ndarray, grid: Grid, centres_ijk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The head mirrored left-right on the same grid: voxels flipped along the axis nearest the world's
+    x, and its foreground voxels ``centres_ijk`` with them (centred on them, world x becomes -x)."""
+    axis = int(np.argmax(np.abs(grid.direction[0])))
+    centres = np.array(centres_ijk, dtype=np.float64)
+    centres[:, axis] = array.shape[axis] - 1 - centres[:, axis]
+    return np.flip(array, axis), centres
+
+
 def encode_augmented(
     ae,
     vol: dict,
@@ -78,8 +89,12 @@ def encode_augmented(
     max_rotation_deg: float,
     pad_mm: float = 0.0,
     box_mm: float = 0.0,
+    mirror_prob: float = 0.0,
 ) -> dict:
     """One latent of a (normalised) training volume under a random resolution and orientation.
+
+    With probability ``mirror_prob`` the head is first mirrored left-right (its voxels flipped
+    along the axis nearest the world's x): another plausible head for a model that has few.
 
     With ``pad_mm`` > 0 the volume is surrounded by empty background before encoding (so that the
     latent at its edge is that of a head in air, not of a volume's border), and with
@@ -88,7 +103,10 @@ def encode_augmented(
     """
     from ..ops.tiling import encode_tiled
 
-    array, grid = vol["array"], centred(vol["grid"], vol["centres"])
+    array, centres = vol["array"], vol["centres"]
+    if mirror_prob > 0 and rng.random() < mirror_prob:
+        array, centres = mirrored(array, vol["grid"], centres)
+    grid = centred(vol["grid"], centres)
     if rng.random() < thick_prob:
         axis = int(rng.integers(3))
         factor = max(2, int(round(rng.uniform(*thick_mm) / grid.spacing[axis])))
@@ -294,6 +312,7 @@ class LatentDataModule(L.LightningDataModule):
         encodings: latents per training volume (random resolution and orientation each).
         val_encodings: latents per validation volume.
         thick_prob, thick_mm, max_rotation_deg: the augmentation (see the module docstring).
+        mirror_prob: the share of encodings of a head mirrored left-right first.
         pad_mm, box_mm: background around each head before encoding, and the cube its latent is
             extended to with the background's latent (see :func:`encode_augmented`); 0: neither.
         crop: (smallest, largest) crop side in latent voxels; batch: crops per batch at the smallest side.
@@ -316,6 +335,7 @@ class LatentDataModule(L.LightningDataModule):
         max_rotation_deg: float = 15.0,
         pad_mm: float = 0.0,
         box_mm: float = 0.0,
+        mirror_prob: float = 0.0,
         crop: tuple[int, int] = (24, 32),
         batch: int = 4,
         steps_per_epoch: int = 200,
@@ -328,7 +348,7 @@ class LatentDataModule(L.LightningDataModule):
         self.modality, self.synthetic, self.tissue_maps = modality, synthetic, tissue_maps
         self.cache, self.encodings, self.val_encodings = Path(cache), encodings, val_encodings
         self.thick_prob, self.thick_mm, self.max_rotation_deg = thick_prob, tuple(thick_mm), max_rotation_deg
-        self.pad_mm, self.box_mm = pad_mm, box_mm
+        self.pad_mm, self.box_mm, self.mirror_prob = pad_mm, box_mm, mirror_prob
         self.crop, self.batch = tuple(crop), batch
         self.steps_per_epoch, self.val_steps, self.num_workers, self.seed = steps_per_epoch, val_steps, num_workers, seed
         self.train_items: list[dict] = []
@@ -378,8 +398,8 @@ class LatentDataModule(L.LightningDataModule):
             raise MedILError(
                 f"the latents in {self.cache} were encoded by another encoder than {self.autoencoder}'s; delete the cache file"
             )
-        cached = {k: self.meta.get("augmentation", {}).get(k, 0.0) for k in ("pad_mm", "box_mm")}
-        if cached != {"pad_mm": self.pad_mm, "box_mm": self.box_mm}:
+        cached = {k: self.meta.get("augmentation", {}).get(k, 0.0) for k in ("pad_mm", "box_mm", "mirror_prob")}
+        if cached != {"pad_mm": self.pad_mm, "box_mm": self.box_mm, "mirror_prob": self.mirror_prob}:
             raise MedILError(
                 f"the latents in {self.cache} were encoded with {cached}, not the recipe's; delete the cache file or name another"
             )
@@ -396,6 +416,7 @@ class LatentDataModule(L.LightningDataModule):
             max_rotation_deg=self.max_rotation_deg,
             pad_mm=self.pad_mm,
             box_mm=self.box_mm,
+            mirror_prob=self.mirror_prob,
         )
 
     @property
