@@ -387,6 +387,9 @@ def test_evaluate_generative_reports_every_figure(sampler_dir, tmp_path, capsys)
     d = r["diversity_ms_ssim"]
     assert -1 <= d["real_train"] <= 1 and -1 <= d["real_through_autoencoder"] <= 1 and d["real_through_autoencoder"] != d["real"]
     assert "training volumes alone" in md.read_text() and "through the autoencoder" in md.read_text()
+    c = r["pairwise_correlation"]
+    assert all(-1 <= c[k] <= 1 for k in ("samples", "real", "real_train", "real_through_autoencoder"))
+    assert "mean pairwise correlation" in md.read_text()
     for figure in ("head_fraction", "head_fraction_in_outer_10mm"):
         assert all(0 <= r[figure][k] <= 1 for k in ("samples", "real")) and "outer 10 mm shell" in md.read_text()
     rc, _, err = run([*argv[:-4], "--n", "1"], capsys)
@@ -410,6 +413,15 @@ def test_through_autoencoder_is_the_posterior_mean_decoded_on_the_same_grid():
     out = through_autoencoder(ae, a, grid)
     assert out.shape == a.shape
     np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_pairwise_correlation_tells_alike_from_opposite_volumes():
+    from medil_backend.evaluate_generative import mean_pairwise_correlation
+
+    a = np.random.default_rng(0).random((6, 7, 8))
+    assert mean_pairwise_correlation([a, 2 * a + 1, a]) == pytest.approx(1.0)
+    assert mean_pairwise_correlation([a, -a]) == pytest.approx(-1.0)
+    assert np.isnan(mean_pairwise_correlation([a]))
 
 
 def test_head_in_air_tells_a_head_from_a_field_of_tissue():

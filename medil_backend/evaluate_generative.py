@@ -8,7 +8,8 @@ origin, trilinear, normalised per volume). Then:
 - **diversity**: mean pairwise MS-SSIM among the samples, and among the real volumes (lower is
   more diverse; MedIL reports 0.81 for its samples against 0.68 for real brains); for reference,
   also among the training volumes alone and among the real volumes encoded and decoded by the
-  autoencoder (a sample is a decoded latent: the autoencoder's blur is in every one);
+  autoencoder (a sample is a decoded latent: the autoencoder's blur is in every one); and the
+  mean pairwise correlation, which weighs the heads' layout (size, pose, shape) more than detail;
 - **Fréchet distance and precision/recall on MedIL features** (``fd_medil``): features are our own
   generative encoder's latent (posterior mean) averaged over 2x2x2 regions of the grid, per
   channel (mean and standard deviation). It is *not* comparable with the papers' Med3D FID;
@@ -126,6 +127,12 @@ def mean_pairwise_ms_ssim(arrays: Sequence[np.ndarray]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def mean_pairwise_correlation(arrays: Sequence[np.ndarray]) -> float:
+    """Mean Pearson correlation over pairs (whole grid): how much volumes share their layout (size, pose, shape)."""
+    vals = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in itertools.combinations(arrays, 2)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def max_correlation(a: np.ndarray, others: Sequence[np.ndarray]) -> float:
     """The highest Pearson correlation of ``a`` with any of ``others``, inside the union of their head masks."""
     best = -1.0
@@ -186,6 +193,7 @@ def evaluate_generative(
     )
     train_mean = np.mean(train_arrays, axis=0)
     corr_mean = [max_correlation(s, [train_mean]) for s in samples]
+    real_ae = [through_autoencoder(ae, a, grid) for a in real]
     air = {name: np.array([head_in_air(a, grid) for a in arrays]) for name, arrays in (("samples", samples), ("real", real))}
     return {
         "model": sampler.name,
@@ -204,7 +212,14 @@ def evaluate_generative(
             # two references for the samples: the training volumes alone (whole heads, where the held-out ones are
             # partial or thick-sliced), and every real volume through the autoencoder (its blur makes volumes alike)
             "real_train": mean_pairwise_ms_ssim(train_arrays),
-            "real_through_autoencoder": mean_pairwise_ms_ssim([through_autoencoder(ae, a, grid) for a in real]),
+            "real_through_autoencoder": mean_pairwise_ms_ssim(real_ae),
+        },
+        # the same question on the whole layout: MS-SSIM weighs detail, a correlation the head's size, pose and shape
+        "pairwise_correlation": {
+            "samples": mean_pairwise_correlation(samples),
+            "real": mean_pairwise_correlation(real),
+            "real_train": mean_pairwise_correlation(train_arrays),
+            "real_through_autoencoder": mean_pairwise_correlation(real_ae),
         },
         "fd_medil": frechet_distance(f_real, f_fake),
         "fd_medil_real_split": frechet_distance(np.stack(f_real[: len(train_arrays)]), np.stack(f_real[len(train_arrays) :]))
@@ -239,6 +254,15 @@ def markdown(result: dict) -> str:
                 f"| diversity of the real volumes through the autoencoder (encoded and decoded) | - | {d['real_through_autoencoder']:.3f} |",
             ]
             if "real_through_autoencoder" in d  # results written before these references existed lack them
+            else []
+        ),
+        *(
+            [
+                "| layout: mean pairwise correlation (lower = more diverse) | "
+                f"{c['samples']:.3f} | {c['real']:.3f} (training alone {c['real_train']:.3f}, through the autoencoder "
+                f"{c['real_through_autoencoder']:.3f}) |"
+            ]
+            if (c := result.get("pairwise_correlation"))
             else []
         ),
         f"| memorisation: highest correlation with a training volume (median) | {np.median(m['sample_max_corr_with_train']):.3f} "
