@@ -16,7 +16,7 @@ means, never mean + σε), each time:
   tissue. The volume is padded with background before encoding, and its latent is extended with
   the background's own latent to a cube about the centroid;
 - **mirrored** left-right with probability ``mirror_prob`` (a head's mirror image is another
-  plausible head: a model that has a handful learns twice as many).
+  plausible head; on the 8 training heads it did not make the samples more diverse: see the README).
 
 The latents are computed once and kept in a cache file (``cache``, float16) that later runs and
 the GPU machine reuse. Batches are random crops (``crop`` latent voxels a side; a smaller field of
