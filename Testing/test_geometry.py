@@ -65,7 +65,10 @@ def test_output_space_covers_input_extent(g, spacing, orientation):
     out = output_grid(g, spacing=spacing, orientation=orientation)
     # every corner of the input's covered region lies inside the output's covered region
     vox = out.world_to_voxel(g.edge_corners())
-    assert np.all(vox >= -0.5 - 1e-6) and np.all(vox <= np.array(out.shape) - 0.5 + 1e-6)
+    # up to half the snap of _voxel_counts (a side within 1e-4 voxel + 1e-6 relative of a whole number is that
+    # number, for float32 headers) may stay outside each face: a near-axis rotation leaves such float noise
+    snap = (1e-4 + 1e-6 * np.array(out.shape)) / 2 + 1e-9
+    assert np.all(vox >= -0.5 - snap) and np.all(vox <= np.array(out.shape) - 0.5 + snap)
     # and the output is tight: one voxel fewer along any axis would not cover it
     span = vox.max(axis=0) - vox.min(axis=0)
     assert np.all(np.array(out.shape) < span + 1 + 1e-6)
