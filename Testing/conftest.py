@@ -8,6 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) draws the same examples every run: a property test that a new random
+# draw breaks fails a developer's run, never a landing. The default profile keeps exploring.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDIL_SHARED_DATA", REPO.parent / "shared" / "data"))
