@@ -69,28 +69,28 @@ def encoded(ae, a: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
         return ae.split_latent(encode_tiled(ae, x, grid, z_grid, budget_bytes=1.5 * 2**30))[0][0].numpy(), z_grid
 
 
-def through_autoencoder(ae, a: np.ndarray, grid: Grid) -> np.ndarray:
-    """``a`` encoded (posterior mean) and decoded onto ``grid``: what the autoencoder keeps of a real volume."""
+def decoded(ae, z: np.ndarray, z_grid: Grid, grid: Grid) -> np.ndarray:
+    """The latent ``z`` on ``z_grid`` decoded onto ``grid``."""
     import torch
 
     from .ops.tiling import decode_tiled
 
-    z, z_grid = encoded(ae, a, grid)
     with torch.inference_mode():
         return np.asarray(decode_tiled(ae, torch.from_numpy(z)[None], z_grid, grid, budget_bytes=1.5 * 2**30), dtype=np.float32)
 
 
+def latent_features(z: np.ndarray) -> np.ndarray:
+    """A latent's mean and std per channel over 2x2x2 regions of its grid."""
+    feats = []
+    for block in itertools.product(*[np.array_split(np.arange(n), 2) for n in z.shape[1:]]):
+        region = z[:, block[0][:, None, None], block[1][None, :, None], block[2][None, None, :]].reshape(z.shape[0], -1)
+        feats += [region.mean(1), region.std(1)]
+    return np.concatenate(feats)
+
+
 def features(ae, arrays: Sequence[np.ndarray], grid: Grid) -> np.ndarray:
-    """Our generative encoder's features of volumes on ``grid``: latent mean and std per channel over 2x2x2 regions."""
-    out = []
-    for a in arrays:
-        z = encoded(ae, a, grid)[0]
-        feats = []
-        for block in itertools.product(*[np.array_split(np.arange(n), 2) for n in z.shape[1:]]):
-            region = z[:, block[0][:, None, None], block[1][None, :, None], block[2][None, None, :]].reshape(z.shape[0], -1)
-            feats += [region.mean(1), region.std(1)]
-        out.append(np.concatenate(feats))
-    return np.stack(out)
+    """Our generative encoder's features of volumes on ``grid`` (:func:`latent_features` of each one's latent)."""
+    return np.stack([latent_features(encoded(ae, a, grid)[0]) for a in arrays])
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
@@ -182,7 +182,8 @@ def evaluate_generative(
     held_arrays = [on_grid(v, grid, modality) for v in held_out]
     real = train_arrays + held_arrays
     ae = sampler.autoencoder.cpu().eval()
-    f_real, f_fake = features(ae, real, grid), features(ae, samples, grid)
+    real_latents = [encoded(ae, a, grid) for a in real]  # each real volume encoded once: features and its decoding
+    f_real, f_fake = np.stack([latent_features(z) for z, _ in real_latents]), features(ae, samples, grid)
     precision, recall = precision_recall(f_real, f_fake)
     mem_samples = [max_correlation(s, train_arrays) for s in samples]
     mem_held = [max_correlation(h, train_arrays) for h in held_arrays]
@@ -193,7 +194,7 @@ def evaluate_generative(
     )
     train_mean = np.mean(train_arrays, axis=0)
     corr_mean = [max_correlation(s, [train_mean]) for s in samples]
-    real_ae = [through_autoencoder(ae, a, grid) for a in real]
+    real_ae = [decoded(ae, z, z_grid, grid) for z, z_grid in real_latents]
     air = {name: np.array([head_in_air(a, grid) for a in arrays]) for name, arrays in (("samples", samples), ("real", real))}
     return {
         "model": sampler.name,
