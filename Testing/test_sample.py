@@ -35,6 +35,30 @@ def test_a_tiny_diffusion_model_learns_a_fixed_batch():
     assert loss() < 0.7 * before
 
 
+def test_a_noise_shift_divides_the_schedules_signal_to_noise_ratio_and_a_continued_run_takes_its_own(tmp_path):
+    from safetensors.torch import save_file
+
+    from medil_backend.nn.diffusion import cosine_alphas_cumprod
+    from medil_backend.training.diffusion_lit import DiffusionLitModule
+
+    plain, shifted = cosine_alphas_cumprod(1000), cosine_alphas_cumprod(1000, shift=4.0)
+    snr = lambda a: a / (1 - a)  # noqa: E731
+    torch.testing.assert_close(snr(shifted), snr(plain) / 16, rtol=1e-9, atol=0)
+    assert torch.all(shifted[1:] < shifted[:-1]) and 0 < float(shifted[-1]) < float(plain[-1])
+    with pytest.raises(ValueError, match="noise shift"):
+        cosine_alphas_cumprod(10, shift=0.0)
+    # the network's buffer is its config's schedule; weights trained with another schedule continue with this run's
+    net = LatentDiffusionUNet(DiffusionConfig.from_dict({**TINY_LDM, "noise_shift": 3.0}))
+    torch.testing.assert_close(net.alphas_cumprod, cosine_alphas_cumprod(TINY_LDM["timesteps"], shift=3.0).float())
+    old = LatentDiffusionUNet(DiffusionConfig.from_dict(TINY_LDM))
+    save_file(old.state_dict(), str(tmp_path / "old.safetensors"))
+    lit = DiffusionLitModule(model={**TINY_LDM, "noise_shift": 3.0}, init_weights=str(tmp_path / "old.safetensors"))
+    torch.testing.assert_close(lit.net.alphas_cumprod, net.alphas_cumprod)
+    torch.testing.assert_close(lit.ema.alphas_cumprod, net.alphas_cumprod)
+    torch.testing.assert_close(lit.net.stem.weight, old.stem.weight)
+    assert DiffusionConfig.from_dict(TINY_LDM).noise_shift == 1.0  # cards written before the option read as unshifted
+
+
 def test_position_standardisation_reads_the_maps_where_each_latent_voxel_lies():
     """The mean and std maps are read at each latent voxel's place in the group space, whatever the latent grid's
     orientation and field of view, and standardising round-trips."""

@@ -60,6 +60,10 @@ class DiffusionConfig:
     group_hi: Sequence[float] = (120.0, 120.0, 120.0)
     spacing_scale_mm: float = 10.0
     latent_spacing: float = 4.0
+    #: the cosine schedule's signal-to-noise ratio divided by ``noise_shift``² at every step (Hoogeboom et al. 2023,
+    #: "simple diffusion"): a latent of many voxels keeps its coarse layout under noise that hides each voxel, so a larger
+    #: shift spends more of training and sampling at the noise levels where a head's size and pose are decided
+    noise_shift: float = 1.0
     #: "channel": standardise each latent channel by one mean and std; "position": by a mean and std map over the group
     #: space (a latent voxel's statistics where it lies), so the network learns the residual from the mean head
     standardise: str = "channel"
@@ -162,12 +166,19 @@ class Windows:
 # -- noise schedule -----------------------------------------------------------------------------------
 
 
-def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
-    """ᾱ_t of the cosine schedule (Nichol & Dhariwal 2021), t = 0 .. T-1, float64."""
+def cosine_alphas_cumprod(timesteps: int, s: float = 0.008, shift: float = 1.0) -> torch.Tensor:
+    """ᾱ_t of the cosine schedule (Nichol & Dhariwal 2021), t = 0 .. T-1, float64; with ``shift`` > 1 its
+    signal-to-noise ratio ᾱ/(1-ᾱ) divided by ``shift``² at every step (log-SNR shifted by -2 log ``shift``)."""
+    if shift <= 0:
+        raise ValueError(f"the noise shift must be positive, not {shift}")
     t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    return torch.cumprod(1 - betas, 0)
+    a = torch.cumprod(1 - betas, 0)
+    if shift == 1.0:
+        return a
+    snr = a / (1 - a) / shift**2
+    return snr / (1 + snr)
 
 
 # -- the denoiser --------------------------------------------------------------------------------------
@@ -240,7 +251,7 @@ class LatentDiffusionUNet(nn.Module):
         if c.standardise == "position":
             self.register_buffer("mean_map", torch.zeros(c.latent_channels, *c.map_shape()))
             self.register_buffer("std_map", torch.ones(c.latent_channels, *c.map_shape()))
-        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(c.timesteps).float())
+        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(c.timesteps, shift=c.noise_shift).float())
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], td), nn.SiLU(), nn.Linear(td, td))
         self.stem = nn.Conv3d(c.latent_channels + COND_CHANNELS, ch[0], 3, padding=1)
         self.down = nn.ModuleList()

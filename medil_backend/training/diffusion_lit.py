@@ -22,7 +22,7 @@ class DiffusionLitModule(L.LightningModule):
         ``latent_channels`` and ``latent_spacing`` must be the autoencoder's.
     lr, weight_decay: AdamW.
     ema_decay: decay of the weights' moving average (0: export the raw weights).
-    init_weights: safetensors file to continue from (e.g. the bundled model).
+    init_weights: safetensors file to continue from (e.g. the bundled model); the noise schedule is this config's.
     cosine_steps: if > 0, a cosine learning-rate decay to 5 % over this many steps.
     """
 
@@ -47,10 +47,12 @@ class DiffusionLitModule(L.LightningModule):
         if init_weights:
             from safetensors.torch import load_file
 
-            missing, unexpected = self.net.load_state_dict(load_file(init_weights), strict=False)
-            if unexpected or set(missing) - {"mean_map", "std_map"}:
+            state = load_file(init_weights)
+            state.pop("alphas_cumprod", None)  # the noise schedule is this run's config (its noise_shift may differ)
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+            if unexpected or set(missing) - {"mean_map", "std_map", "alphas_cumprod"}:
                 raise ValueError(f"{init_weights} does not fit this model: missing {missing}, unexpected {unexpected}")
-            self.fit_statistics = bool(missing)
+            self.fit_statistics = bool(set(missing) & {"mean_map", "std_map"})
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
 
     def setup(self, stage: str | None = None) -> None:
