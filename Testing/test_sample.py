@@ -57,6 +57,12 @@ def test_a_noise_shift_divides_the_schedules_signal_to_noise_ratio_and_a_continu
     torch.testing.assert_close(lit.ema.alphas_cumprod, net.alphas_cumprod)
     torch.testing.assert_close(lit.net.stem.weight, old.stem.weight)
     assert DiffusionConfig.from_dict(TINY_LDM).noise_shift == 1.0  # cards written before the option read as unshifted
+    # "noise to strength s" (super-resolution cycles) corrupts as much whatever the shift: an earlier step when shifted
+    assert [old.step_for_strength(s) for s in (0.0, 0.3, 1.0)] == [1, round(0.3 * 99), 99]
+    t = net.step_for_strength(0.3)
+    assert t < old.step_for_strength(0.3)
+    reference = float(cosine_alphas_cumprod(100)[round(0.3 * 99)])
+    assert abs(float(net.alphas_cumprod[t]) - reference) <= min(abs(float(net.alphas_cumprod[t + d]) - reference) for d in (-1, 1))
 
 
 def test_position_standardisation_reads_the_maps_where_each_latent_voxel_lies():

@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sr.add_argument("--steps", type=int, default=10, metavar="K", help="cycles: DDIM steps per cycle (default 10)")
     sr.add_argument(
-        "--strength", type=float, default=0.3, help="cycles: how far each cycle noises, as a fraction of the schedule (default 0.3)"
+        "--strength",
+        type=float,
+        default=0.3,
+        help="cycles: how far each cycle noises, as a fraction of an unshifted cosine schedule, the same for every model (default 0.3)",
     )
     sr.add_argument("--uncertainty", metavar="FILE", help="with --samples K > 1: write the per-voxel standard deviation here")
     sr.add_argument(

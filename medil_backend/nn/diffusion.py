@@ -361,6 +361,13 @@ class LatentDiffusionUNet(nn.Module):
         x0 = (z_t - (1 - a).sqrt() * out) / a.sqrt()
         return x0, out
 
+    def step_for_strength(self, strength: float) -> int:
+        """The step (at least 1) whose noise level is the *unshifted* cosine schedule's at ``strength`` x T, so that
+        "noise to strength s" (super-resolution cycles) corrupts a latent as much whatever the model's ``noise_shift``."""
+        T = self.config.timesteps
+        reference = cosine_alphas_cumprod(T)[int(round(strength * (T - 1)))]
+        return max(1, int(torch.argmin((self.alphas_cumprod.double() - reference).abs())))
+
     def noised(self, z0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
         """q(z_t | z_0) for a standardised latent: the forward process to step ``t``."""
         a = self.alphas_cumprod[t].to(z0.dtype)

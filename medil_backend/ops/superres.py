@@ -122,7 +122,8 @@ def superres(
     (relative RMS of ``A x - y``) before and after.
 
     ``cycles`` (Patel et al.): the ``fast`` result is encoded by the generative autoencoder of the
-    latent diffusion ``model``, noised to ``strength`` x T, denoised by DDIM in ``steps`` steps,
+    latent diffusion ``model``, noised to ``strength`` x T (of an unshifted cosine schedule, see
+    :meth:`~medil_backend.nn.diffusion.LatentDiffusionUNet.step_for_strength`), denoised by DDIM in ``steps`` steps,
     decoded onto ``target`` and made data-consistent; each of ``samples`` cycles draws its own
     noise (seeds ``seed``, ``seed + 1``, ...).
 
@@ -383,7 +384,7 @@ def diffusion_cycles(
     cond = geometry_channels(cond_grid, spacing, ldm.config)[None]
     plan = DecodePlan(ae, z_grid, target, work, 4)
     windows = denoise_windows(sampler, z_grid.shape, work)
-    t_start = max(1, int(round(strength * (ldm.config.timesteps - 1))))
+    t_start = ldm.step_for_strength(strength)
     z0 = ldm.standardise(z_mean, cond)
     out = []
     for k in range(samples):
