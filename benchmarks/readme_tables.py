@@ -152,6 +152,62 @@ def generative() -> str:
     return text
 
 
+def noise_levels() -> str:
+    d = json.loads((RESULTS / "latent-noise-levels.json").read_text())
+    shifts = list(d["blocks"][0]["step"])
+    rows = [
+        "| block of the latent | residual variance | seen from SNR | "
+        + " | ".join(f"step, noise_shift {float(s):g}" for s in shifts)
+        + " |",
+        "|---|---|---|" + "---|" * len(shifts),
+    ]
+    for b in d["blocks"]:
+        steps = " | ".join(str(b["step"][s]) for s in shifts)
+        rows.append(f"| {b['block_mm']:g} mm | {b['residual_variance']:.3f} | {b['snr_seen']:.2g} | {steps} |")
+    rows.append(
+        f"\n{d['training_latents']} training latents (a {d['cube_voxels']}³ cube each), standardised by `{d['model']}` "
+        f"(sha256 {d['model_sha256'][:12]}…); {d['timesteps']} steps; `{d['command']}`."
+    )
+    return "\n".join(rows)
+
+
+#: the brain LDMs and probes measured by the same evaluate-generative command (8 samples): result file -> what was changed
+PROBES = {
+    "eval-generative-brain-per-channel.json": "two models back: one mean and std per channel",
+    "eval-generative-brain-previous.json": "the model it replaced: unshifted schedule, 3500 steps",
+    "eval-generative-brain-eta1.json": "the model it replaced, sampled with eta 1",
+    "eval-generative-brain-steps100-eta1.json": "the model it replaced, 100 DDIM steps, eta 1",
+    "eval-generative-brain-continued-probe.json": "the model it replaced, trained 28 CPU minutes more",
+    "eval-generative-brain-mirror-1750-probe.json": "unshifted, left-right mirroring, 6 encodings a head, 1750 steps",
+    "eval-generative-brain-mirror-probe.json": "unshifted, left-right mirroring, 6 encodings a head, 3500 steps",
+    "eval-generative-brain-shift4-1750-probe.json": "noise_shift 4, 1750 steps",
+    "eval-generative-brain-shift4-3500-probe.json": "noise_shift 4, 3500 steps",
+    "eval-generative-brain.json": "**bundled: noise_shift 8, 1750 steps**",
+    "eval-generative-brain-shift16-1750-probe.json": "noise_shift 16, 1750 steps",
+}
+
+
+def generative_probes() -> str:
+    real = json.loads((RESULTS / "eval-generative-brain.json").read_text())
+    rows = [
+        f"| model | result file | pairwise MS-SSIM (real {real['diversity_ms_ssim']['real']:.3f}) "
+        f"| pairwise correlation (real {real['pairwise_correlation']['real']:.3f}) | fd_medil "
+        "| copies (samples closer to a training head than any two training heads are) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, what in PROBES.items():
+        path = RESULTS / name
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        corr = r.get("pairwise_correlation", {}).get("samples")
+        copies = r["memorisation"].get("samples_above_every_train_pair")
+        corr_text = "-" if corr is None else f"{corr:.3f}"
+        copies_text = "-" if copies is None else f"{copies} of {r['n_samples']}"
+        rows.append(f"| {what} | `{name}` | {r['diversity_ms_ssim']['samples']:.3f} | {corr_text} | {r['fd_medil']:.2f} | {copies_text} |")
+    return "\n".join(rows)
+
+
 def sample_speed() -> str:
     d = json.loads((RESULTS / "bench_sample.json").read_text())
     rows = [
@@ -194,6 +250,10 @@ def main() -> None:
         sections.append(("generative-brain", generative()))
     if (RESULTS / "bench_sample.json").exists():
         sections.append(("sample-speed", sample_speed()))
+    if (RESULTS / "latent-noise-levels.json").exists():
+        sections.append(("noise-levels", noise_levels()))
+    if (RESULTS / "eval-generative-brain.json").exists():
+        sections.append(("generative-probes", generative_probes()))
     for name, text in sections:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(readme):
