@@ -183,6 +183,7 @@ PROBES = {
     "eval-generative-brain-shift4-1750-probe.json": "noise_shift 4, 1750 steps",
     "eval-generative-brain-shift4-3500-probe.json": "noise_shift 4, 3500 steps",
     "eval-generative-brain.json": "**bundled: noise_shift 8, 1750 steps**",
+    "eval-generative-brain-steps50.json": "bundled, sampled in 50 DDIM steps (default 25)",
     "eval-generative-brain-shift16-1750-probe.json": "noise_shift 16, 1750 steps",
 }
 
