@@ -65,6 +65,19 @@ def test_a_noise_shift_divides_the_schedules_signal_to_noise_ratio_and_a_continu
     assert abs(float(net.alphas_cumprod[t]) - reference) <= min(abs(float(net.alphas_cumprod[t + d]) - reference) for d in (-1, 1))
 
 
+def test_a_card_whose_noise_shift_disagrees_with_its_weights_is_refused(sampler_dir):
+    from medil_backend.errors import MedILError
+    from medil_backend.models import load_model
+
+    assert load_model(sampler_dir / "tiny-ldm.json").net.config.noise_shift == 1.0
+    card_path = sampler_dir / "tiny-ldm.json"
+    card = json.loads(card_path.read_text())
+    card["config"]["noise_shift"] = 8.0  # the weights were trained (and their schedule stored) unshifted
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(MedILError, match="card and weights disagree"):
+        load_model(card_path)
+
+
 def test_position_standardisation_reads_the_maps_where_each_latent_voxel_lies():
     """The mean and std maps are read at each latent voxel's place in the group space, whatever the latent grid's
     orientation and field of view, and standardising round-trips."""

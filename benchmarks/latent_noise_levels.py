@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medil_backend.errors import MedILError  # noqa: E402
 from medil_backend.geometry import Grid  # noqa: E402
 from medil_backend.models import load_model  # noqa: E402
 from medil_backend.nn.diffusion import cosine_alphas_cumprod, geometry_channels  # noqa: E402
@@ -60,7 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 8, 14])
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
-    model = load_model(args.model)
+    if not Path(args.cache).is_file():
+        ap.error(f"{args.cache} does not exist: run the diffusion recipe once (it writes its latent cache), or give its data.cache")
+    try:
+        model = load_model(args.model)
+    except MedILError as exc:
+        ap.error(str(exc))
     net = model.net
     r = residuals(args.cache, net)
     T = net.config.timesteps

@@ -230,6 +230,14 @@ class Attention(nn.Module):
         return x + self.out(h.transpose(-1, -2).reshape(x.shape))
 
 
+def _same_schedule(net: LatentDiffusionUNet, incompatible_keys) -> None:
+    """After loading weights: their noise schedule must be the config's (a card edited to another ``noise_shift``
+    would otherwise sample on the file's schedule while saying it uses another)."""
+    expected = cosine_alphas_cumprod(net.config.timesteps, shift=net.config.noise_shift).float()
+    if not torch.allclose(net.alphas_cumprod.cpu().float(), expected, rtol=1e-5, atol=1e-7):
+        raise ValueError(f"the weights' noise schedule is not that of noise_shift {net.config.noise_shift}")
+
+
 class LatentDiffusionUNet(nn.Module):
     """ε/v-predicting 3D UNet on a standardised MedIL latent with geometry channels.
 
@@ -252,6 +260,7 @@ class LatentDiffusionUNet(nn.Module):
             self.register_buffer("mean_map", torch.zeros(c.latent_channels, *c.map_shape()))
             self.register_buffer("std_map", torch.ones(c.latent_channels, *c.map_shape()))
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(c.timesteps, shift=c.noise_shift).float())
+        self.register_load_state_dict_post_hook(_same_schedule)
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], td), nn.SiLU(), nn.Linear(td, td))
         self.stem = nn.Conv3d(c.latent_channels + COND_CHANNELS, ch[0], 3, padding=1)
         self.down = nn.ModuleList()
