@@ -101,7 +101,7 @@ class MedILSlicerParameterNode:
     superresTimeBudgetMin: Annotated[float, WithinRange(0.5, 120.0)] = 3.0
     sampleSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
     sampleCount: Annotated[int, WithinRange(1, 100)] = 1
-    sampleSteps: Annotated[int, WithinRange(1, 1000)] = 25
+    sampleSteps: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the model's own step count (its card)
 
 
 def outputSpaceFromParameters(p) -> OutputSpace:

@@ -102,6 +102,7 @@ def sampler_dir(tmp_path, monkeypatch):
         "description": "test sampler",
         "autoencoder": latent_space_ref(load_model(folder / "tiny-gen.json")),
         "default_space": DEFAULT_SPACE,
+        "sampling": {"steps": 2},
         "native_spaces": [
             {"weight": 0.5, "mean": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "var": [0.01] * 6},
             {"weight": 0.5, "mean": [0.0, 0.0, np.log(5.0), 0.0, 0.0, 0.1], "var": [0.01] * 6},

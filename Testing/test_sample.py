@@ -260,6 +260,10 @@ def test_cli_sample_writes_marked_files_with_sidecars(sampler_dir, tmp_path, cap
     rc, _, err = run(["sample", out, "--model", "tiny-ldm", "--n", "2", "--progress", "none"], capsys)
     assert rc != 0 and "--overwrite" in err and "Traceback" not in err
     assert (tmp_path / "s_000.nii.gz").read_bytes() == before
+    # without --steps, the model card's step count (sampling.steps), recorded in the sidecar
+    rc, _, err = run(["sample", tmp_path / "d.nii.gz", "--model", "tiny-ldm", "--progress", "none"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "d.json").read_text())["steps"] == 2
 
 
 def test_cli_sample_like_a_reference_is_exact(sampler_dir, tmp_path, capsys):
@@ -368,7 +372,7 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
     card = json.loads((out / "tiny-ldm2.json").read_text())
     assert card["architecture"] == "LatentDiffusionUNet" and card["tasks"] == ["sample"]
     assert card["autoencoder"]["name"] == "tiny-gen" and len(card["autoencoder"]["sha256"]) == 64
-    assert card["native_spaces"] and "val_loss_best" in card["metrics"]
+    assert card["native_spaces"] and "val_loss_best" in card["metrics"] and card["sampling"] == {"steps": 3}
     from medil_backend.models import load_model
     from medil_backend.ops.sample import sample
 
@@ -378,8 +382,8 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
     assert net.config.standardise == "position" and net.mean_map.std() > 0 and net.std_map.std() > 0
     assert float(net.std_map.min()) >= 0.99 * STD_FLOOR * float(net.latent_std.min())
     grid = Grid((20, 24, 10), affine_from_parts([2.0, 2.0, 3.0], np.eye(3), [-20.0, -24.0, -15.0]))
-    (v,) = sample(str(out / "tiny-ldm2.json"), grid, steps=2)
-    assert v.array.shape == grid.shape and np.isfinite(v.array).all()
+    (v,) = sample(str(out / "tiny-ldm2.json"), grid)
+    assert v.array.shape == grid.shape and np.isfinite(v.array).all() and v.meta["steps"] == 3  # the card's step count
     # medil export of the run's best checkpoint (a run stopped early) writes the same model and card
     import yaml
 
@@ -395,9 +399,13 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
     for key, value in net.state_dict().items():
         torch.testing.assert_close(again.net.state_dict()[key], value, rtol=0, atol=0)
     card3 = json.loads((tmp_path / "exp" / "tiny-ldm3.json").read_text())
-    for key in ("autoencoder", "native_spaces", "group_space", "default_space", "tasks", "metrics"):
+    for key in ("autoencoder", "native_spaces", "group_space", "default_space", "tasks", "metrics", "sampling"):
         assert card3[key] == card[key], key
     assert card3["training"]["exported_from"] == ckpt.name
+    # a recipe whose step count is no step count: one line, nothing written
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**recipe, "model": {**recipe["model"], "sample_steps": 0}}))
+    rc, _, err = run(["export", ckpt, "--config", tmp_path / "bad.yaml", "--folder", tmp_path / "exp5", "--name", "x"], capsys)
+    assert rc != 0 and "sample_steps" in err and "Traceback" not in err and not (tmp_path / "exp5").exists()
     # without the run's latent cache there is nothing to name the autoencoder by: one line, nothing written
     cache.unlink()
     rc, _, err = run(["export", ckpt, "--config", tmp_path / "recipe.yaml", "--folder", tmp_path / "exp4", "--name", "x"], capsys)
@@ -435,6 +443,8 @@ def test_evaluate_generative_reports_every_figure(sampler_dir, tmp_path, capsys)
     assert "mean pairwise correlation" in md.read_text()
     for figure in ("head_fraction", "head_fraction_in_outer_10mm"):
         assert all(0 <= r[figure][k] <= 1 for k in ("samples", "real")) and "outer 10 mm shell" in md.read_text()
+    hf = r["high_frequency_energy"]
+    assert all(0 <= hf[k] <= 2 for k in ("samples", "real", "real_through_autoencoder")) and "speckle" in md.read_text()
     rc, _, err = run([*argv[:-4], "--n", "1"], capsys)
     assert rc != 0 and "at least 2" in err
 
@@ -477,6 +487,23 @@ def test_head_in_air_tells_a_head_from_a_field_of_tissue():
     assert 0.15 < share < 0.25 and shell == 0.0
     share, shell = head_in_air(np.full(grid.shape, 0.7, np.float32), grid)  # tissue to the border
     assert share == 1.0 and shell == 1.0
+
+
+def test_high_frequency_energy_tells_a_speckled_head_from_a_smooth_one():
+    from scipy.ndimage import gaussian_filter
+
+    from medil_backend.evaluate_generative import high_frequency_energy
+
+    grid = Grid((40, 40, 40), affine_from_parts([2.0] * 3, np.eye(3), [0.0] * 3))
+    ijk = np.indices(grid.shape) - 19.5
+    ball = np.sqrt((ijk**2).sum(0)) < 14
+    rng = np.random.default_rng(0)
+    texture = gaussian_filter(rng.standard_normal(grid.shape), 4)
+    smooth = np.where(ball, 0.6 + 0.2 * texture / texture.std(), 0.0).astype(np.float32)
+    speckled = np.where(ball, smooth + 0.1 * rng.standard_normal(grid.shape), 0.0).astype(np.float32)
+    hf_smooth, hf_speckled = high_frequency_energy(smooth, grid), high_frequency_energy(speckled, grid)
+    assert 0 <= hf_smooth < 0.5 * hf_speckled <= 1.5
+    assert np.isnan(high_frequency_energy(np.zeros(grid.shape, np.float32), grid))  # no head, no figure
 
 
 def test_superres_cycles_gives_a_consistent_mean_and_an_uncertainty_map(sampler_dir, tmp_path, capsys):

@@ -331,8 +331,9 @@ def test_sample_like_a_reference_node_is_exact_and_failure_leaves_nothing(scene,
     ref = Volume(np.zeros((14, 12, 10), np.float32), affine_from_parts([1.7, 2.2, 2.9], np.diag([-1.0, -1.0, 1.0]), [12.0, 9.0, -13.0]))
     write_volume(ref, tmp_path / "ref.nrrd")
     node = load_node(scene, tmp_path / "ref.nrrd")
-    (out,) = MedILLogicCore().process(None, OutputSpace(like=node), model="tiny-ldm", task="sample", steps=1)
+    (out,) = MedILLogicCore().process(None, OutputSpace(like=node), model="tiny-ldm", task="sample")
     assert np.allclose(ijk_to_ras(out), ijk_to_ras(node), atol=1e-5)
+    assert out.GetAttribute("MedIL.steps") == "2"  # no step count given: the model card's
     assert Grid(out.GetImageData().GetDimensions(), ijk_to_ras(out)).shape == (14, 12, 10)
     before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     with pytest.raises(MedILSlicerError, match="does not sample"):

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--model", default=None, help="latent diffusion model name or card path (default medil-brain-t1-ldm)")
     sm.add_argument("--n", type=int, default=1, metavar="N", help="how many volumes (seeds SEED, SEED+1, ...)")
     sm.add_argument("--seed", type=int, default=0, help="the first seed (the same seed gives the same volume)")
-    sm.add_argument("--steps", type=int, default=25, metavar="K", help="DDIM denoising steps (default 25)")
+    sm.add_argument("--steps", type=int, default=None, metavar="K", help="DDIM denoising steps (default: the model card's, else 25)")
     sm.add_argument("--eta", type=float, default=None, metavar="E", help="DDIM stochasticity: 0 deterministic (default) .. 1 DDPM-like")
     g = sm.add_argument_group("output grid (default: the model's default space, 1 mm around a head at the origin)")
     g.add_argument("--like", metavar="REF", help="exactly the grid of REF (shape, spacing, direction, origin)")
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--held-out", nargs="+", required=True, metavar="PATH", help="real volumes the model never saw: files or packs")
     eg.add_argument("--n", type=int, default=8, help="samples to draw (default 8)")
     eg.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
-    eg.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    eg.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model card's, else 25)")
     eg.add_argument("--eta", type=float, default=None, help="DDIM stochasticity, as for sample")
     eg.add_argument("--spacing", type=float, default=2.0, metavar="MM", help="evaluation grid spacing (default 2 mm)")
     eg.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of sampling (default 3 GB)")
@@ -474,6 +474,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         check_output_path(p, overwrite=args.overwrite)
         check_output_path_free(sidecar_path(p), args.overwrite)
     sampler = load_sampler(args.model)
+    steps = sampler.default_steps if args.steps is None else args.steps
     default = sampler.default_grid()
     if args.like:
         targets = [read_grid(args.like)] * args.n
@@ -497,7 +498,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 target,
                 n=1,
                 seed=args.seed + i,
-                steps=args.steps,
+                steps=steps,
                 eta=eta,
                 device=args.device,
                 progress=part if update else None,
@@ -525,7 +526,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "model": sampler.name,
         "model_sha256": sampler.sha256,
         "seed": args.seed,
-        "steps": args.steps,
+        "steps": steps,
         "eta": eta,
         "version": __version__,
     }

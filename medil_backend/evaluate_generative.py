@@ -18,6 +18,9 @@ origin, trilinear, normalised per volume). Then:
 - **a head in air**: the share of the grid that is head (foreground), and of its outer shell
   (``shell_mm`` from each face): a real head leaves air around it; a model that never learnt
   where a head ends fills the field of view with tissue;
+- **speckle**: the share of the signal inside the head (less its border) that lies above a Gaussian smoothing of
+  ``HF_SIGMA_MM`` (high-frequency energy), for the samples, the real volumes and the real volumes
+  through the autoencoder. A sample is a decoded latent: its fair reference is the last one;
 - **memorisation**: each sample's highest Pearson correlation (inside the head) with any training
   volume, next to the same figure for held-out real volumes. A sample far above the held-out
   figures is a copy of a training volume.
@@ -144,6 +147,23 @@ def max_correlation(a: np.ndarray, others: Sequence[np.ndarray]) -> float:
     return best
 
 
+#: the smoothing whose residual counts as high-frequency energy (speckle), mm
+HF_SIGMA_MM = 2.0
+
+
+def high_frequency_energy(a: np.ndarray, grid: Grid, sigma_mm: float = HF_SIGMA_MM) -> float:
+    """The share of ``a``'s variance inside the head that a Gaussian smoothing of ``sigma_mm`` removes.
+
+    Inside the head less its outer ``2 * sigma_mm``: the step from head to air would otherwise count as speckle."""
+    from scipy.ndimage import binary_erosion, gaussian_filter
+
+    m = binary_erosion(foreground_mask(a, "mri"), iterations=int(np.ceil(2 * sigma_mm / min(grid.spacing))))
+    if m.sum() < 10:
+        return float("nan")
+    residual = a - gaussian_filter(a, [sigma_mm / s for s in grid.spacing])
+    return float(np.mean(residual[m] ** 2) / (np.var(a[m]) + 1e-12))
+
+
 def head_in_air(a: np.ndarray, grid: Grid, shell_mm: float = 10.0) -> tuple[float, float]:
     """(share of the grid that is head, share of its outer ``shell_mm`` shell that is head)."""
     m = foreground_mask(a, "mri")
@@ -160,7 +180,7 @@ def evaluate_generative(
     *,
     n: int = 8,
     seed: int = 1000,
-    steps: int = 25,
+    steps: int | None = None,
     eta: float | None = None,
     spacing: float = 2.0,
     max_memory_gb: float | None = None,
@@ -170,6 +190,7 @@ def evaluate_generative(
 
     eta = DEFAULT_ETA if eta is None else float(eta)
     sampler = load_sampler(model)
+    steps = sampler.default_steps if steps is None else int(steps)
     grid = evaluation_grid(sampler.default_grid(), spacing)
     t0 = time.perf_counter()
     samples = [
@@ -196,6 +217,8 @@ def evaluate_generative(
     corr_mean = [max_correlation(s, [train_mean]) for s in samples]
     real_ae = [decoded(ae, z, z_grid, grid) for z, z_grid in real_latents]
     air = {name: np.array([head_in_air(a, grid) for a in arrays]) for name, arrays in (("samples", samples), ("real", real))}
+    groups = (("samples", samples), ("real", real), ("real_through_autoencoder", real_ae))
+    speckle = {name: float(np.nanmean([high_frequency_energy(a, grid) for a in arrays])) for name, arrays in groups}
     return {
         "model": sampler.name,
         "model_sha256": sampler.sha256,
@@ -228,6 +251,7 @@ def evaluate_generative(
         else None,
         "head_fraction": {k: round(float(v[:, 0].mean()), 4) for k, v in air.items()},
         "head_fraction_in_outer_10mm": {k: round(float(v[:, 1].mean()), 4) for k, v in air.items()},
+        "high_frequency_energy": speckle,
         "precision": precision,
         "recall": recall,
         "memorisation": {
@@ -281,6 +305,14 @@ def markdown(result: dict) -> str:
         ),
         f"| share of the grid that is head (mean) | {h['samples']:.2f} | {h['real']:.2f} |",
         f"| share of the outer 10 mm shell that is head (mean; a head in air leaves it empty) | {hs['samples']:.2f} | {hs['real']:.2f} |",
+        *(
+            [
+                f"| speckle: share of the head's variance above a {HF_SIGMA_MM:g} mm Gaussian smoothing | {hf['samples']:.3f} | "
+                f"{hf['real']:.3f} (through the autoencoder {hf['real_through_autoencoder']:.3f}) |"
+            ]
+            if (hf := result.get("high_frequency_energy"))
+            else []
+        ),
         f"| Fréchet distance on MedIL features (fd_medil) | {result['fd_medil']:.3f} | - |",
         f"| precision / recall (k-NN, MedIL features) | {result['precision']:.2f} / {result['recall']:.2f} | - |",
         f"| seconds per sample ({result['grid']['spacing_mm']} mm grid {tuple(result['grid']['shape'])}, {result['steps']} steps) "

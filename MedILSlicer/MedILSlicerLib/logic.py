@@ -201,7 +201,7 @@ class MedILLogicCore:
         onEvent: Callable[[dict], None] | None = None,
         seed: int = 0,
         count: int = 1,
-        steps: int = 25,
+        steps: int | None = None,
     ):
         """Run ``task`` on ``inputNode``. Synchronous: returns the output node. Otherwise returns a
         :class:`RunningJob`; call :meth:`poll` until it is done, or :meth:`cancel`.
@@ -277,14 +277,14 @@ class MedILLogicCore:
         maxMemoryGB: float | None = None,
         seed: int = 0,
         count: int = 1,
-        steps: int = 25,
+        steps: int | None = None,
         waitForCompletion: bool = True,
         onEvent: Callable[[dict], None] | None = None,
     ):
         """Draw ``count`` volumes (seeds ``seed``, ``seed + 1``, ...) onto the grid of ``outputSpace``
         (spacing, orientation, a Markups ROI or reference volume for the field of view, or ``like``;
         default: the model's own space). Synchronous: returns the list of new nodes, each named with
-        its seed. Otherwise a :class:`RunningJob` as for :meth:`process`."""
+        its seed; ``steps`` None or 0: the model's own DDIM step count. Otherwise a :class:`RunningJob` as for :meth:`process`."""
         if int(count) < 1:
             raise MedILSlicerError("the number of samples must be at least 1")
         outputSpace = outputSpace or OutputSpace(spacing=None, orientation=None)
@@ -292,7 +292,7 @@ class MedILLogicCore:
         try:
             out_path = os.path.join(workdir, "sample.nrrd")
             args = ["sample", out_path, "--progress", "json", "--n", str(int(count)), "--seed", str(int(seed))]
-            args += ["--steps", str(int(steps)), "--device", device]
+            args += (["--steps", str(int(steps))] if steps else []) + ["--device", device]
             if model:
                 args += ["--model", model]
             if maxMemoryGB:
@@ -309,7 +309,7 @@ class MedILLogicCore:
             "model": model or "default",
             "seed": int(seed),
             "count": int(count),
-            "steps": int(steps),
+            "steps": int(steps) if steps else "model default",
             "device": device,
             "arguments": [a.replace(workdir, "<tmp>") for a in args[2:]],
         }

@@ -38,6 +38,7 @@ from .tiling import DecodePlan, OutputArray, check_disk_space, decode_tiled
 
 #: the spacing channels are clamped to what the training data showed
 SPACING_COND_RANGE_MM = (1.0, 10.0)
+#: DDIM steps for a model whose card names none (``sampling.steps``)
 DEFAULT_STEPS = 25
 #: DDIM's stochasticity by default (0: deterministic; 1: DDPM-like)
 DEFAULT_ETA = 0.0
@@ -60,6 +61,11 @@ class Sampler:
     @property
     def modality(self) -> str:
         return str(self.card.get("modality", "mri"))
+
+    @property
+    def default_steps(self) -> int:
+        """The DDIM step count this model was measured with (its card's ``sampling.steps``; else ``DEFAULT_STEPS``)."""
+        return int((self.card.get("sampling") or {}).get("steps", DEFAULT_STEPS))
 
     def default_grid(self) -> Grid:
         space = self.card.get("default_space") or {}
@@ -173,7 +179,7 @@ def sample(
     *,
     n: int = 1,
     seed: int = 0,
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     device: str | torch.device = "auto",
     progress: Progress | None = None,
     cancel: Any = None,
@@ -188,9 +194,10 @@ def sample(
     steps, models and the latent grid. ``spacing_condition`` overrides the spacing the output
     depicts (default: the target's spacing along the latent axes, clamped to 1..10 mm). ``eta``: DDIM's
     stochasticity (0: deterministic from the first noise; 1: fresh noise at every step, as DDPM), drawn from the
-    same seed.
+    same seed. ``steps``: DDIM steps (default: the model's, :attr:`Sampler.default_steps`).
     """
     sampler = model if isinstance(model, Sampler) else load_sampler(model)
+    steps = sampler.default_steps if steps is None else steps
     if int(n) < 1:
         raise MedILError(f"the number of samples must be at least 1, not {n}", options=("n",))
     if int(steps) < 1 or int(steps) > sampler.diffusion.config.timesteps:

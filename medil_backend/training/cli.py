@@ -171,6 +171,9 @@ def export_checkpoint(
     data = conf.get("data") or {}
     common = dict(description=cb.get("description", ""), tasks=cb.get("tasks"), config_file=config, exported_from=checkpoint.name)
     if isinstance(data, dict) and "autoencoder" in data:
+        # the step count the card names is the recipe's as it is now (the models' figures were measured with it)
+        recipe_model = conf.get("model") if isinstance(conf.get("model"), dict) else {}
+        hparams = {**hparams, "sample_steps": recipe_model.get("sample_steps", hparams.get("sample_steps", 25))}
         return _export_diffusion(checkpoint, state, hparams, data, folder, name, common, int(ckpt.get("global_step", 0)), minutes, score)
     # a checkpoint is untrusted input: only the settings that shape the network are taken from it, and
     # nothing it names is imported (``perceptual`` names a module; exporting needs no loss)
@@ -201,8 +204,11 @@ def _export_diffusion(checkpoint: Path, state: dict, hparams: dict, data: dict, 
     from .diffusion_lit import DiffusionLitModule
     from .latents import LatentDataModule
 
+    sample_steps = hparams["sample_steps"]
+    if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 1:
+        raise MedILError(f"the recipe's model.sample_steps must be a whole number of at least 1, not {sample_steps!r}")
     try:
-        lit = DiffusionLitModule(model=hparams.get("model"))  # nothing else from the checkpoint: it is untrusted input
+        lit = DiffusionLitModule(model=hparams.get("model"), sample_steps=sample_steps)  # nothing else from the checkpoint: it is untrusted
         lit.ema.load_state_dict({k[len("ema.") :]: v for k, v in state.items() if k.startswith("ema.")})
     except (RuntimeError, TypeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

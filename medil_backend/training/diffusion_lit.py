@@ -24,6 +24,7 @@ class DiffusionLitModule(L.LightningModule):
     ema_decay: decay of the weights' moving average (0: export the raw weights).
     init_weights: safetensors file to continue from (e.g. the bundled model); the noise schedule is this config's.
     cosine_steps: if > 0, a cosine learning-rate decay to 5 % over this many steps.
+    sample_steps: the DDIM step count written in the card (``sampling.steps``): what ``medil sample`` uses unless told.
     """
 
     #: what ExportWeights exports, and the state-dict prefix it reads from the best checkpoint
@@ -38,6 +39,7 @@ class DiffusionLitModule(L.LightningModule):
         init_weights: str | None = None,
         cosine_steps: int = 0,
         grad_clip: float = 1.0,
+        sample_steps: int = 25,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -85,6 +87,8 @@ class DiffusionLitModule(L.LightningModule):
                 "definition": "world RAS, each training head translated so that its foreground centroid is the origin",
             },
             "tasks": ["sample"],
+            # the DDIM step count medil sample uses unless told (the one its figures were measured with)
+            "sampling": {"steps": int(self.hparams.sample_steps)},
         }
 
     def configure_optimizers(self):
