@@ -4,6 +4,7 @@ exactly on the requested grid, seeds reproduce, and the CLI refuses what it cann
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -63,6 +64,27 @@ def test_a_noise_shift_divides_the_schedules_signal_to_noise_ratio_and_a_continu
     assert t < old.step_for_strength(0.3)
     reference = float(cosine_alphas_cumprod(100)[round(0.3 * 99)])
     assert abs(float(net.alphas_cumprod[t]) - reference) <= min(abs(float(net.alphas_cumprod[t + d]) - reference) for d in (-1, 1))
+
+
+def test_an_interpolated_shift_runs_from_its_low_noise_shift_to_its_high_noise_one():
+    """Hoogeboom et al.'s shifted interpolated schedule: log-SNR shifted by -2 log(shift) where log(shift) runs linearly
+    in t from noise_shift_low (low noise: a voxel's detail, as unshifted) to noise_shift (at T: the layout)."""
+    from medil_backend.nn.diffusion import cosine_alphas_cumprod
+
+    T = 1000
+    plain, interp = cosine_alphas_cumprod(T), cosine_alphas_cumprod(T, shift=8.0, shift_low=1.0)
+    log_ratio = torch.log(interp / (1 - interp)) - torch.log(plain / (1 - plain))
+    torch.testing.assert_close(log_ratio, -2 * math.log(8.0) * torch.arange(1, T + 1, dtype=torch.float64) / T, rtol=0, atol=1e-9)
+    assert torch.all(interp[1:] < interp[:-1])  # still a schedule: more noise at every step
+    torch.testing.assert_close(cosine_alphas_cumprod(T, shift=8.0, shift_low=8.0), cosine_alphas_cumprod(T, shift=8.0))
+    with pytest.raises(ValueError, match="noise shift"):
+        cosine_alphas_cumprod(10, shift=8.0, shift_low=-1.0)
+    net = LatentDiffusionUNet(DiffusionConfig.from_dict({**TINY_LDM, "noise_shift": 8.0, "noise_shift_low": 1.0}))
+    torch.testing.assert_close(net.alphas_cumprod, cosine_alphas_cumprod(TINY_LDM["timesteps"], shift=8.0, shift_low=1.0).float())
+    # weights of the constant shift are not those of the interpolated one
+    constant = LatentDiffusionUNet(DiffusionConfig.from_dict({**TINY_LDM, "noise_shift": 8.0}))
+    with pytest.raises(ValueError, match="noise_shift 8.0 \\(from 1.0 at low noise\\)"):
+        net.load_state_dict(constant.state_dict())
 
 
 def test_a_card_whose_noise_shift_disagrees_with_its_weights_is_refused(sampler_dir):

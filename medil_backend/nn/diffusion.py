@@ -64,6 +64,10 @@ class DiffusionConfig:
     #: "simple diffusion"): a latent of many voxels keeps its coarse layout under noise that hides each voxel, so a larger
     #: shift spends more of training and sampling at the noise levels where a head's size and pose are decided
     noise_shift: float = 1.0
+    #: the shift at the low-noise end: if set, log(shift) runs linearly from log(noise_shift_low) at step 0 to
+    #: log(noise_shift) at step T (Hoogeboom et al.'s "shifted interpolated" schedule), so a voxel's detail is decided
+    #: over as many steps as without a shift while the layout keeps the shifted noise levels; None: noise_shift throughout
+    noise_shift_low: float | None = None
     #: "channel": standardise each latent channel by one mean and std; "position": by a mean and std map over the group
     #: space (a latent voxel's statistics where it lies), so the network learns the residual from the mean head
     standardise: str = "channel"
@@ -166,18 +170,22 @@ class Windows:
 # -- noise schedule -----------------------------------------------------------------------------------
 
 
-def cosine_alphas_cumprod(timesteps: int, s: float = 0.008, shift: float = 1.0) -> torch.Tensor:
+def cosine_alphas_cumprod(timesteps: int, s: float = 0.008, shift: float = 1.0, shift_low: float | None = None) -> torch.Tensor:
     """ᾱ_t of the cosine schedule (Nichol & Dhariwal 2021), t = 0 .. T-1, float64; with ``shift`` > 1 its
-    signal-to-noise ratio ᾱ/(1-ᾱ) divided by ``shift``² at every step (log-SNR shifted by -2 log ``shift``)."""
-    if shift <= 0:
-        raise ValueError(f"the noise shift must be positive, not {shift}")
+    signal-to-noise ratio ᾱ/(1-ᾱ) divided by ``shift``² at every step (log-SNR shifted by -2 log ``shift``). With
+    ``shift_low``, the log of the shift runs linearly from ``shift_low`` (low noise) to ``shift`` at t = T."""
+    for value in (shift, shift if shift_low is None else shift_low):
+        if value <= 0:
+            raise ValueError(f"the noise shift must be positive, not {value}")
     t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
     a = torch.cumprod(1 - betas, 0)
-    if shift == 1.0:
+    low = shift if shift_low is None else float(shift_low)
+    if shift == 1.0 and low == 1.0:
         return a
-    snr = a / (1 - a) / shift**2
+    log_shift = math.log(low) + (math.log(shift) - math.log(low)) * t[1:]
+    snr = a / (1 - a) * torch.exp(-2 * log_shift)
     return snr / (1 + snr)
 
 
@@ -233,9 +241,11 @@ class Attention(nn.Module):
 def _same_schedule(net: LatentDiffusionUNet, incompatible_keys) -> None:
     """After loading weights: their noise schedule must be the config's (a card edited to another ``noise_shift``
     would otherwise sample on the file's schedule while saying it uses another)."""
-    expected = cosine_alphas_cumprod(net.config.timesteps, shift=net.config.noise_shift).float()
+    c = net.config
+    expected = cosine_alphas_cumprod(c.timesteps, shift=c.noise_shift, shift_low=c.noise_shift_low).float()
     if not torch.allclose(net.alphas_cumprod.cpu().float(), expected, rtol=1e-5, atol=1e-7):
-        raise ValueError(f"the weights' noise schedule is not that of noise_shift {net.config.noise_shift}")
+        low = "" if c.noise_shift_low is None else f" (from {c.noise_shift_low} at low noise)"
+        raise ValueError(f"the weights' noise schedule is not that of noise_shift {c.noise_shift}{low}")
 
 
 class LatentDiffusionUNet(nn.Module):
@@ -259,7 +269,7 @@ class LatentDiffusionUNet(nn.Module):
         if c.standardise == "position":
             self.register_buffer("mean_map", torch.zeros(c.latent_channels, *c.map_shape()))
             self.register_buffer("std_map", torch.ones(c.latent_channels, *c.map_shape()))
-        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(c.timesteps, shift=c.noise_shift).float())
+        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(c.timesteps, shift=c.noise_shift, shift_low=c.noise_shift_low).float())
         self.register_load_state_dict_post_hook(_same_schedule)
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], td), nn.SiLU(), nn.Linear(td, td))
         self.stem = nn.Conv3d(c.latent_channels + COND_CHANNELS, ch[0], 3, padding=1)
