@@ -228,6 +228,11 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.superresOptionsCollapsibleButton.visible = key == "superres"
         self.ui.sampleOptionsCollapsibleButton.visible = key == "sample"
         self.ui.outputsCollapsibleButton.visible = key != "sample"  # each sample is a new node, named with its seed
+        # a sample has no input: the input volume is not asked for, and "input" in the geometry means the model's space
+        self.ui.inputSelector.visible = self.ui.inputSelectorLabel.visible = key != "sample"
+        self.ui.geometryCollapsibleButton.text = (
+            "Output geometry ('input': the model's default space)" if key == "sample" else "Output geometry"
+        )
         # super-resolution adapts to the scan itself, except its generative methods, which take a diffusion model
         generative = key == "superres" and self.ui.superresMethodComboBox.currentText in GENERATIVE_SUPERRES_METHODS
         self.ui.modelComboBox.enabled = key in ("reconstruct", "sample") or generative

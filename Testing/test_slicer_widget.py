@@ -167,3 +167,42 @@ def test_panel_screenshot_with_the_model_list_filled(panel):
     assert top.grab().save(str(path)) and path.stat().st_size > 5000
     if os.environ.get("MEDIL_UPDATE_SCREENSHOT"):  # MEDIL_UPDATE_SCREENSHOT=1 pytest ... refreshes the README's copy
         path.replace(REPO / "docs" / "MedILSlicer_panel.png")
+
+
+def test_sample_task_draws_a_volume_from_the_panel_and_renders_it(panel):
+    """The Sample task as a user runs it: no input needed, geometry from the panel, the step count the model's
+    own unless set; each sample a new node named with its seed, in the slice views and rendered in 3D. The README's
+    picture of the Sample panel is taken here."""
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    ui.taskComboBox.setCurrentText("Sample")
+    assert ui.inputSelector.isHidden() and "model's default space" in ui.geometryCollapsibleButton.text
+    ui.inputSelector.setCurrentNode(None)  # a sample needs no input volume
+    assert ui.applyButton.isEnabled()
+    ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findData("medil-brain-t1-ldm"))
+    assert ui.sampleStepsSpinBox.text() == "model's default" and widget._parameterNode.sampleSteps == 0
+    ui.spacingPresetComboBox.setCurrentText("1 mm")  # as a user would draw a head
+    ui.sampleSeedSpinBox.setValue(3)
+    top = widget.parent
+    top.resize(460, 900)
+    top.show()
+    pump(app, lambda: True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "MedILSlicer_sample_panel_live.png"
+    assert top.grab().save(str(path)) and path.stat().st_size > 5000
+    if os.environ.get("MEDIL_UPDATE_SCREENSHOT"):
+        path.replace(REPO / "docs" / "MedILSlicer_sample_panel.png")
+    ui.sampleStepsSpinBox.setValue(2)  # a quick, coarse draw for the test
+    ui.spacingPresetComboBox.setCurrentText("custom")
+    for axis in "XYZ":
+        getattr(ui, f"customSpacing{axis}SpinBox").setValue(8.0)
+    before = len(volumes(scene))
+    ui.applyButton.click()
+    assert ui.applyButton.text() == "Cancel"
+    pump(app, lambda: ui.applyButton.text() == "Apply", widget=widget)
+    assert not dialogs.errors, dialogs.errors
+    out = volumes(scene)[-1]
+    assert len(volumes(scene)) == before + 1 and out.GetName() == "medil-brain-t1-ldm_seed3"
+    assert out.GetAttribute("MedIL.aiGenerated") == "true" and out.GetAttribute("MedIL.steps") == "2"
+    np.testing.assert_allclose(out.GetSpacing(), 8.0, atol=1e-5)
+    assert ("render", out.GetName(), True) in views

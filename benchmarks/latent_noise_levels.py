@@ -8,7 +8,8 @@ their mean: what varies between heads. Averaged over blocks of ``p``³ latent vo
 keeps a variance ``v_p``, while the noise's falls to 1/p³; in x_t = √ᾱ z + √(1-ᾱ) ε the blocks
 are seen once the SNR ᾱ/(1-ᾱ) reaches 1/(p³ v_p). For each block size: that SNR, and the step at
 which the cosine schedule reaches it for each noise shift (the baseline is the unshifted schedule,
-shift 1). A coarse layout that is decided within the last few percent of the steps gets few of the
+shift 1); a shift written ``LOW-HIGH`` (e.g. ``1-8``) is the shifted interpolated schedule, from LOW at low noise
+to HIGH at step T (``noise_shift_low``, ``noise_shift``). A coarse layout that is decided within the last few percent of the steps gets few of the
 training draws (uniform in t) and one or two DDIM steps.
 """
 
@@ -53,11 +54,20 @@ def step_at(snr: float, alphas_cumprod: torch.Tensor) -> int:
     return int(torch.argmin((torch.log(a / (1 - a)) - np.log(snr)).abs()))
 
 
+def schedule(spec: str, T: int) -> torch.Tensor:
+    """ᾱ of a shift given as ``S`` (constant) or ``LOW-HIGH`` (interpolated)."""
+    low, _, high = spec.partition("-")
+    try:
+        return cosine_alphas_cumprod(T, shift=float(high or low), shift_low=float(low) if high else None)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--shifts: {spec!r} is no shift (a positive number S, or LOW-HIGH): {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", required=True, help="latent cache of the diffusion recipe (runs/latents/*.npz)")
     ap.add_argument("--model", default="medil-brain-t1-ldm", help="diffusion model whose standardisation to use")
-    ap.add_argument("--shifts", type=float, nargs="+", default=[1.0, 4.0])
+    ap.add_argument("--shifts", nargs="+", default=["1", "4"], help="noise shifts: S, or LOW-HIGH for an interpolated one")
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 8, 14])
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
@@ -70,7 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     net = model.net
     r = residuals(args.cache, net)
     T = net.config.timesteps
-    schedules = {s: cosine_alphas_cumprod(T, shift=s) for s in args.shifts}
+    try:
+        schedules = {s: schedule(s, T) for s in args.shifts}
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
     rows = []
     for p in args.blocks:
         pooled = F.avg_pool3d(r.reshape(-1, 1, *r.shape[2:]), p)

@@ -152,12 +152,17 @@ def generative() -> str:
     return text
 
 
+def shift_label(spec: str) -> str:
+    """``"8.0"`` -> ``8``; ``"1-8"`` (interpolated) -> ``1→8``."""
+    return "→".join(f"{float(v):g}" for v in spec.split("-"))
+
+
 def noise_levels() -> str:
     d = json.loads((RESULTS / "latent-noise-levels.json").read_text())
     shifts = list(d["blocks"][0]["step"])
     rows = [
         "| block of the latent | residual variance | seen from SNR | "
-        + " | ".join(f"step, noise_shift {float(s):g}" for s in shifts)
+        + " | ".join(f"step, noise_shift {shift_label(s)}" for s in shifts)
         + " |",
         "|---|---|---|" + "---|" * len(shifts),
     ]
