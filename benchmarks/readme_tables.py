@@ -189,17 +189,21 @@ PROBES = {
     "eval-generative-brain-shift4-3500-probe.json": "noise_shift 4, 3500 steps",
     "eval-generative-brain.json": "**bundled: noise_shift 8, 1750 steps**",
     "eval-generative-brain-steps50.json": "bundled, sampled in 50 DDIM steps (default 25)",
+    "eval-generative-brain-shift11-1750-probe.json": "noise_shift 11, 1750 steps",
     "eval-generative-brain-shift16-1750-probe.json": "noise_shift 16, 1750 steps",
 }
 
 
 def generative_probes() -> str:
     real = json.loads((RESULTS / "eval-generative-brain.json").read_text())
+    hf = real.get("high_frequency_energy")
+    real_hf = "-" if hf is None else f"{hf['real_through_autoencoder']:.3f}"
     rows = [
         f"| model | result file | pairwise MS-SSIM (real {real['diversity_ms_ssim']['real']:.3f}) "
         f"| pairwise correlation (real {real['pairwise_correlation']['real']:.3f}) | fd_medil "
-        "| copies (samples closer to a training head than any two training heads are) |",
-        "|---|---|---|---|---|---|",
+        "| copies (samples closer to a training head than any two training heads are) "
+        f"| speckle (real through the autoencoder {real_hf}) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, what in PROBES.items():
         path = RESULTS / name
@@ -210,7 +214,11 @@ def generative_probes() -> str:
         copies = r["memorisation"].get("samples_above_every_train_pair")
         corr_text = "-" if corr is None else f"{corr:.3f}"
         copies_text = "-" if copies is None else f"{copies} of {r['n_samples']}"
-        rows.append(f"| {what} | `{name}` | {r['diversity_ms_ssim']['samples']:.3f} | {corr_text} | {r['fd_medil']:.2f} | {copies_text} |")
+        speckle = r.get("high_frequency_energy", {}).get("samples")
+        speckle_text = "-" if speckle is None else f"{speckle:.3f}"
+        rows.append(
+            f"| {what} | `{name}` | {r['diversity_ms_ssim']['samples']:.3f} | {corr_text} | {r['fd_medil']:.2f} | {copies_text} | {speckle_text} |"
+        )
     return "\n".join(rows)
 
 
