@@ -100,6 +100,16 @@ def test_a_card_whose_noise_shift_disagrees_with_its_weights_is_refused(sampler_
         load_model(card_path)
 
 
+def test_a_card_whose_step_count_is_no_number_is_refused_in_one_line(sampler_dir, tmp_path, capsys):
+    card_path = sampler_dir / "tiny-ldm.json"
+    card = json.loads(card_path.read_text())
+    card["sampling"] = {"steps": "many"}
+    card_path.write_text(json.dumps(card))
+    rc, _, err = run(["sample", tmp_path / "s.nii.gz", "--model", "tiny-ldm", "--progress", "none"], capsys)
+    assert rc != 0 and "sampling.steps" in err and "--steps" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("s*"))
+
+
 def test_position_standardisation_reads_the_maps_where_each_latent_voxel_lies():
     """The mean and std maps are read at each latent voxel's place in the group space, whatever the latent grid's
     orientation and field of view, and standardising round-trips."""

@@ -65,7 +65,10 @@ class Sampler:
     @property
     def default_steps(self) -> int:
         """The DDIM step count this model was measured with (its card's ``sampling.steps``; else ``DEFAULT_STEPS``)."""
-        return int((self.card.get("sampling") or {}).get("steps", DEFAULT_STEPS))
+        steps = (self.card.get("sampling") or {}).get("steps", DEFAULT_STEPS)
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise MedILError(f"the card of {self.name!r} gives sampling.steps {steps!r}, not a whole number; fix the card or pass --steps")
+        return steps
 
     def default_grid(self) -> Grid:
         space = self.card.get("default_space") or {}
