@@ -7,7 +7,7 @@ limit, and how far the patch-wise volume lies from the one-pass one (PSNR and co
 Each job runs in a fresh process; its peak resident memory is the process's high-water mark
 (``VmHWM``) minus what it held after importing torch and loading the models. Prints JSON.
 
-    python benchmarks/bench_sample.py [--steps 25] [--model medil-brain-t1-ldm] [--wide-limits 8 1]
+    python benchmarks/bench_sample.py [--steps K] [--model medil-brain-t1-ldm] [--wide-limits 8 1]
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ def _wide_grid():
     return Grid((320, 320, 320), affine_from_parts([1.0, 1.0, 1.0], np.eye(3), [-159.5, -159.5, -159.5]))
 
 
-def _sample(model: str, steps: int, wide: bool = False, max_memory_gb: float | None = None, save: str | None = None) -> dict:
+def _sample(model: str, steps: int | None, wide: bool = False, max_memory_gb: float | None = None, save: str | None = None) -> dict:
     import numpy as np
     import torch
 
     from medil_backend.ops.sample import load_sampler, sample
 
     sampler = load_sampler(model)
+    steps = sampler.default_steps if steps is None else steps
     grid = _wide_grid() if wide else sampler.default_grid()
     base = _status("VmRSS")
     marks = {}
@@ -121,7 +122,7 @@ def _agreement(one_pass: str, patch_wise: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model card's)")
     ap.add_argument("--model", default="medil-brain-t1-ldm")
     ap.add_argument("--wide-limits", type=float, nargs=2, default=(8.0, 1.0), metavar=("ONE_PASS_GB", "PATCH_WISE_GB"))
     args = ap.parse_args()

@@ -176,7 +176,7 @@ def noise_levels() -> str:
     return "\n".join(rows)
 
 
-#: the brain LDMs and probes measured by the same evaluate-generative command (8 samples): result file -> what was changed
+#: the brain LDMs and probes measured by the same evaluate-generative command (8 samples, 25 DDIM steps unless said): result file -> what was changed
 PROBES = {
     "eval-generative-brain-per-channel.json": "two models back: one mean and std per channel",
     "eval-generative-brain-previous.json": "the model it replaced: unshifted schedule, 3500 steps",
@@ -187,10 +187,13 @@ PROBES = {
     "eval-generative-brain-mirror-probe.json": "unshifted, left-right mirroring, 6 encodings a head, 3500 steps",
     "eval-generative-brain-shift4-1750-probe.json": "noise_shift 4, 1750 steps",
     "eval-generative-brain-shift4-3500-probe.json": "noise_shift 4, 3500 steps",
-    "eval-generative-brain.json": "**bundled: noise_shift 8, 1750 steps**",
-    "eval-generative-brain-steps50.json": "bundled, sampled in 50 DDIM steps (default 25)",
+    "eval-generative-brain.json": "**bundled: noise_shift 8, 1750 steps; 50 DDIM steps (its card's default)**",
+    "eval-generative-brain-steps25.json": "bundled, sampled in 25 DDIM steps",
+    "eval-generative-brain-n16.json": "bundled, 16 samples (seeds 1000..1015) against the same real volumes",
     "eval-generative-brain-shift11-1750-probe.json": "noise_shift 11, 1750 steps",
     "eval-generative-brain-shift16-1750-probe.json": "noise_shift 16, 1750 steps",
+    "eval-generative-brain-interp1-8-1750-probe.json": "noise_shift 1→8 (interpolated: unshifted at low noise), 1750 steps",
+    "eval-generative-brain-interp1-16-1750-probe.json": "noise_shift 1→16 (interpolated), 1750 steps",
 }
 
 
@@ -199,11 +202,11 @@ def generative_probes() -> str:
     hf = real.get("high_frequency_energy")
     real_hf = "-" if hf is None else f"{hf['real_through_autoencoder']:.3f}"
     rows = [
-        f"| model | result file | pairwise MS-SSIM (real {real['diversity_ms_ssim']['real']:.3f}) "
+        f"| model | result file | samples, DDIM steps | pairwise MS-SSIM (real {real['diversity_ms_ssim']['real']:.3f}) "
         f"| pairwise correlation (real {real['pairwise_correlation']['real']:.3f}) | fd_medil "
         "| copies (samples closer to a training head than any two training heads are) "
         f"| speckle (real through the autoencoder {real_hf}) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, what in PROBES.items():
         path = RESULTS / name
@@ -217,7 +220,7 @@ def generative_probes() -> str:
         speckle = r.get("high_frequency_energy", {}).get("samples")
         speckle_text = "-" if speckle is None else f"{speckle:.3f}"
         rows.append(
-            f"| {what} | `{name}` | {r['diversity_ms_ssim']['samples']:.3f} | {corr_text} | {r['fd_medil']:.2f} | {copies_text} | {speckle_text} |"
+            f"| {what} | `{name}` | {r['n_samples']}, {r['steps']} | {r['diversity_ms_ssim']['samples']:.3f} | {corr_text} | {r['fd_medil']:.2f} | {copies_text} | {speckle_text} |"
         )
     return "\n".join(rows)
 
