@@ -151,6 +151,19 @@ def test_a_failing_job_shows_its_message_and_the_panel_stays_usable(panel):
     assert len(volumes(scene)) == before + 1 and len(dialogs.errors) == 1, (dialogs.errors, ui.logTextEdit.toPlainText())
 
 
+def screenshot(app, widget, name: str) -> None:
+    """The panel as drawn, saved in test-artifacts (``*_live.png``); ``MEDIL_UPDATE_SCREENSHOT=1`` refreshes docs/``name``."""
+    top = widget.parent
+    top.resize(460, 900)
+    top.show()
+    pump(app, lambda: True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name.replace(".png", "_live.png")
+    assert top.grab().save(str(path)) and path.stat().st_size > 5000
+    if os.environ.get("MEDIL_UPDATE_SCREENSHOT"):
+        path.replace(REPO / "docs" / name)
+
+
 def test_panel_screenshot_with_the_model_list_filled(panel):
     """The README's picture of the panel, made from the real widgets with the backend's model list."""
     app, widget, scene, node, dialogs, views = panel
@@ -158,15 +171,7 @@ def test_panel_screenshot_with_the_model_list_filled(panel):
     ui.spacingPresetComboBox.setCurrentText("1 mm")
     ui.modelComboBox.setCurrentIndex(ui.modelComboBox.findData("medil-brain-t1"))
     assert ui.modelComboBox.currentText() == "medil-brain-t1"
-    top = widget.parent
-    top.resize(460, 900)
-    top.show()
-    pump(app, lambda: True)
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / "MedILSlicer_panel_live.png"
-    assert top.grab().save(str(path)) and path.stat().st_size > 5000
-    if os.environ.get("MEDIL_UPDATE_SCREENSHOT"):  # MEDIL_UPDATE_SCREENSHOT=1 pytest ... refreshes the README's copy
-        path.replace(REPO / "docs" / "MedILSlicer_panel.png")
+    screenshot(app, widget, "MedILSlicer_panel.png")
 
 
 def test_sample_task_draws_a_volume_from_the_panel_and_renders_it(panel):
@@ -183,15 +188,7 @@ def test_sample_task_draws_a_volume_from_the_panel_and_renders_it(panel):
     assert ui.sampleStepsSpinBox.text() == "model's default" and widget._parameterNode.sampleSteps == 0
     ui.spacingPresetComboBox.setCurrentText("1 mm")  # as a user would draw a head
     ui.sampleSeedSpinBox.setValue(3)
-    top = widget.parent
-    top.resize(460, 900)
-    top.show()
-    pump(app, lambda: True)
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / "MedILSlicer_sample_panel_live.png"
-    assert top.grab().save(str(path)) and path.stat().st_size > 5000
-    if os.environ.get("MEDIL_UPDATE_SCREENSHOT"):
-        path.replace(REPO / "docs" / "MedILSlicer_sample_panel.png")
+    screenshot(app, widget, "MedILSlicer_sample_panel.png")
     ui.sampleStepsSpinBox.setValue(2)  # a quick, coarse draw for the test
     ui.spacingPresetComboBox.setCurrentText("custom")
     for axis in "XYZ":
