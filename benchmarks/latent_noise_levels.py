@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     except MedILError as exc:
         ap.error(str(exc))
     net = model.net
-    r = residuals(args.cache, net)
     T = net.config.timesteps
-    try:
+    try:  # every shift is checked before the latents are read
         schedules = {s: schedule(s, T) for s in args.shifts}
     except argparse.ArgumentTypeError as exc:
         ap.error(str(exc))
+    r = residuals(args.cache, net)
     rows = []
     for p in args.blocks:
         pooled = F.avg_pool3d(r.reshape(-1, 1, *r.shape[2:]), p)
