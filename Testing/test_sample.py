@@ -438,6 +438,9 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**recipe, "model": {**recipe["model"], "sample_steps": 0}}))
     rc, _, err = run(["export", ckpt, "--config", tmp_path / "bad.yaml", "--folder", tmp_path / "exp5", "--name", "x"], capsys)
     assert rc != 0 and "sample_steps" in err and "Traceback" not in err and not (tmp_path / "exp5").exists()
+    # ... refused before any training, too
+    rc, _, err = run(["train", "--config", tmp_path / "bad.yaml", f"--trainer.default_root_dir={tmp_path / 'bad'}"], capsys)
+    assert rc != 0 and "sample_steps" in err and "Traceback" not in err and not (tmp_path / "bad" / "lightning_logs").exists()
     # without the run's latent cache there is nothing to name the autoencoder by: one line, nothing written
     cache.unlink()
     rc, _, err = run(["export", ckpt, "--config", tmp_path / "recipe.yaml", "--folder", tmp_path / "exp4", "--name", "x"], capsys)

@@ -173,7 +173,7 @@ def export_checkpoint(
     if isinstance(data, dict) and "autoencoder" in data:
         # the step count the card names is the recipe's as it is now (the models' figures were measured with it)
         recipe_model = conf.get("model") if isinstance(conf.get("model"), dict) else {}
-        hparams = {**hparams, "sample_steps": recipe_model.get("sample_steps", hparams.get("sample_steps", 25))}
+        hparams = {**hparams, "sample_steps": recipe_model.get("sample_steps", hparams.get("sample_steps"))}
         return _export_diffusion(checkpoint, state, hparams, data, folder, name, common, int(ckpt.get("global_step", 0)), minutes, score)
     # a checkpoint is untrusted input: only the settings that shape the network are taken from it, and
     # nothing it names is imported (``perceptual`` names a module; exporting needs no loss)
@@ -201,12 +201,12 @@ def _export_diffusion(checkpoint: Path, state: dict, hparams: dict, data: dict, 
     import inspect
 
     from ..errors import MedILError
-    from .diffusion_lit import DiffusionLitModule
+    from ..ops.sample import DEFAULT_STEPS
+    from .diffusion_lit import DiffusionLitModule, check_sample_steps
     from .latents import LatentDataModule
 
-    sample_steps = hparams["sample_steps"]
-    if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 1:
-        raise MedILError(f"the recipe's model.sample_steps must be a whole number of at least 1, not {sample_steps!r}")
+    steps = hparams.get("sample_steps")
+    sample_steps = check_sample_steps(DEFAULT_STEPS if steps is None else steps)
     try:
         lit = DiffusionLitModule(model=hparams.get("model"), sample_steps=sample_steps)  # nothing else from the checkpoint: it is untrusted
         lit.ema.load_state_dict({k[len("ema.") :]: v for k, v in state.items() if k.startswith("ema.")})

@@ -13,7 +13,16 @@ import copy
 import lightning as L
 import torch
 
+from ..errors import MedILError
 from ..nn.diffusion import DiffusionConfig, LatentDiffusionUNet
+from ..ops.sample import DEFAULT_STEPS
+
+
+def check_sample_steps(steps) -> int:
+    """A recipe's ``model.sample_steps``: a whole number of at least 1 (refused before training, and before exporting)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise MedILError(f"the recipe's model.sample_steps must be a whole number of at least 1, not {steps!r}")
+    return steps
 
 
 class DiffusionLitModule(L.LightningModule):
@@ -39,9 +48,10 @@ class DiffusionLitModule(L.LightningModule):
         init_weights: str | None = None,
         cosine_steps: int = 0,
         grad_clip: float = 1.0,
-        sample_steps: int = 25,
+        sample_steps: int = DEFAULT_STEPS,
     ) -> None:
         super().__init__()
+        check_sample_steps(sample_steps)
         self.save_hyperparameters()
         self.net = LatentDiffusionUNet(DiffusionConfig.from_dict(model or {}))
         #: whether the latent statistics come from the data (a fresh run, or one continued from a model without position maps)
