@@ -24,7 +24,9 @@ def run(argv, capsys):
 def assert_user_error(rc, err, *fragments):
     assert rc == 1
     assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln]
+    lines = [
+        ln for ln in err.strip().splitlines() if ln and not ln.startswith(("medil: note:", "medil: warning:"))
+    ]  # MedIL's own notes may precede
     assert len(lines) == 1 and lines[0].startswith("medil: error:"), err
     for f in fragments:
         assert f in lines[0], (f, lines[0])

@@ -68,6 +68,10 @@ def slice_gap(array: np.ndarray, grid: Grid, axis: int, stride: int = 2) -> tupl
 # -- the operator (torch, differentiable) -----------------------------------------------------------------
 
 
+#: the most quadrature points one axis of a slice profile may take (a bound on every derived size)
+MAX_PROFILE_POINTS = 256
+
+
 def _profile_points(width_mm: float, step_mm: float, profile: str) -> tuple[np.ndarray, np.ndarray]:
     """Quadrature of a slice profile of ``width_mm`` (rect width, or Gaussian FWHM): offsets in mm and weights summing to 1.
 
@@ -77,6 +81,13 @@ def _profile_points(width_mm: float, step_mm: float, profile: str) -> tuple[np.n
         raise MedILError(f"slice profile {profile!r} is not known; use rect or gaussian", options=("slice_profile",))
     if width_mm <= step_mm * (1 + 1e-6):
         return np.zeros(1), np.ones(1)
+    count = width_mm / step_mm * (1.0 if profile == "rect" else 3 * FWHM_TO_SIGMA * 2)
+    if not np.isfinite(count) or count > MAX_PROFILE_POINTS:
+        raise MedILError(
+            f"a slice profile {width_mm:.4g} mm wide sampled every {step_mm:.3g} mm needs {count:.3g} points (at most "
+            f"{MAX_PROFILE_POINTS}): the slice thickness is far larger than the slices; give the real thickness",
+            options=("slice_thickness",),
+        )
     if profile == "rect":
         n = int(np.ceil(width_mm / step_mm - 1e-6))
         offsets = (np.arange(n) - (n - 1) / 2.0) * (width_mm / n)

@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model name (see `medil models`) or path to a model card (default: medil-ct for CT, medil-brain-t1 otherwise)",
     )
     _add_geometry_args(r)
-    r.add_argument("--modality", default="auto", choices=["mri", "ct", "auto"])
+    r.add_argument(
+        "--modality", default="auto", choices=["mri", "ct", "auto"], help="auto: guessed (DICOM tag, Hounsfield units), and said"
+    )
+    r.add_argument(
+        "--background", type=float, default=None, metavar="V", help="value outside the input's extent (default: 0 for MR, -1024 for CT)"
+    )
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     r.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of the job (default 3 GB)")
     r.add_argument(
@@ -120,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--slice-thickness", type=float, default=None, metavar="MM", help="slice thickness (default: the slice spacing)")
     sr.add_argument("--slice-profile", default="rect", choices=["rect", "gaussian"], help="slice profile (gaussian: FWHM = thickness)")
     sr.add_argument("--iterations", type=int, default=2, help="data-consistency steps (default 2)")
+    sr.add_argument(
+        "--modality", default="auto", choices=["mri", "ct", "auto"], help="auto: guessed (DICOM tag, Hounsfield units), and said"
+    )
+    sr.add_argument(
+        "--background", type=float, default=None, metavar="V", help="value outside the input's extent (default: 0 for MR, -1024 for CT)"
+    )
     sr.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of the job (default 3 GB)")
     sr.add_argument("--dtype", default="float32", choices=["float32", "input"], help="output voxel type (input: rounded, clipped)")
     sr.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -134,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0, help="the first seed (the same seed gives the same volume)")
     sm.add_argument("--steps", type=int, default=None, metavar="K", help="DDIM denoising steps (default: the model card's, else 25)")
     sm.add_argument("--eta", type=float, default=None, metavar="E", help="DDIM stochasticity: 0 deterministic (default) .. 1 DDPM-like")
+    sm.add_argument(
+        "--background",
+        type=float,
+        default=None,
+        metavar="V",
+        help="value outside the model's trained space (default: 0 for MR, -1024 for CT)",
+    )
     g = sm.add_argument_group("output grid (default: the model's default space, 1 mm around a head at the origin)")
     g.add_argument("--like", metavar="REF", help="exactly the grid of REF (shape, spacing, direction, origin)")
     g.add_argument("--spacing", type=float, nargs="+", metavar="S", help="output spacing in mm: one value (isotropic) or three")
@@ -175,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-memory", type=float, default=None, metavar="GB", help="working-memory limit per reconstruction (default 3 GB)")
     e.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     e.add_argument("--markdown", metavar="FILE", help="also write the mean table as Markdown")
+    e.add_argument("--overwrite", action="store_true", help="replace existing --json / --markdown reports")
     e.add_argument(
         "--record-in-cards", action="store_true", help="write each model's held-out metrics (and this command) into its model card"
     )
@@ -193,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of sampling (default 3 GB)")
     eg.add_argument("--json", metavar="FILE", help="write the result as JSON")
     eg.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+    eg.add_argument("--overwrite", action="store_true", help="replace existing --json / --markdown reports")
 
     x = sub.add_parser("export", help="write a medil train checkpoint as safetensors + model card")
     x.add_argument("checkpoint", help="Lightning .ckpt of a medil train run (autoencoder or latent diffusion)")
@@ -276,12 +296,23 @@ def _parse_orientation(value: str | None):
     return np.array(numbers).reshape(3, 3)
 
 
+def _modality_of(volume, choice: str) -> tuple[str, str | None]:
+    """The user's modality, or the guess (DICOM tag, Hounsfield units) and the one line that says it
+    (printed with the result, so an error stays the only line of a failed run)."""
+    if choice != "auto":
+        return choice, None
+    from .intensity import explain_modality
+
+    modality, why = explain_modality(volume.array, volume.meta.get("dicom_modality"))
+    other = "mri" if modality == "ct" else "ct"
+    return modality, f"modality guessed: {modality.upper()} ({why}); pass --modality {other} if that is wrong"
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .geometry import output_grid
-    from .intensity import guess_modality
-    from .io import check_output_path, check_output_path_free, read_grid, read_volume, sidecar_path, write_volume
+    from .io import OutputSet, read_grid, read_volume
     from .models import default_model_for, load_model
     from .ops import run_model
 
@@ -290,12 +321,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.spacing is not None and len(args.spacing) not in (1, 3):
         raise MedILError(f"--spacing takes one value (isotropic) or three, not {len(args.spacing)}")
     orientation = _parse_orientation(args.orientation)
-    out_path = check_output_path(args.output, overwrite=args.overwrite)
-    check_output_path_free(sidecar_path(out_path), args.overwrite)
+    outputs = OutputSet(args.overwrite)
+    out_path = outputs.declare(args.output)
     volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name)
     like = read_grid(args.like) if args.like else None  # a reference's header is all its grid needs
     target = output_grid(volume.grid, like=like, spacing=args.spacing, orientation=orientation, fov=args.fov)
-    modality = args.modality if args.modality != "auto" else guess_modality(volume.array)
+    modality, guess = _modality_of(volume, args.modality)
     model = load_model(args.model or default_model_for(modality))
     card_modality = model.card.get("modality")
     update, close = _progress_callback(args.progress)
@@ -309,6 +340,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             max_memory_gb=args.max_memory,
             modality=modality,
             precision=args.precision,
+            background=args.background,
         )
     except BaseException:
         close(ok=False)
@@ -330,7 +362,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         "grid": {"shape": list(target.shape), "affine_ras": target.affine.round(9).tolist()},
         "command": "medil " + shlex.join(args.argv),
     }
-    write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite, provenance=provenance)
+    with outputs:
+        outputs.stage(result, out_path, dtype=dtype, provenance=provenance)
     summary = {
         "output": str(out_path),
         "shape": list(target.shape),
@@ -338,11 +371,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         "model": model.name,
         "model_sha256": model.sha256,
         "modality": result.modality,
+        "modality_guess": guess,
         "version": __version__,
     }
     if args.progress == "json":
         print(json.dumps({"done": True, **summary}), flush=True)
     else:
+        if guess:
+            print(f"medil: note: {guess}", file=sys.stderr)
         print(f"wrote {out_path} {target}", file=sys.stderr)
     return 0
 
@@ -351,23 +387,24 @@ def cmd_superres(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .geometry import output_grid
-    from .io import check_output_path, check_output_path_free, read_grid, read_volume, sidecar_path, write_volume
+    from .io import OutputSet, read_grid, read_volume
     from .ops.superres import superres
 
     if args.like and (args.spacing or args.orientation or args.fov):
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
     orientation = _parse_orientation(args.orientation)
-    out_path = check_output_path(args.output, overwrite=args.overwrite)
-    check_output_path_free(sidecar_path(out_path), args.overwrite)
+    from .ops.runtime import check_seed
+
+    check_seed(args.seed, args.samples)
+    outputs = OutputSet(args.overwrite)  # the output, its sidecar, the uncertainty map and its sidecar: all checked now
+    out_path = outputs.declare(args.output)
     unc_path = None
     if args.uncertainty:
         if args.samples < 2:
             raise MedILError("an uncertainty map needs several samples: add --samples K (K >= 2)", options=("samples",))
-        unc_path = check_output_path(args.uncertainty, overwrite=args.overwrite)
-        check_output_path_free(sidecar_path(unc_path), args.overwrite)
-        if unc_path.resolve() == out_path.resolve():
-            raise MedILError("the uncertainty map and the output need different file names")
+        unc_path = outputs.declare(args.uncertainty)
     volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name)
+    volume.modality, guess = _modality_of(volume, args.modality)
     target = None
     if args.like:
         target = read_grid(args.like)
@@ -393,6 +430,7 @@ def cmd_superres(args: argparse.Namespace) -> int:
             model=args.model,
             steps=args.steps,
             strength=args.strength,
+            background=args.background,
         )
     except BaseException:
         close(ok=False)
@@ -408,30 +446,25 @@ def cmd_superres(args: argparse.Namespace) -> int:
         "method": {k: v for k, v in result.meta.items() if k != "adaptation"},
         "command": "medil " + shlex.join(args.argv),
     }
-    write_volume(result, out_path, dtype=dtype, overwrite=args.overwrite, provenance=provenance)
-    if unc_path is not None and uncertainty is not None:
-        try:
-            write_volume(
-                uncertainty,
-                unc_path,
-                overwrite=args.overwrite,
-                provenance={**provenance, "map": "per-voxel standard deviation over samples"},
-            )
-        except BaseException:
-            out_path.unlink(missing_ok=True)  # both files or neither
-            sidecar_path(out_path).unlink(missing_ok=True)
-            raise
+    with outputs:  # both files (and their sidecars) or none
+        outputs.stage(result, out_path, dtype=dtype, provenance=provenance)
+        if unc_path is not None and uncertainty is not None:
+            outputs.stage(uncertainty, unc_path, provenance={**provenance, "map": "per-voxel standard deviation over samples"})
     grid = result.grid
     summary = {
         "output": str(out_path),
         "shape": list(grid.shape),
         "spacing": [round(float(s), 6) for s in grid.spacing],
+        "modality": volume.modality,
+        "modality_guess": guess,
         "version": __version__,
     }
     summary.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.meta.items() if k != "adaptation"})
     if args.progress == "json":
         print(json.dumps({"done": True, **summary}), flush=True)
     else:
+        if guess:
+            print(f"medil: note: {guess}", file=sys.stderr)
         print(
             f"wrote {out_path} {grid}; data-consistency residual {result.meta['consistency_residual_before']:.2e} -> "
             f"{result.meta['consistency_residual_after']:.2e}",
@@ -456,11 +489,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .geometry import output_grid
-    from .io import check_output_path, check_output_path_free, read_grid, sidecar_path, write_volume
+    from .io import OutputSet, read_grid
     from .ops.sample import DEFAULT_ETA, load_sampler, native_grid, sample
 
     if args.n < 1:
         raise MedILError(f"--n must be at least 1, not {args.n}", options=("n",))
+    from .ops.runtime import check_seed
+
+    check_seed(args.seed, args.n)  # before any work (a bad seed once ended in numpy's traceback)
     eta = DEFAULT_ETA if args.eta is None else args.eta  # its range is checked by sample(), before any work
     if args.like and (args.spacing or args.orientation or args.fov or args.native):
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation, --fov and --native, or drop --like")
@@ -470,9 +506,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise MedILError(f"--spacing takes one value (isotropic) or three, not {len(args.spacing)}")
     orientation = _parse_orientation(args.orientation)
     paths = sample_paths(args.output, args.n)
-    for p in paths:  # every name is checked before any work: nothing is replaced by surprise
-        check_output_path(p, overwrite=args.overwrite)
-        check_output_path_free(sidecar_path(p), args.overwrite)
+    outputs = OutputSet(args.overwrite)  # every name is checked before any work; all files are committed at the end, or none
+    for p in paths:
+        outputs.declare(p)
     sampler = load_sampler(args.model)
     steps = sampler.default_steps if args.steps is None else args.steps
     default = sampler.default_grid()
@@ -486,7 +522,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         targets = [default] * args.n
     update, close = _progress_callback(args.progress)
-    written = []
     try:
         for i, (path, target) in enumerate(zip(paths, targets)):
 
@@ -503,6 +538,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 device=args.device,
                 progress=part if update else None,
                 max_memory_gb=args.max_memory,
+                background=args.background,
             )
             meta = dict(volume.meta)
             provenance = {
@@ -514,13 +550,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 "native_space": bool(args.native),
                 "command": "medil " + shlex.join(args.argv),
             }
-            written.append(write_volume(volume, path, overwrite=args.overwrite, provenance=provenance))
+            outputs.stage(volume, path, provenance=provenance)
             if args.progress == "json":
-                print(json.dumps({"written": str(path), "seed": meta["seed"], "shape": list(target.shape)}), flush=True)
+                print(json.dumps({"sampled": str(path), "seed": meta["seed"], "shape": list(target.shape)}), flush=True)
+        outputs.commit()
     except BaseException:
+        outputs.abort()
         close(ok=False)
         raise
     close()
+    written = outputs.written
     summary = {
         "outputs": [str(p) for p in written],
         "model": sampler.name,
@@ -562,9 +601,15 @@ def cmd_evaluate_generative(args: argparse.Namespace) -> int:
 
     if args.n < 2:
         raise MedILError("diversity needs at least 2 samples: --n 2 or more", options=("n",))
+    from .io import check_report_path
+
     for out in (args.json, args.markdown):  # before minutes of sampling, not after
-        if out and not Path(out).parent.is_dir():
-            raise MedILError(f"the folder of {out} does not exist; create it first")
+        check_report_path(out, args.overwrite)
+    if args.json and args.markdown and os.path.realpath(args.json) == os.path.realpath(args.markdown):
+        raise MedILError("--json and --markdown name the same file; give them different names")
+    from .ops.runtime import check_seed
+
+    check_seed(args.seed, args.n)
     train, held = _volumes_of(args.train), _volumes_of(args.held_out)
     update, close = _progress_callback("bar")
     try:
@@ -585,7 +630,7 @@ def cmd_evaluate_generative(args: argparse.Namespace) -> int:
         raise
     close()
     result["command"] = "medil " + shlex.join(args.argv)
-    write_reports(result, args.json, args.markdown)
+    write_reports(result, args.json, args.markdown, args.overwrite)
     print(markdown(result))
     return 0
 
@@ -687,11 +732,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, markdown_table, target_table, to_json
+    from .io import check_report_path, write_text_atomic
     from .models import default_model_for, load_model
 
-    for out in (args.json, args.markdown):
-        if out and Path(out).parent and not Path(out).parent.is_dir():
-            raise MedILError(f"the folder of {out} does not exist; create it first")
+    for out in (args.json, args.markdown):  # before any work: an existing report is kept unless --overwrite
+        check_report_path(out, args.overwrite)
+    if args.json and args.markdown and os.path.realpath(args.json) == os.path.realpath(args.markdown):
+        raise MedILError("--json and --markdown name the same file; give them different names")
     for t in args.thick:
         if not t > 0:
             raise MedILError(f"--thick values must be positive mm, got {t}")
@@ -717,9 +764,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table += "\n\n" + superres_table(result, args.superres)
     print(table)
     if args.json:
-        Path(args.json).write_text(to_json(result) + "\n")
+        write_text_atomic(args.json, to_json(result) + "\n", args.overwrite)
     if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+        write_text_atomic(args.markdown, table + "\n", args.overwrite)
     if args.record_in_cards:
         from .evaluate import record_in_card
         from .models import find_model
@@ -763,10 +810,12 @@ def _raise_interrupted(signum, frame) -> None:
 
 
 class _StderrNotes(logging.Handler):
-    """The core's notes (e.g. a re-orthonormalised header) as ``medil: note: ...`` on the current stderr."""
+    """The core's notes (e.g. a re-orthonormalised header) as ``medil: note: ...`` on the current stderr,
+    its warnings (e.g. an output mostly outside the input) as ``medil: warning: ...``."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"medil: note: {record.getMessage()}", file=sys.stderr)
+        kind = "warning" if record.levelno >= logging.WARNING else "note"
+        print(f"medil: {kind}: {record.getMessage()}", file=sys.stderr)
 
 
 def _install_signals() -> dict:

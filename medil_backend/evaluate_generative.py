@@ -32,7 +32,6 @@ import itertools
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -321,10 +320,11 @@ def markdown(result: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_reports(result: dict, json_path: str | None, md_path: str | None) -> None:
-    """JSON and Markdown reports, each written beside its target and renamed into place (never half-written)."""
+def write_reports(result: dict, json_path: str | None, md_path: str | None, overwrite: bool = False) -> None:
+    """JSON and Markdown reports, each written beside its target and renamed into place (never half-written;
+    an existing report is replaced only with ``overwrite``)."""
+    from .io import write_text_atomic
+
     for path, text in ((json_path, json.dumps(result, indent=2, default=float) + "\n"), (md_path, markdown(result))):
         if path:
-            tmp = Path(path).with_name(Path(path).name + ".part")
-            tmp.write_text(text)
-            tmp.replace(path)
+            write_text_atomic(path, text, overwrite)

@@ -493,6 +493,34 @@ def lookup_box(source: Sequence[Grid], query: Sequence[Grid]) -> tuple[tuple[np.
     return (lo, hi), (np.maximum(lo - 1, 0), np.minimum(hi + 1, shape))
 
 
+#: how far (in the input's voxels) outside its outer voxel faces an output voxel still counts as inside
+#: (round-off of grids built to cover the input exactly)
+OUTSIDE_TOLERANCE_VOXELS = 1e-3
+
+
+def inside_mask(source: Grid, query: Grid, index: Sequence[slice] | None = None) -> np.ndarray:
+    """Whether each voxel of ``query`` (or of its block ``index``) lies within ``source``'s extent
+    (its voxel boxes, -0.5 .. n - 0.5 in voxel units): a bool array of the block's shape, computed
+    axis by axis in float64 (one block-sized float array at a time)."""
+    index = tuple(index) if index is not None else tuple(slice(0, n) for n in query.shape)
+    ranges = [np.arange(*sl.indices(n), dtype=np.float64) for sl, n in zip(index, query.shape)]
+    m = voxel_map(source, query)
+    inside = np.ones(tuple(len(r) for r in ranges), dtype=bool)
+    tol = OUTSIDE_TOLERANCE_VOXELS
+    for a in range(3):
+        coord = (m[a, 0] * ranges[0])[:, None, None] + (m[a, 1] * ranges[1])[None, :, None] + (m[a, 2] * ranges[2])[None, None, :] + m[a, 3]
+        inside &= (coord >= -0.5 - tol) & (coord <= source.shape[a] - 0.5 + tol)
+    return inside
+
+
+def overlap_fraction(source: Grid, query: Grid, max_points: int = 128) -> float:
+    """The fraction of ``query``'s voxels that lie within ``source``'s extent: exact for grids of at most
+    ``max_points`` voxels an axis, else estimated on the centres of blocks of voxels (to about 1/max_points)."""
+    steps = [max(1, -(-n // max_points)) for n in query.shape]
+    index = tuple(slice(min(s // 2, n - 1), n, s) for s, n in zip(steps, query.shape))
+    return float(np.mean(inside_mask(source, query, index)))
+
+
 def rotation(angles_deg) -> np.ndarray:
     """Rotation matrix about x, then y, then z (degrees)."""
     ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))

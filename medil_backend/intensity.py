@@ -18,12 +18,35 @@ MODALITIES = ("mri", "ct")
 CT_LOW, CT_HIGH = -1000.0, 2000.0
 
 
-def guess_modality(array: np.ndarray) -> str:
-    """``ct`` when the volume looks like Hounsfield units (air near -1000 HU), else ``mri``."""
+def explain_modality(array: np.ndarray, dicom_modality: str | None = None) -> tuple[str, str]:
+    """(``ct`` or ``mri``, the reason in a few words).
+
+    A DICOM Modality tag (CT, MR) decides. Otherwise Hounsfield units are recognised by more than
+    the air around a body (a CT cropped tight to the body has none): voxels at or near -1000 HU
+    (air, lungs), or a bulk of clearly negative voxels (fat is about -100 HU), never below -3100;
+    an MR magnitude image has neither (at most a little negative noise).
+    """
+    tag = (dicom_modality or "").strip().upper()
+    if tag in ("CT", "MR"):
+        return ("ct" if tag == "CT" else "mri"), f"DICOM Modality tag {tag}"
     sample = np.asarray(array).ravel()[:: max(1, array.size // 2_000_000)].astype(np.float64)
-    low = np.percentile(sample, 1)
-    frac_air = np.mean(sample < -500)
-    return "ct" if low <= -500 and frac_air > 0.02 and sample.min() >= -3100 else "mri"
+    if sample.size == 0:
+        return "mri", "empty volume"
+    low, lowest = float(np.percentile(sample, 1)), float(sample.min())
+    frac_air = float(np.mean(sample < -500))
+    frac_negative = float(np.mean(sample < -50))
+    if lowest < -3100:
+        return "mri", f"values down to {lowest:.0f}, below any Hounsfield unit"
+    if low <= -500 and frac_air > 0.02:
+        return "ct", f"{100 * frac_air:.0f} % of voxels at air-like values (below -500), as in Hounsfield units"
+    if frac_negative >= 0.01:
+        return "ct", f"{100 * frac_negative:.0f} % of voxels below -50 (fat-like Hounsfield units), down to {lowest:.0f}"
+    return "mri", "no air at -1000 HU and no bulk of negative voxels"
+
+
+def guess_modality(array: np.ndarray, dicom_modality: str | None = None) -> str:
+    """``ct`` when the volume looks like Hounsfield units, else ``mri`` (see :func:`explain_modality`)."""
+    return explain_modality(array, dicom_modality)[0]
 
 
 @dataclass(frozen=True)
@@ -79,3 +102,14 @@ def physical_floor(array: np.ndarray, modality: str) -> float | None:
     if modality == "ct":
         return CT_FLOOR_HU
     return 0.0 if float(np.min(array)) >= 0 else None
+
+
+def background_value(modality: str, background: float | None = None) -> float:
+    """What an output holds outside the input's extent: ``background`` when given, else 0 for MR and
+    -1024 HU (air as scanners store it) for CT."""
+    if background is not None:
+        value = float(background)
+        if not np.isfinite(value) or abs(value) > 1e20:
+            raise MedILError(f"the background value must be a finite number, got {background!r}", options=("background",))
+        return value
+    return CT_FLOOR_HU if modality == "ct" else 0.0

@@ -8,6 +8,8 @@ when complete, so a failure never leaves a half-written or overwritten output.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -77,75 +79,56 @@ def _check_input_path(path: Path) -> None:
 # -- declared sizes, before any voxel is read -------------------------------------------------------
 
 
-def _external_data_files(header: Path) -> list[str]:
-    """The data files a detached MHD / NRRD header names (empty for a self-contained file)."""
-    try:
-        with open(header, "rb") as fh:
-            head = fh.read(1 << 16)
-    except OSError as exc:
-        raise MedILError(f"cannot read {header} ({exc.strerror}); check its permissions") from None
-    lines = head.decode("latin-1").splitlines()
-    for n, line in enumerate(lines):
-        key, sep, value = line.partition("=" if _suffix(header) in (".mhd", ".mha") else ":")
-        if _suffix(header) in (".nrrd", ".nhdr") and not line.strip():
-            break  # end of an NRRD header
-        key, value = key.strip().lower().replace(" ", ""), value.strip().lstrip("=").strip()
-        if not sep or key not in ("elementdatafile", "datafile"):
-            continue
-        first = value.split()[0] if value.split() else ""
-        if first.upper() == "LOCAL" or not first:
-            return []
-        if first.upper() == "LIST":
-            return [ln.strip() for ln in lines[n + 1 :] if ln.strip()]
-        return [first]  # a file name, or a printf-style pattern whose folder is what matters
-    return []
-
-
-def _check_data_files_stay_beside(header: Path) -> None:
-    """Refuse a detached header whose data files lie outside its own folder (a header from elsewhere
-    must not make the tool read, and hand back, arbitrary files of this machine)."""
-    folder = os.path.realpath(header.parent)
-    for name in _external_data_files(header):
-        target = os.path.realpath(os.path.join(folder, name))
-        if os.path.isabs(name) or os.path.commonpath([folder, target]) != folder:
-            raise MedILError(
-                f"{header} names its voxel data {name!r}, outside the header's folder; MedIL reads data files only from "
-                "beside their header: move the data file next to it and name it without a folder"
-            )
-
-
-_ITK_ITEMSIZE = {"8-bit": 1, "16-bit": 2, "32-bit": 4, "64-bit": 8}
+def _format(path: Path) -> str:
+    """``nifti`` (.nii, .nii.gz, .hdr/.img pairs), ``metaio`` (.mha, .mhd), ``nrrd`` (.nrrd, .nhdr) or
+    ``dicom`` (a folder); any other file is refused before a library parses it."""
+    if path.is_dir():
+        return "dicom"
+    s = _suffix(path)
+    if s in NIFTI_SUFFIXES or s in (".hdr", ".img") or path.name.lower().endswith((".hdr.gz", ".img.gz")):
+        return "nifti"
+    if s in (".mha", ".mhd"):
+        return "metaio"
+    if s in (".nrrd", ".nhdr"):
+        return "nrrd"
+    raise MedILError(
+        f"{path.name}: MedIL reads NIfTI (.nii, .nii.gz, .hdr/.img), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) and DICOM "
+        "series folders; convert the file to one of these (e.g. in Slicer: Save as .nrrd)"
+    )
 
 
 def _declared(path: Path) -> tuple[tuple[int, ...], int]:
-    """(shape, bytes per voxel) as a file's header declares them, without reading the voxels."""
-    if path.is_file() and _suffix(path) in NIFTI_SUFFIXES:
-        import nibabel as nib
-
-        img = nib.load(str(path))
+    """(shape, bytes per voxel) as a file's header declares them, without reading the voxels; every
+    header is parsed and validated here (:mod:`medil_backend.headers`) before a C library sees it."""
+    kind = _format(path)
+    if kind == "dicom":
+        return (), 0  # a DICOM series: each slice is checked as it is read
+    if kind == "nifti":
+        img = _nifti_image(path)
         shape = tuple(int(n) for n in img.header.get_data_shape())
         itemsize = int(img.header.get_data_dtype().itemsize)
-        if _suffix(path) == ".nii":
-            need = int(img.header.get("vox_offset", 352)) + int(np.prod(shape, dtype=np.float64)) * itemsize
-            have = path.stat().st_size
+        data = _nifti_data_file(path)
+        if not str(data).endswith(".gz"):
+            offset = int(img.header.get("vox_offset", 352)) if data == path else 0
+            need = offset + int(np.prod(shape, dtype=np.float64)) * itemsize
+            have = data.stat().st_size
             if have < need:
                 raise MedILError(
                     f"{path} is truncated: its header declares {need} bytes of image, the file has {have}; copy the file again"
                 )
         return shape, itemsize
-    sitk = _sitk()
+    if kind == "metaio":
+        from .headers import parse_metaio
 
-    if path.is_dir():
-        return (), 0  # a DICOM series: each slice is checked as it is read
-    if _suffix(path) in ITK_SUFFIXES:
-        _check_data_files_stay_beside(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    bits = sitk.GetPixelIDValueAsString(reader.GetPixelID())  # e.g. "16-bit signed integer"
-    itemsize = next((v for k, v in _ITK_ITEMSIZE.items() if k in bits), 8)
-    comps = max(1, int(reader.GetNumberOfComponents()))
-    return tuple(int(n) for n in reader.GetSize()), itemsize * comps
+        header = parse_metaio(path)
+        return header.shape, header.dtype.itemsize
+    from .headers import parse_nrrd
+
+    header = parse_nrrd(path)
+    shape = header.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape, header.itemsize
 
 
 def check_declared_size(path: Path, max_bytes: float | None) -> None:
@@ -168,23 +151,142 @@ def check_declared_size(path: Path, max_bytes: float | None) -> None:
 # -- reading -------------------------------------------------------------------------------------
 
 
-def _read_nifti_pixdim_check(path: Path, img) -> None:
-    """Geometry from the qform and pixdim: nibabel silently replaces zero pixdims by 1, so check the header as stored."""
+#: how far (mm, anywhere in the volume) the qform and the sform of one NIfTI header may disagree
+#: before MedIL says which one it used
+QFORM_SFORM_TOLERANCE_MM = 1e-3
+#: NIfTI-1 spatial unit codes (``xyzt_units & 7``) -> millimetres; 0 ("unknown") is read as mm, as every reader does
+_NIFTI_UNIT_MM = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 1e-3}
+_NIFTI_UNIT_NAME = {1: "metres", 3: "micrometres"}
+#: NIfTI-1 transform codes: unknown, scanner, aligned, Talairach, MNI-152, template (NIfTI-1.1)
+_NIFTI_XFORM_CODES = (0, 1, 2, 3, 4, 5)
+
+
+def _nifti_image(path: Path):
+    """The nibabel image of a .nii / .nii.gz file or a .hdr/.img pair, whose two files are checked to
+    be regular files side by side (an .img that links out of the folder is refused)."""
+    import nibabel as nib
+
+    from .headers import regular_file_beside
+
+    img = nib.load(str(path))
+    for role in ("header", "image"):
+        fm = img.file_map.get(role)
+        if fm is not None and fm.filename and os.path.abspath(fm.filename) != os.path.abspath(path):
+            regular_file_beside(path, os.path.basename(fm.filename), "image file" if role == "image" else "header")
+    return img
+
+
+def _nifti_data_file(path: Path) -> Path:
+    img_map = _nifti_image(path).file_map.get("image")
+    return Path(img_map.filename) if img_map is not None and img_map.filename else path
+
+
+def _nifti_raw_header(path: Path, img):
+    """The header as stored (nibabel's loaded header has some fields repaired, e.g. zero pixdims)."""
     from nibabel.openers import ImageOpener
 
-    with ImageOpener(str(path)) as fh:
-        raw = type(img.header).from_fileobj(fh, check=False)
-    _check_spacing(np.asarray(raw["pixdim"][1:4], dtype=np.float64), path)
+    fm = img.file_map.get("header") or img.file_map.get("image")
+    header_file = (fm.filename if fm is not None else None) or str(path)
+    with ImageOpener(header_file) as fh:
+        return type(img.header).from_fileobj(fh, check=False)
+
+
+def nifti_affine(img, path: Path) -> np.ndarray:
+    """The one geometry rule for every NIfTI file (NIfTI-1 standard, nibabel's documented choice):
+
+    - the sform when ``sform_code > 0``; else the qform when ``qform_code > 0``; else the pixdims
+      (ANALYZE-style, method 1 of the standard);
+    - the qform and the pixdim method need positive ``pixdim[1..3]`` (the standard's requirement; ITK
+      and nibabel read negative ones differently): a negative one is refused;
+    - both set and disagreeing by more than :data:`QFORM_SFORM_TOLERANCE_MM` anywhere in the volume:
+      the sform is used and a note says so (ITK-based readers may choose the qform);
+    - ``xyzt_units`` in metres or micrometres scales the affine to millimetres.
+    """
+    from nibabel.spatialimages import HeaderDataError
+
+    hdr = img.header
+    raw = _nifti_raw_header(path, img)
+    exact = _exact_affine(hdr)
+    sform_code, qform_code = int(raw["sform_code"]), int(raw["qform_code"])
+    for name, code in (("sform_code", sform_code), ("qform_code", qform_code)):
+        if code not in _NIFTI_XFORM_CODES:  # readers disagree on what an unknown code means (nibabel drops it)
+            raise MedILError(f"{path} has {name} {code}, not a NIfTI-1 transform code (0 to 5); fix the header")
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    log = logging.getLogger("medil")
+    if sform_code > 0:
+        affine = np.asarray(hdr.get_sform(), dtype=np.float64)
+        if exact is not None and np.max(np.abs(exact - affine)) <= EXACT_AFFINE_MATCH_MM:
+            affine = exact  # the float64 affine MedIL stored beside the float32 sform it rounds to
+        if qform_code > 0:
+            try:
+                qform = np.asarray(hdr.get_qform(), dtype=np.float64)
+            except Exception:  # an invalid qform (nibabel raises several types): the sform alone counts
+                qform = None
+            if qform is not None:
+                shape = np.asarray(hdr.get_data_shape()[:3], dtype=np.float64)
+                corners = np.array(np.meshgrid(*[[0.0, max(n - 1.0, 0.0)] for n in shape], indexing="ij")).reshape(3, -1)
+                corners = np.vstack([corners, np.ones(corners.shape[1])])
+                gap = float(np.max(np.linalg.norm((affine - qform)[:3] @ corners, axis=0)))
+                if not np.isfinite(gap) or gap > QFORM_SFORM_TOLERANCE_MM:
+                    log.warning(
+                        "%s: its NIfTI qform and sform disagree by up to %.3g mm; MedIL used the sform (NIfTI-1 standard); "
+                        "tools that use the qform will place the volume elsewhere",
+                        path.name,
+                        gap,
+                    )
+    else:
+        _check_spacing(pixdim, path)
+        if np.any(pixdim < 0):
+            raise MedILError(
+                f"{path} has negative voxel spacing in pixdim ({', '.join(f'{p:g}' for p in pixdim)}) and no sform: the NIfTI-1 "
+                "standard requires positive pixdims here and readers disagree on what a negative one means; fix the header "
+                "(store the flip in the qform's qfac, or set an sform)"
+            )
+        try:
+            affine = np.asarray(hdr.get_qform() if qform_code > 0 else hdr.get_base_affine(), dtype=np.float64)
+        except (HeaderDataError, ValueError, ArithmeticError) as exc:
+            raise MedILError(f"{path} has an invalid qform ({str(exc)[:120]}); fix the header") from None
+    units = int(raw["xyzt_units"]) & 0x07
+    if units not in _NIFTI_UNIT_MM:
+        raise MedILError(f"{path} declares spatial unit code {units} in xyzt_units, not one of the NIfTI-1 units; fix the header")
+    if _NIFTI_UNIT_MM[units] != 1.0:
+        affine = affine.copy()
+        affine[:3, :] *= _NIFTI_UNIT_MM[units]
+        log.info("%s: its header gives lengths in %s; converted to millimetres", path.name, _NIFTI_UNIT_NAME[units])
+    return affine
+
+
+#: the float64 affine MedIL keeps in a NIfTI-1 header extension is used only while the file's sform is
+#: still its float32 rounding (a tool that edited the sform makes the extension stale: then the sform counts)
+EXACT_AFFINE_MATCH_MM = 1e-4
+_EXACT_KEY = "MedIL.affine_ras"
+_ECODE_COMMENT = 6
+
+
+def _exact_affine(hdr) -> np.ndarray | None:
+    import json
+
+    for ext in getattr(hdr, "extensions", []) or []:
+        try:
+            if ext.get_code() != _ECODE_COMMENT:
+                continue
+            content = ext.get_content()
+            text = content.decode("utf-8", "replace") if isinstance(content, bytes) else str(content)
+            if _EXACT_KEY not in text[:40]:
+                continue
+            value = np.asarray(json.loads(text.rstrip("\x00"))[_EXACT_KEY], dtype=np.float64)
+        except Exception:
+            continue
+        if value.shape == (4, 4) and np.all(np.isfinite(value)):
+            return value
+    return None
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    if int(img.header["sform_code"]) == 0:
-        _read_nifti_pixdim_check(path, img)
+    img = _nifti_image(path)
+    affine = nifti_affine(img, path)
     array = np.asanyarray(img.dataobj)
-    return array, np.asarray(img.affine, dtype=np.float64)
+    return array, affine
 
 
 def _check_spacing(spacing: np.ndarray, path) -> None:
@@ -237,13 +339,13 @@ def read_grid(path: str | os.PathLike, *, name: str | None = None) -> Grid:
         return read_volume(path, name=name).grid
     try:
         shape, _ = _declared(path)
-        if _suffix(path) in NIFTI_SUFFIXES:
-            import nibabel as nib
+        kind = _format(path)
+        if kind == "nifti":
+            affine = nifti_affine(_nifti_image(path), path)
+        elif kind == "metaio":
+            from .headers import parse_metaio
 
-            img = nib.load(str(path))
-            if int(img.header["sform_code"]) == 0:
-                _read_nifti_pixdim_check(path, img)
-            affine = np.asarray(img.affine, dtype=np.float64)
+            affine = parse_metaio(path).affine
         else:
             reader = _sitk().ImageFileReader()
             reader.SetFileName(str(path))
@@ -293,7 +395,7 @@ def _dicom_series(path: Path) -> list[str]:
         )
     if len(files) < 2:
         return files
-    positions, normal = [], None
+    positions, first = [], None
     info = sitk.ImageFileReader()
     for f in files:
         info.SetFileName(f)
@@ -301,11 +403,46 @@ def _dicom_series(path: Path) -> list[str]:
             info.ReadImageInformation()
         except RuntimeError:
             raise MedILError(f"{path}: the slice {os.path.basename(f)} cannot be read; restore it from the source") from None
-        if normal is None:
-            normal = np.array(info.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
-        positions.append(float(np.dot(info.GetOrigin(), normal)))
-    order = np.argsort(positions)
-    gaps = np.diff(np.asarray(positions)[order])
+        direction = np.array(info.GetDirection(), dtype=np.float64).reshape(3, 3)
+        spacing = np.array(info.GetSpacing(), dtype=np.float64)[:2]
+        size = tuple(info.GetSize())[:2]
+        if first is None:
+            first = (direction, spacing, size, os.path.basename(f))
+        else:  # one grid for the series: the same orientation, pixel spacing and matrix in every slice
+            d0, s0, n0, name0 = first
+            what = None
+            if np.max(np.abs(direction[:, :2] - d0[:, :2])) > 1e-4:
+                what = "orientation (ImageOrientationPatient)"
+            elif np.max(np.abs(spacing - s0)) > 1e-4 * max(1.0, float(np.max(s0))):
+                what = f"pixel spacing ({spacing[0]:.4g} x {spacing[1]:.4g} mm, not {s0[0]:.4g} x {s0[1]:.4g})"
+            elif size != n0:
+                what = f"matrix size ({size[0]} x {size[1]}, not {n0[0]} x {n0[1]})"
+            if what:
+                raise MedILError(
+                    f"{path}: the slice {os.path.basename(f)} has another {what} than {name0}: the folder mixes acquisitions; "
+                    "put the slices of one acquisition in their own folder"
+                )
+        positions.append(np.array(info.GetOrigin(), dtype=np.float64)[:3])
+    direction, spacing, _, _ = first
+    row, col = direction[:, 0], direction[:, 1]
+    normal = np.cross(row, col)
+    pos = np.asarray(positions)
+    along = pos @ normal
+    order = np.argsort(along)
+    pos, along = pos[order], along[order]
+    # gantry tilt: slice positions that move within the slice plane (sheared stack); a grid built from the
+    # first slice's orientation would misplace every later slice
+    inplane = (pos - pos[0]) - np.outer(along - along[0], normal)
+    drift = float(np.max(np.linalg.norm(inplane, axis=1)))
+    if drift > max(0.01, 0.05 * float(np.min(spacing))):
+        total = float(along[-1] - along[0])
+        tilt = float(np.degrees(np.arctan2(drift, abs(total)))) if total else 90.0
+        raise MedILError(
+            f"{path}: the slices are sheared (gantry tilt of about {tilt:.1f} degrees: their positions move {drift:.1f} mm within "
+            "the slice plane across the series), so they do not lie on one grid; MedIL does not de-shear: load the series in "
+            "Slicer's DICOM module (which applies the acquisition transform) or convert it with dcm2niix, then use that volume"
+        )
+    gaps = np.diff(along)
     step = float(np.median(gaps))
     bad = np.flatnonzero(np.abs(gaps - step) > max(0.01, 0.01 * abs(step)))
     if abs(step) < 1e-6 or bad.size:
@@ -318,13 +455,35 @@ def _dicom_series(path: Path) -> list[str]:
     return files
 
 
-def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _dicom_modality(files: list[str]) -> str | None:
+    """The DICOM Modality tag (0008,0060) of a series' first slice, if it has one."""
+    info = _sitk().ImageFileReader()
+    info.SetFileName(files[0])
+    try:
+        info.ReadImageInformation()
+        return info.GetMetaData("0008|0060").strip() if info.HasMetaDataKey("0008|0060") else None
+    except RuntimeError:
+        return None
+
+
+def _read_itk(path: Path, meta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM series folder or a validated NRRD file through SimpleITK; MetaImage files through
+    MedIL's own reader (:func:`medil_backend.headers.read_metaio`). ``meta`` receives the DICOM
+    Modality tag (``dicom_modality``)."""
     sitk = _sitk()
 
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(_dicom_series(path))
+        files = _dicom_series(path)
+        reader.SetFileNames(files)
         image = reader.Execute()
+        if meta is not None:
+            meta["dicom_modality"] = _dicom_modality(files)
+    elif _format(path) == "metaio":
+        from .headers import parse_metaio, read_metaio
+
+        header = parse_metaio(path)
+        return read_metaio(header), header.affine
     else:
         image = sitk.ReadImage(str(path))
     return _itk_to_ras(image)
@@ -377,10 +536,11 @@ def read_volume(
     _check_input_path(path)
     try:
         check_declared_size(path, check_memory_limit(max_memory_gb))
-        if path.is_file() and _suffix(path) in NIFTI_SUFFIXES:
+        extra: dict = {}
+        if _format(path) == "nifti":
             array, affine = _read_nifti(path)
         else:
-            array, affine = _read_itk(path)
+            array, affine = _read_itk(path, extra)
     except MedILError as exc:
         text = str(exc).replace(str(path), name)
         raise MedILError(name + text[len("the image") :] if text.startswith("the image") else text, options=exc.options) from None
@@ -391,7 +551,10 @@ def read_volume(
             f"cannot read {name} ({library_message(exc).replace(str(path), name)}); check that it is a complete NIfTI, NRRD, "
             "MHA/MHD file or a DICOM series folder"
         ) from None
-    return checked_volume(np.asarray(array), affine, name, modality)
+    volume = checked_volume(np.asarray(array), affine, name, modality)
+    if extra.get("dicom_modality"):
+        volume.meta["dicom_modality"] = extra["dicom_modality"]
+    return volume
 
 
 def checked_volume(array: np.ndarray, affine: np.ndarray, name: str, modality: str = "unknown") -> Volume:
@@ -436,25 +599,42 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 def cast_for_output(array: np.ndarray, dtype: str | np.dtype | None) -> np.ndarray:
-    """float32 by default; an integer dtype is rounded and clipped to its range."""
+    """float32 by default; an integer dtype is rounded and clipped to its range (in float64, so the
+    top of int32/uint32 does not overflow and wrap as it did through float32)."""
     dtype = np.dtype(np.float32 if dtype is None else dtype)
-    if dtype.kind in "iub":
-        info = np.iinfo(dtype) if dtype.kind != "b" else None
-        out = np.rint(array)
-        if info is not None:
-            out = np.clip(out, info.min, info.max)
-        return out.astype(dtype)
-    return array.astype(dtype)
+    if dtype.kind == "b":
+        return np.asarray(array) > 0.5
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        out = np.rint(np.asarray(array, dtype=np.float64))
+        low, high = float(info.min), float(info.max)
+        if int(high) > info.max:  # 2**63-1 and 2**64-1 are not float64 numbers: the largest one below
+            high = float(np.nextafter(high, 0.0))
+        return np.clip(out, low, high).astype(dtype)
+    return np.asarray(array).astype(dtype)
+
+
+#: NIfTI-1 stores each axis length as a 16-bit integer; only a larger volume is written as NIfTI-2
+NIFTI1_MAX_AXIS = 32767
 
 
 def _write_nifti(array: np.ndarray, affine: np.ndarray, path: str, provenance: dict | None = None) -> None:
-    """NIfTI-1 (float32 header geometry) when that keeps the affine to 1e-6 mm, else NIfTI-2 (float64)."""
+    """NIfTI-1, which every viewer opens (SimpleITK/ITK, and so Slicer, cannot read NIfTI-2), unless an
+    axis is longer than NIfTI-1 can store. Its sform is float32: each affine entry is kept to half a
+    float32 step (at most 7.7e-6 mm for coordinates within 256 mm of the world origin, 1.6e-5 mm
+    within 512 mm, 3.1e-5 mm within 1024 mm) for every other reader; the float64 affine is kept in a
+    header extension, so MedIL reads its own files back exactly. NRRD and MHA keep float64 for all."""
+    import json
+
     import nibabel as nib
 
-    exact32 = np.max(np.abs(affine.astype(np.float32).astype(np.float64) - affine)) <= 1e-6
-    img = (nib.Nifti1Image if exact32 else nib.Nifti2Image)(array, affine)
+    fits = max(array.shape) <= NIFTI1_MAX_AXIS
+    img = (nib.Nifti1Image if fits else nib.Nifti2Image)(array, affine)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
+    if np.any(affine.astype(np.float32).astype(np.float64) != affine):  # MedIL reads its float64 affine back exactly
+        text = json.dumps({_EXACT_KEY: affine.tolist()})
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(_ECODE_COMMENT, text.encode("utf-8")))
     img.header.set_xyzt_units("mm", "sec")
     if provenance:
         img.header["descrip"] = provenance_line(provenance).encode("ascii", "replace")[:79]
@@ -524,45 +704,230 @@ def write_volume(
 
     With ``provenance`` (task, model, version, parameters, ...) the file says it is AI-generated:
     NIfTI ``descrip``, NRRD/MHA ``MedIL.*`` keys, and a JSON sidecar (:func:`sidecar_path`) with
-    the whole record, written the same atomic way.
+    the whole record; the image and its sidecar are committed together or not at all
+    (:class:`OutputSet`).
     """
-    path = check_output_path(path, overwrite=overwrite)
-    sidecar = sidecar_path(path) if provenance else None
-    if sidecar is not None:
-        check_output_path_free(sidecar, overwrite)
-    array = cast_for_output(np.asarray(volume.array), dtype)
-    suffix = _suffix(path)
-    tmps = []
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent or ".")
-        os.close(fd)
-        tmps.append(tmp)
-        if suffix in NIFTI_SUFFIXES:
-            _write_nifti(array, volume.affine, tmp, provenance)
-        else:
-            _write_itk(array, volume.affine, tmp, provenance)
-        os.chmod(tmp, _output_mode(path))
-        if sidecar is not None:
-            import json
+    with OutputSet(overwrite) as out:
+        out.declare(path, sidecar=provenance is not None)
+        out.stage(volume, path, dtype=dtype, provenance=provenance)
+    return out.written[0]
 
-            fd, side_tmp = tempfile.mkstemp(prefix=f".{sidecar.name}.", suffix=".part", dir=path.parent or ".")
-            tmps.append(side_tmp)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(
-                    {"AIGenerated": True, "note": provenance_line(provenance), **provenance}, fh, indent=2, sort_keys=True, default=str
-                )
-            os.chmod(side_tmp, _output_mode(sidecar))
-        check_output_path_free(path, overwrite)  # it may have appeared while we computed
+
+_PART = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.(?P<kind>part|bak)")
+_OLD_PART = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.part")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_parts(folder: Path, names: set[str] | None = None) -> list[str]:
+    """Remove the temporary files a killed MedIL run left in ``folder`` (``.NAME.PID.XXXX.part*`` of a
+    process that no longer runs; older ``.NAME.XXXX.part*`` ones for the ``names`` about to be
+    written). A stale ``.bak`` (a run killed while replacing files) is put back if its file is
+    missing, else removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _PART.match(e.name)
+        stale = m is not None and not _pid_alive(int(m.group("pid")))
+        if m is None:
+            old = _OLD_PART.match(e.name)
+            stale = old is not None and names is not None and old.group("name") in names
+        if not stale or not e.is_file(follow_symlinks=False):
+            continue
+        try:
+            if m is not None and m.group("kind") == "bak" and not os.path.lexists(folder / m.group("name")):
+                os.replace(e.path, folder / m.group("name"))
+            else:
+                os.unlink(e.path)
+            removed.append(e.name)
+        except OSError:
+            pass
+    return removed
+
+
+class OutputSet:
+    """Every file of one result (images, their JSON sidecars, an uncertainty map, a ``--n`` series),
+    all checked before any work and committed together or not at all.
+
+    ``declare`` each output first (before computing: names, folders, clashes and existing files are
+    checked then); ``stage`` writes an image and its sidecar to hidden temporary files beside their
+    targets as soon as it is computed; leaving the ``with`` block normally commits every staged file
+    (each replaced file is kept aside until all are in place, and put back if any rename fails);
+    leaving it by an exception, Ctrl-C or a termination signal removes every temporary file and
+    changes nothing.
+    """
+
+    def __init__(self, overwrite: bool = False) -> None:
+        self.overwrite = overwrite
+        self._declared: dict[Path, Path | None] = {}  # image -> its sidecar
+        self._owner: dict[str, Path] = {}  # every target (resolved) -> the image it belongs to
+        self._staged: list[tuple[str, Path]] = []  # (temporary file, target)
+        self.written: list[Path] = []
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+    def _claim(self, target: Path, image: Path) -> None:
+        key = os.path.realpath(target)
+        if key in self._owner:
+            other = self._owner[key]
+            what = "the same file" if other == image == target else f"the file {target.name}"
+            raise MedILError(f"{image} and {other} would both write {what}; give the outputs names that differ before the extension")
+        self._owner[key] = image
+
+    def declare(self, path: str | os.PathLike, *, sidecar: bool = True) -> Path:
+        """Check an output name (and its sidecar's) before any work; returns the path."""
+        path = check_output_path(path, overwrite=self.overwrite)
+        side = sidecar_path(path) if sidecar else None
+        self._claim(path, path)
+        if side is not None:
+            if os.path.isdir(side):
+                raise MedILError(f"{side} (the output's JSON sidecar) is a folder; move it away or choose another output name")
+            check_output_path_free(side, self.overwrite)
+            self._claim(side, path)
+        self._declared[path] = side
+        return path
+
+    def stage(
+        self, volume: Volume, path: str | os.PathLike, *, dtype: str | np.dtype | None = None, provenance: dict | None = None
+    ) -> Path:
+        """Write one declared image (and its sidecar, with ``provenance``) to temporary files."""
+        path = Path(path)
+        if path not in self._declared:
+            path = self.declare(path, sidecar=provenance is not None)
+        if len(self._staged) == 0:
+            remove_stale_parts(
+                path.parent if str(path.parent) else Path("."),
+                {p.name for p in self._declared} | {s.name for s in self._declared.values() if s is not None},
+            )
+        array = cast_for_output(np.asarray(volume.array), dtype)
+        suffix = _suffix(path)
+        folder = path.parent if str(path.parent) else Path(".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".part{suffix}", dir=folder)
+            os.close(fd)
+            self._staged.append((tmp, path))
+            if suffix in NIFTI_SUFFIXES:
+                _write_nifti(array, volume.affine, tmp, provenance)
+            else:
+                _write_itk(array, volume.affine, tmp, provenance)
+            os.chmod(tmp, _output_mode(path))
+            side = self._declared.get(path)
+            if provenance is not None and side is not None:
+                import json
+
+                fd, side_tmp = tempfile.mkstemp(prefix=f".{side.name}.{os.getpid()}.", suffix=".part", dir=folder)
+                self._staged.append((side_tmp, side))
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(
+                        {"AIGenerated": True, "note": provenance_line(provenance), **provenance}, fh, indent=2, sort_keys=True, default=str
+                    )
+                os.chmod(side_tmp, _output_mode(side))
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, (MedILError, KeyboardInterrupt)):
+                raise
+            raise MedILError(f"could not write {path} ({library_message(exc)}); check free disk space and permissions") from None
+        return path
+
+    def commit(self) -> list[Path]:
+        """Put every staged file in place, or none of them."""
+        for _, target in self._staged:  # a file may have appeared while we computed
+            check_output_path_free(target, self.overwrite)
+            if os.path.isdir(target):
+                self.abort()
+                raise MedILError(f"{target} is now a folder; no output was written: move it away and run again")
+        backups: list[tuple[str, Path]] = []
+        done: list[Path] = []
+        try:
+            for tmp, target in self._staged:
+                if os.path.lexists(target):
+                    fd, bak = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".bak", dir=target.parent)
+                    os.close(fd)
+                    os.replace(target, bak)
+                    backups.append((bak, target))
+                os.replace(tmp, target)
+                done.append(target)
+        except BaseException as exc:
+            for target in done:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+            for bak, target in backups:
+                with contextlib.suppress(OSError):
+                    os.replace(bak, target)
+            self.abort()
+            if isinstance(exc, (MedILError, KeyboardInterrupt)):
+                raise
+            raise MedILError(
+                f"could not write {target} ({library_message(exc)}); nothing was changed: check free disk space and permissions"
+            ) from None
+        for bak, _ in backups:
+            with contextlib.suppress(OSError):
+                os.unlink(bak)
+        self.written = [t for _, t in self._staged if t in self._declared]
+        self._staged = []
+        return self.written
+
+    def abort(self) -> None:
+        """Remove every temporary file; nothing that existed is changed."""
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+        self._staged = []
+
+
+def check_report_path(path: str | os.PathLike | None, overwrite: bool = False) -> Path | None:
+    """A report file (JSON, Markdown, HTML) checked before any work: its folder exists, it is not a
+    folder, and an existing one is replaced only with ``overwrite``."""
+    if not path:
+        return None
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise MedILError(f"the folder of {path} does not exist; create it first")
+    if path.is_dir():
+        raise MedILError(f"{path} is a folder; give a report file name")
+    check_output_path_free(path, overwrite)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write a text report beside its target and rename it into place (never half-written; an
+    existing file is replaced only with ``overwrite``)."""
+    path = check_report_path(path, overwrite)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, _output_mode(path))
+        check_output_path_free(path, overwrite)
         os.replace(tmp, path)
-        if sidecar is not None:
-            os.replace(tmps[1], sidecar)
-    except BaseException as exc:
-        for t in tmps:
-            if os.path.exists(t):
-                os.unlink(t)
-        if isinstance(exc, (MedILError, KeyboardInterrupt)):
-            raise
-        raise MedILError(f"could not write {path} ({library_message(exc)}); check free disk space and permissions") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 

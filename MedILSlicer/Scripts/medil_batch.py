@@ -52,6 +52,33 @@ def load_node(path, name):
     return node
 
 
+def node_provenance(node, args, argv) -> dict:
+    """The provenance record of an output node (the attributes the logic set on it), for the file and its sidecar."""
+    import json
+
+    def attr(key, default=None):
+        value = node.GetAttribute(f"MedIL.{key}")
+        return default if value is None else value
+
+    try:
+        parameters = json.loads(attr("parameters", "{}"))
+    except ValueError:
+        parameters = {}
+    from medil_backend import __version__
+
+    return {
+        "task": attr("task", "reconstruct"),
+        "model": attr("model"),
+        "model_sha256": attr("modelSha256"),
+        "version": attr("backendVersion", __version__),
+        "modality": attr("modality"),
+        "input": os.path.basename(args.input.rstrip("/")),
+        "parameters": parameters,
+        "command": "medil_batch.py " + " ".join(argv),
+        "frontend": "MedILSlicer/Scripts/medil_batch.py",
+    }
+
+
 def run(argv) -> int:
     import numpy as np
 
@@ -69,7 +96,7 @@ def run(argv) -> int:
 
     from medil_backend.errors import MedILError
     from medil_backend.geometry import Volume
-    from medil_backend.io import check_output_path, write_volume
+    from medil_backend.io import OutputSet
 
     args = parse(argv)
     if getattr(slicer, "mrmlScene", None) is None:
@@ -77,7 +104,8 @@ def run(argv) -> int:
     try:
         if args.spacing is not None and len(args.spacing) not in (1, 3):
             raise MedILError("--spacing takes one value (isotropic) or three")
-        check_output_path(args.output, overwrite=args.overwrite)
+        outputs = OutputSet(args.overwrite)  # the output and its JSON sidecar, checked before any work
+        outputs.declare(args.output)
         if not os.path.exists(args.input):
             raise MedILError(f"{args.input} does not exist; check the path")
         node = load_node(args.input, "input")
@@ -93,7 +121,8 @@ def run(argv) -> int:
 
         out = MedILLogicCore().process(node, space, model=args.model, device=args.device, modality=args.modality, onEvent=on_event)
         array = slicer.util.arrayFromVolume(out).transpose(2, 1, 0)
-        write_volume(Volume(np.asarray(array), ijk_to_ras(out)), args.output, overwrite=args.overwrite)
+        with outputs:  # marked AI-generated in the file's header and in its sidecar, as the medil command does
+            outputs.stage(Volume(np.asarray(array), ijk_to_ras(out)), args.output, provenance=node_provenance(out, args, argv))
     except (MedILError, MedILSlicerError) as exc:
         print(f"medil_batch: error: {exc}", file=sys.stderr)
         return 1

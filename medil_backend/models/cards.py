@@ -37,11 +37,28 @@ def user_model_dirs() -> list[Path]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The sha256 of a regular file (a link, pipe or device is refused; size-capped)."""
+    from ..files import MAX_WEIGHTS_BYTES, read_regular_file
+
+    return hashlib.sha256(read_regular_file(path, MAX_WEIGHTS_BYTES, "weights file")).hexdigest()
+
+
+def read_weights(path: Path, sha256: str, name: str) -> dict:
+    """The tensors of a safetensors file, read once (a regular file, not a link, size-capped), checked
+    against ``sha256`` and parsed from those same bytes."""
+    from safetensors.torch import load
+
+    from ..files import MAX_WEIGHTS_BYTES, read_regular_file
+
+    data = read_regular_file(path, MAX_WEIGHTS_BYTES, "weights file")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise MedILError(f"the weights of model {name!r} do not match the sha256 in its card; the file is corrupt or was replaced")
+    try:
+        return load(data)
+    except Exception as exc:
+        raise MedILError(
+            f"the weights of model {name!r} are not a readable safetensors file ({str(exc)[:120]}); reinstall the model"
+        ) from None
 
 
 @dataclass
@@ -86,10 +103,9 @@ class LoadedModel:
 
 
 def _read_card(path: Path) -> dict:
-    try:
-        card = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise MedILError(f"model card {path} cannot be read ({exc}); reinstall the model") from None
+    from ..files import read_json_file
+
+    card = read_json_file(path, "model card")
     if not isinstance(card, dict) or "config" not in card:
         raise MedILError(f"{path} is not a MedIL model card (no 'config'); point at a model's .json card or its folder")
     return card
@@ -139,23 +155,20 @@ def find_model(name_or_path: str | os.PathLike | None) -> ModelEntry:
 
 def load_model(name_or_path: str | os.PathLike | None = None) -> LoadedModel:
     """Build the network from the card and load its safetensors weights after checking their sha256."""
-    from safetensors.torch import load_file
-
     entry = find_model(name_or_path)
     wpath = entry.weights_path
-    if not wpath.exists():
+    if not os.path.lexists(wpath):
         raise MedILError(f"the weights {wpath} of model {entry.name!r} are missing; reinstall the model")
     if not entry.card.get("sha256"):
         raise MedILError(
             f"the card {entry.card_path} has no sha256 of its weights, so they cannot be checked; re-export the model "
             "(`medil export`) or add the sha256 of its weights file"
         )
-    digest = sha256_file(wpath)
-    if entry.card["sha256"] != digest:
-        raise MedILError(f"the weights of model {entry.name!r} do not match the sha256 in its card; the file is corrupt or was replaced")
+    digest = str(entry.card["sha256"])
+    state = read_weights(wpath, digest, entry.name)
     try:
         net = build_network(entry.card)
-        net.load_state_dict(load_file(str(wpath)), strict=True)
+        net.load_state_dict(state, strict=True)
     except MedILError:
         raise
     except Exception as exc:

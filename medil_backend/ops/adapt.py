@@ -20,7 +20,6 @@ standard deviation is an uncertainty map.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -203,15 +202,14 @@ def load_prior(modality: str) -> dict[str, torch.Tensor] | None:
     card_path = PRIOR_DIR / f"prior-{modality}.json"
     if not card_path.is_file():
         return None
-    from safetensors.torch import load_file
+    from ..files import read_json_file
+    from ..models.cards import read_weights
 
-    from ..models.cards import sha256_file
-
-    card = json.loads(card_path.read_text())
-    path = PRIOR_DIR / card["weights"]
-    if not path.is_file() or sha256_file(path) != card["sha256"]:
-        raise MedILError(f"the adaptation starting weights {path} do not match their card's sha256: reinstall MedIL")
-    return load_file(str(path))
+    card = read_json_file(card_path, "model card")
+    name = card.get("weights") if isinstance(card, dict) else None
+    if not isinstance(name, str) or name != Path(name).name or not card.get("sha256"):
+        raise MedILError(f"the adaptation starting weights' card {card_path} is damaged: reinstall MedIL")
+    return read_weights(PRIOR_DIR / name, str(card["sha256"]), f"prior-{modality}")
 
 
 def _mirrored(net: ResidualCNN2d, planes: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,13 @@ def fixed_grid_reconstruct(
     max_memory_gb: float | None = None,
     modality: str | None = None,
     precision: str = "auto",
+    background: float | None = None,
 ) -> Volume:
+    from ..intensity import background_value
+    from .reconstruct import check_overlap
+    from .tiling import fill_outside
+
+    overlap = check_overlap(volume.grid, target)
     budget = check_memory_limit(max_memory_gb)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -85,4 +91,6 @@ def fixed_grid_reconstruct(
     floor = physical_floor(volume.array, norm.modality)
     if floor is not None:
         np.maximum(out, np.float32(floor), out=out)
+    meta.update(background=background_value(norm.modality, background), overlap_fraction=round(overlap, 4))
+    fill_outside(out, volume.grid, target, meta["background"])
     return Volume(out, target.affine, modality=norm.modality, meta=meta)

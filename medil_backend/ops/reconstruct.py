@@ -14,6 +14,7 @@ is refused. ``Testing/test_tiling.py`` measures the peak RSS of a subprocess aga
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import MedILError
-from ..geometry import Grid, Volume, canonical_order
-from ..intensity import fit_normalizer, physical_floor
+from ..geometry import Grid, Volume, canonical_order, overlap_fraction
+from ..intensity import background_value, fit_normalizer, physical_floor
 from ..limits import DEFAULT_MAX_MEMORY_GB, GB, check_memory_limit  # noqa: F401 (DEFAULT_MAX_MEMORY_GB: the public default)
 from ..nn.autoencoder import MedILAutoencoder
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
@@ -34,17 +35,37 @@ RUNTIME_OVERHEAD_BYTES = 224 * 2**20
 SPILL_FRACTION = 0.4
 
 
-def check_overlap(input_grid: Grid, target: Grid) -> None:
-    """Refuse an output grid that does not meet the input's region: every voxel would be a border copy."""
+#: an output grid with less of itself inside the input than this is refused (it would be background)
+MIN_OVERLAP = 0.01
+#: below this, the output is written with a warning that says how much of it is background
+WARN_OVERLAP = 0.1
+
+
+def check_overlap(input_grid: Grid, target: Grid) -> float:
+    """The fraction of the output grid inside the input's extent. Refuses an output grid that (almost)
+    misses the input (under :data:`MIN_OVERLAP`: every voxel would be background); warns, saying how
+    much overlaps, under :data:`WARN_OVERLAP`."""
     in_lo, in_hi = input_grid.extent()
     out_lo, out_hi = target.extent()
-    if np.any(out_hi <= in_lo) or np.any(out_lo >= in_hi):
-        box = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(in_lo, in_hi))
+    box = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(in_lo, in_hi))
+    fraction = 0.0 if (np.any(out_hi <= in_lo) or np.any(out_lo >= in_hi)) else overlap_fraction(input_grid, target)
+    if fraction < MIN_OVERLAP:
+        disjoint = np.any(out_hi <= in_lo) or np.any(out_lo >= in_hi)
+        what = (
+            "does not overlap the input"
+            if disjoint
+            else (f"overlaps the input by only {100 * fraction:.2g} %" if fraction >= 1e-3 else "overlaps the input by less than 0.1 %")
+        )
         raise MedILError(
-            f"the output grid does not overlap the input (the input covers {box} mm in world RAS): "
-            "choose a field of view that meets the input",
+            f"the output grid {what} (the input covers {box} mm in world RAS; at least {100 * MIN_OVERLAP:g} % must): "
+            "choose a field of view or reference grid that covers the input",
             options=("fov", "like"),
         )
+    if fraction < WARN_OVERLAP:
+        logging.getLogger("medil").warning(
+            "only %.0f %% of the output grid lies inside the input (the input covers %s mm); the rest is background", 100 * fraction, box
+        )
+    return fraction
 
 
 def resident_bytes(model: MedILAutoencoder, input_grid: Grid, target: Grid | None, input_copy_bytes: int = 0) -> float:
@@ -122,6 +143,7 @@ def reconstruct(
     max_memory_gb: float | None = None,
     modality: str | None = None,
     precision: str = "auto",
+    background: float | None = None,
 ) -> Volume:
     """Encode ``volume`` on its native grid (axes re-indexed closest to RAS) and decode it onto ``target``.
 
@@ -130,11 +152,13 @@ def reconstruct(
     fit is refused, before any work. ``precision``: ``auto`` (bfloat16 convolutions on CUDA and
     on CPUs with native bf16, else float32), ``float32`` or ``bfloat16``.
     Returns a float32 :class:`Volume` on ``target``, in the input's intensity units (its array is
-    a memory map of a temporary file when the output was spilled to disk).
+    a memory map of a temporary file when the output was spilled to disk). Output voxels outside the
+    input's extent hold ``background`` (default: 0 for MR, -1024 HU for CT), not the input's edge
+    values smeared outwards.
     """
     target = Grid(target.shape, target.affine).validate("the output grid")
     volume.grid.validate("the input")
-    check_overlap(volume.grid, target)
+    overlap = check_overlap(volume.grid, target)
     dev = resolve_device(device)
     reordered = canonical_order(volume)  # the network sees the same array however the file was stored
     copy_bytes = reordered.array.nbytes if reordered is not volume else 0
@@ -158,7 +182,13 @@ def reconstruct(
     floor = physical_floor(volume.array, norm.modality)
     floor = np.float32(-np.inf if floor is None else floor)
     # back to the input's units, no lower than physics allows (an MR magnitude is never negative), per tile
-    output = OutputArray(target.shape, spill=plan.spill, transform=lambda a: np.maximum(a * scale + offset, floor))
+    fill = background_value(norm.modality, background)
+    output = OutputArray(
+        target.shape,
+        spill=plan.spill,
+        transform=lambda a: np.maximum(a * scale + offset, floor),
+        outside=(grid, target, fill),
+    )
     with torch.inference_mode(), autocast(dev, plan.dtype):
         x = torch.from_numpy(norm.forward(volume.array)).to(dev)[None, None]
         raw = encode_tiled(model, x, grid, plan.encode.z_grid, plan=plan.encode, progress=progress, cancel=cancel, span=(0.0, enc_share))
@@ -190,5 +220,7 @@ def reconstruct(
         "precision": str(plan.dtype).replace("torch.", ""),
         "tiles": plan.summary(),
         "output_on_disk": plan.spill,
+        "overlap_fraction": round(overlap, 4),
+        "background": fill,
     }
     return Volume(output.array, target.affine, modality=norm.modality, meta=meta)

@@ -30,10 +30,11 @@ import torch
 
 from ..errors import MedILError
 from ..geometry import Grid, Volume, covering_grid
+from ..intensity import background_value
 from ..limits import GB, check_memory_limit
 from ..nn.diffusion import LatentDiffusionUNet, Windows, geometry_channels, group_overlap, source_spacing_along
 from .reconstruct import RUNTIME_OVERHEAD_BYTES, SPILL_FRACTION
-from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
+from .runtime import Progress, autocast, check_cancel, check_seed, report, resolve_device, resolve_precision
 from .tiling import DecodePlan, OutputArray, check_disk_space, decode_tiled
 
 #: the spacing channels are clamped to what the training data showed
@@ -124,6 +125,15 @@ def native_grid(sampler: Sampler, rng: np.random.Generator) -> Grid:
     return covering_grid(default.edge_corners(), spacing, direction)
 
 
+def group_space_grid(config) -> Grid:
+    """The model's group space (the world RAS box its training volumes were placed in) as a one-voxel grid
+    whose extent is that box: what "inside the input" means for a sample."""
+    lo, hi = np.asarray(config.group_lo, dtype=np.float64), np.asarray(config.group_hi, dtype=np.float64)
+    aff = np.eye(4)
+    aff[:3, :3], aff[:3, 3] = np.diag(hi - lo), (lo + hi) / 2
+    return Grid((1, 1, 1), aff)
+
+
 def latent_grid_for(sampler: Sampler, target: Grid) -> Grid:
     return sampler.autoencoder.latent_grid(target, target.direction)
 
@@ -190,6 +200,7 @@ def sample(
     precision: str = "float32",
     spacing_condition: np.ndarray | None = None,
     eta: float = DEFAULT_ETA,
+    background: float | None = None,
 ) -> list[Volume]:
     """Draw ``n`` volumes onto ``target_grid`` (default: the model's default space); sample i uses seed ``seed + i``.
 
@@ -203,6 +214,7 @@ def sample(
     steps = sampler.default_steps if steps is None else steps
     if int(n) < 1:
         raise MedILError(f"the number of samples must be at least 1, not {n}", options=("n",))
+    seed = check_seed(seed, int(n))
     if int(steps) < 1 or int(steps) > sampler.diffusion.config.timesteps:
         raise MedILError(f"steps must be between 1 and {sampler.diffusion.config.timesteps}, not {steps}", options=("steps",))
     if not 0.0 <= float(eta) <= 1.0:
@@ -234,6 +246,8 @@ def sample(
         spacing_condition = np.clip(source_spacing_along(z_grid, target.direction, target.spacing), lo, hi)
     cond = geometry_channels(z_grid, spacing_condition, ldm.config)[None].to(dev)
     floor = 0.0 if sampler.modality == "mri" else -1024.0
+    # outside the box the model learnt (its group space) the output is background, not made-up extrapolation
+    space, fill = group_space_grid(ldm.config), background_value(sampler.modality, background)
     out: list[Volume] = []
     per = 1.0 / n
     denoise_share = 0.5
@@ -252,7 +266,9 @@ def sample(
         with torch.inference_mode(), autocast(dev, dtype):
             z = ldm.ddim(noise, cond, steps, callback=step_done, windows=windows, eta=float(eta), generator=gen)
             z = ldm.destandardise(z.float(), cond)
-            array = OutputArray(target.shape, spill=spill, transform=lambda a: np.maximum(a, np.float32(floor)))
+            array = OutputArray(
+                target.shape, spill=spill, transform=lambda a: np.maximum(a, np.float32(floor)), outside=(space, target, fill)
+            )
             decode_tiled(
                 ae, z, z_grid, target, plan=plan, out=array, progress=progress, cancel=cancel, span=(base + per * denoise_share, base + per)
             )
@@ -274,6 +290,7 @@ def sample(
             "intensity": "normalised (MR: about 0..1, the training volumes' robust range)" if sampler.modality == "mri" else "HU",
             "tiles": len(plan.tiles),
             "denoise_windows": len(windows.slices()) if windows else 1,
+            "background": fill,
         }
         out.append(Volume(array.array, target.affine, modality=sampler.modality, meta=meta))
     report(progress, 1.0, "done")

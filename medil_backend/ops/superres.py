@@ -32,6 +32,11 @@ THICK_RATIO = 1.5
 DC_COPIES = 8
 
 
+#: a slice may be at most this many times thicker than the spacing between slices (overlapping slices
+#: are at most about twice as thick); beyond it the thickness is a mistake
+MAX_THICKNESS_RATIO = 4.0
+
+
 def slice_axis(grid: Grid, target: Grid | None = None, what: str = "the input") -> int:
     """The input's slice axis: of its thick axes (spacing at least :data:`THICK_RATIO` times the
     finest), the thickest that ``target`` samples more finely. Refuses an input with no thick axis,
@@ -110,6 +115,7 @@ def superres(
     steps: int = 10,
     strength: float = 0.3,
     max_iterations: int = 200,
+    background: float | None = None,
 ) -> Volume:
     """Super-resolve ``volume`` onto ``target`` (default: :func:`default_grid`).
 
@@ -141,6 +147,11 @@ def superres(
         raise MedILError(f"samples must be a whole number from 1 to 50, got {samples!r}", options=("samples",))
     if not (isinstance(max_iterations, int) and 1 <= max_iterations <= 100000):
         raise MedILError(f"max_iterations must be a whole number from 1, got {max_iterations!r}", options=("iterations",))
+    from .runtime import check_seed
+
+    seed = check_seed(seed, samples)
+    if slice_thickness is not None and not (np.isfinite(slice_thickness) and slice_thickness > 0):
+        raise MedILError(f"the slice thickness must be a positive number of mm, got {slice_thickness!r}", options=("slice_thickness",))
     if samples > 1 and method == "fast":
         raise MedILError("the fast method is deterministic: several samples need --method adapt or cycles", options=("samples", "method"))
     if method == "cycles" and not (0 < strength <= 1 and isinstance(steps, int) and 1 <= steps <= 1000):
@@ -152,9 +163,15 @@ def superres(
     slice_axis(grid, None, name)  # an input with no thick slices is refused before any grid is built
     target = default_grid(grid) if target is None else Grid(target.shape, target.affine).validate("the output grid")
     axis = slice_axis(grid, target, name)
+    if slice_thickness is not None and slice_thickness > MAX_THICKNESS_RATIO * grid.spacing[axis]:
+        raise MedILError(
+            f"a slice thickness of {slice_thickness:g} mm is more than {MAX_THICKNESS_RATIO:g} times the {grid.spacing[axis]:.3g} mm "
+            "between the input's slices; give the thickness the scan was acquired with (usually its header's spacing)",
+            options=("slice_thickness",),
+        )
     from .reconstruct import check_overlap
 
-    check_overlap(grid, target)
+    overlap = check_overlap(grid, target)
     # adapt works on the input's own axes, refined along the slice axis to the output's step there
     factor = max(2, int(round(grid.spacing[axis] / _steps(grid, target)[axis])))
     from .adapt import refined_along
@@ -256,9 +273,19 @@ def superres(
         raise MedILError("super-resolution produced non-finite values; check the input's intensities")
     from ..intensity import fit_normalizer, physical_floor
 
-    floor = physical_floor(y, fit_normalizer(y, volume.modality).modality)
+    modality = fit_normalizer(y, volume.modality).modality
+    floor = physical_floor(y, modality)
     if floor is not None:  # no lower than physics allows (an MR magnitude is never negative; CT >= -1024 HU)
         np.maximum(x, np.float32(floor), out=x)
+    # outside the input: background, not the edge smeared outwards
+    from ..intensity import background_value
+    from .tiling import fill_outside
+
+    meta["background"] = background_value(modality, background)
+    meta["overlap_fraction"] = round(overlap, 4)
+    x = fill_outside(np.ascontiguousarray(x, dtype=np.float32), grid, target, meta["background"])
+    if std is not None:
+        std = fill_outside(np.ascontiguousarray(std, dtype=np.float32), grid, target, 0.0)
     report(progress, 1.0, "done")
     meta.update(
         iterations=iterations, consistency_residual_before=before, consistency_residual_after=after, seconds=time.perf_counter() - t0

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import MedILError
-from ..geometry import Grid, lookup_box
+from ..geometry import Grid, inside_mask, lookup_box
 from ..limits import GB
 from .runtime import Progress, bound_allocator, check_cancel, format_seconds, release_free_memory, report
 
@@ -156,11 +156,14 @@ class OutputArray:
     pass over the output; :attr:`finite` says whether every written value was finite.
     """
 
-    def __init__(self, shape: Sequence[int], spill: bool = False, folder: str | None = None, transform=None) -> None:
+    def __init__(
+        self, shape: Sequence[int], spill: bool = False, folder: str | None = None, transform=None, outside: tuple | None = None
+    ) -> None:
         import tempfile
 
         self.spill = spill
         self.transform = transform
+        self.outside = outside  # (input grid, output grid, background value): voxels outside the input get the background
         self.finite = True
         if spill:  # free disk space is checked when the job is planned (check_disk_space)
             self._file = tempfile.TemporaryFile(dir=folder, prefix="medil-output-")
@@ -172,6 +175,9 @@ class OutputArray:
         values = value.detach().float().cpu().numpy()
         if self.transform is not None:
             values = self.transform(values)
+        if self.outside is not None:
+            source, grid, value = self.outside
+            values = np.where(inside_mask(source, grid, index), values, np.float32(value))
         self.finite = self.finite and bool(np.isfinite(values).all())
         self.array[index] = values
         if self.spill:
@@ -184,6 +190,17 @@ class OutputArray:
         if self.spill:
             self.array.flush()
             self.array._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+def fill_outside(array: np.ndarray, source: Grid, grid: Grid, value: float, slab_voxels: int = 1 << 22) -> np.ndarray:
+    """Set, in place, every voxel of ``array`` (on ``grid``) outside ``source``'s extent to ``value``,
+    slab by slab (bounded memory, as the tiles of :class:`OutputArray` do it)."""
+    step = max(1, slab_voxels // max(1, int(np.prod(grid.shape[1:]))))
+    for start in range(0, grid.shape[0], step):
+        index = (slice(start, min(start + step, grid.shape[0])), slice(0, grid.shape[1]), slice(0, grid.shape[2]))
+        block = array[index]
+        block[~inside_mask(source, grid, index)] = value
+    return array
 
 
 class TensorDestination:
@@ -428,6 +445,7 @@ __all__ = [
     "TilePlan",
     "decode_tiled",
     "encode_tiled",
+    "fill_outside",
     "plan_tiles",
     "run_tiles",
 ]

@@ -123,6 +123,38 @@ def check_checkpoint(path: str) -> None:
         ) from None
 
 
+def _checked_checkpoint(ckpt, checkpoint: Path) -> dict:
+    """The parts of an (untrusted) checkpoint that exporting reads, each checked to have the type it must have."""
+    from ..errors import MedILError
+
+    def bad(what: str) -> MedILError:
+        return MedILError(f"{checkpoint} is not a Lightning checkpoint of medil train ({what}); give the checkpoint of a medil train run")
+
+    if not isinstance(ckpt, dict):
+        raise bad(f"it holds a {type(ckpt).__name__}, not a checkpoint dictionary")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise bad("its state_dict is missing or not a dictionary of tensors")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise bad("its state_dict holds entries that are not named tensors")
+    callbacks = ckpt.get("callbacks", {})
+    if callbacks is None:
+        callbacks = {}
+    if not isinstance(callbacks, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in callbacks.items()):
+        raise bad("its callbacks entry is not a dictionary of callback states")
+    for v in callbacks.values():
+        score = v.get("best_model_score")
+        if score is not None and not (isinstance(score, (int, float)) or (isinstance(score, torch.Tensor) and score.numel() == 1)):
+            raise bad("a callback's best_model_score is not a number")
+    step = ckpt.get("global_step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad("its global_step is not a whole number")
+    hparams = ckpt.get("hyper_parameters")
+    if hparams is not None and not isinstance(hparams, dict):
+        raise bad("its hyper_parameters are not a dictionary")
+    return {**ckpt, "callbacks": callbacks, "global_step": step}
+
+
 def export_checkpoint(
     checkpoint: str | Path, config: str | Path, folder: str | None = None, name: str | None = None, overwrite: bool = False
 ) -> Path:
@@ -157,9 +189,11 @@ def export_checkpoint(
         raise MedILError(f"model {name!r} already exists in {folder}; pass --overwrite to replace it, or choose another --name")
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        state = ckpt["state_dict"]
     except Exception as exc:
-        raise MedILError(f"{checkpoint} is not a Lightning checkpoint of medil train ({str(exc).splitlines()[0][:160]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise MedILError(f"{checkpoint} is not a Lightning checkpoint of medil train ({first})") from None
+    ckpt = _checked_checkpoint(ckpt, checkpoint)
+    state = ckpt["state_dict"]
     hparams = ckpt.get("hyper_parameters") or conf.get("model") or {}  # the run's own (incl. command-line overrides)
     if not isinstance(hparams, dict):
         raise MedILError(f"{checkpoint} is not a Lightning checkpoint of medil train (no hyper-parameters)")
