@@ -242,6 +242,14 @@ def test_batch_script_with_slicer_core(tmp_path, model_dir):
     lo_in, hi_in = v.grid.extent()
     lo, hi = r.grid.extent()
     assert np.all(lo <= lo_in + 1e-4) and np.all(hi >= hi_in - 1e-4)
+    # marked AI-generated as the medil command marks its outputs: in the file and in a JSON sidecar
+    import json
+
+    import SimpleITK as sitk
+
+    assert sitk.ReadImage(str(out)).GetMetaData("MedIL.aiGenerated") == "true"
+    side = json.loads((tmp_path / "batch_out.json").read_text())
+    assert side["AIGenerated"] is True and side["model"] == "tiny" and side["model_sha256"] and side["task"] == "reconstruct"
     # a user mistake: clear message, non-zero status, no output
     bad = subprocess.run(
         [

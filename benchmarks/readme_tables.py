@@ -7,7 +7,7 @@ targets, from ``eval-brain.json`` / ``eval-ct.json``), ``superres-brain`` / ``su
 (``eval-superres-*.json``), ``superres-speed`` (``bench_superres.json``), ``speed``
 (``bench_reconstruct.json``), ``generative-brain`` (``eval-generative-brain.json``, and
 ``eval-generative-brain-previous.json`` for the model it replaced) and
-``sample-speed`` (``bench_sample.json``).
+``sample-speed`` (``bench_sample.json``); in SECURITY.md, ``fuzz-outcomes`` (``fuzz_inputs.json``).
 """
 
 from __future__ import annotations
@@ -253,7 +253,37 @@ def sample_speed() -> str:
     return "\n".join(rows)
 
 
+def fuzz_outcomes() -> str:
+    """SECURITY.md's table of the fuzz campaign (``fuzz_inputs.json``)."""
+    d = json.loads((RESULTS / "fuzz_inputs.json").read_text())
+    kinds = ["clean_error", "correct_output", "output_reference_refuses", "wrong_success", "traceback", "hang", "crash"]
+    rows = [
+        "| family | reader | " + " | ".join(k.replace("_", " ") for k in kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
+    ]
+    names = {"nifti": "NIfTI (.nii, .hdr/.img)", "nrrd": "NRRD (.nrrd, .nhdr)", "metaio": "MetaImage (.mha, .mhd)", "dicom": "DICOM series"}
+    for family, f in d["families"].items():
+        rows.append(f"| {names.get(family, family)} | MedIL | " + " | ".join(str(f["medil"].get(k, 0)) for k in kinds) + " |")
+        ref = f["standard_reader"]
+        std = "nibabel" if family == "nifti" else "SimpleITK"
+        cells = [str(ref.get("error", 0)), str(ref.get("output", 0)), "-", "-", "-", str(ref.get("hang", 0)), str(ref.get("crash", 0))]
+        rows.append(f"| | {std} alone (baseline) | " + " | ".join(cells) + " |")
+    total = d["total_medil"]
+    return "\n".join(rows) + (
+        f"\n\n{d['cases_per_family']} mutated files per family (seed {d['seed']}), {d['seconds']:.0f} s; MedIL: "
+        f"{total.get('clean_error', 0)} clean errors, {total.get('correct_output', 0)} correct volumes, {d['failures']} tracebacks, "
+        "hangs, crashes or wrong successes. For the standard readers the first two columns count every exception and "
+        "every volume returned, right or wrong (a sheared DICOM series, for example, is returned on a wrong grid)."
+    )
+
+
 def main() -> None:
+    security = REPO / "SECURITY.md"
+    if (RESULTS / "fuzz_inputs.json").exists() and security.exists():
+        text = security.read_text()
+        pattern = re.compile(r"(<!-- fuzz-outcomes:start -->\n).*?(<!-- fuzz-outcomes:end -->)", re.S)
+        if pattern.search(text):
+            security.write_text(pattern.sub(lambda m: m.group(1) + fuzz_outcomes() + "\n" + m.group(2), text))
     readme = (REPO / "README.md").read_text()
     sections = [("quality-brain", quality("brain")), ("quality-ct", quality("ct")), ("speed", speed())]
     for name in ("brain", "ct", "generative-brain"):
