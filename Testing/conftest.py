@@ -22,6 +22,28 @@ EXAMPLE = REPO / "examples" / "data" / "itk_t1_2x2x3mm.nii.gz"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def _has_train_extra() -> bool:
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("lightning", "monai", "torchio"))
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_TRAIN_EXTRA = _has_train_extra()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``train`` need the train extra (Lightning, MONAI, TorchIO): skipped, saying so, without it."""
+    if HAS_TRAIN_EXTRA:
+        return
+    skip = pytest.mark.skip(reason="needs the train extra: pip install -e '.[train]'")
+    for item in items:
+        if "train" in item.keywords:
+            item.add_marker(skip)
+
+
 def shared(rel: str) -> Path:
     p = DATA / rel
     if not p.exists():

@@ -299,6 +299,7 @@ class Anything:  # any class: unpickling it would run code from this module
     pass
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_train_refuses_a_pickled_checkpoint(tmp_path, capsys):
     import pickle
 
@@ -332,6 +333,7 @@ def _recipe(tmp_path):
     return cfg
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_export_refuses_a_checkpoint_of_another_network(tmp_path, capsys):
     import torch
 
@@ -341,6 +343,7 @@ def test_export_refuses_a_checkpoint_of_another_network(tmp_path, capsys):
     one_error_line(*run(["export", ckpt, "--config", _recipe(tmp_path)], capsys)[::2], "does not describe")
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_export_imports_nothing_a_checkpoint_names(tmp_path, capsys, monkeypatch):
     import torch
 

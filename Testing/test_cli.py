@@ -225,7 +225,9 @@ def test_default_model_follows_the_modality(tmp_path, capsys):
     assert rc == 0 and json.loads(out.strip().splitlines()[-1])["model"] == "medil-brain-t1"
 
 
-@pytest.mark.parametrize("name", ["medil-brain-t1", "medil-ct", "medil-interp-brain-t1", "conv-baseline-brain-t1"])
+@pytest.mark.parametrize(
+    "name", ["medil-brain-t1", "medil-ct", "medil-interp-brain-t1", pytest.param("conv-baseline-brain-t1", marks=pytest.mark.train)]
+)
 def test_bundled_model_cards_say_how_they_were_made(name):
     """Each bundled model: <= 50 MB, card with recipe, data manifest (sha256), time, hardware and held-out metrics."""
     from medil_backend.models import find_model, load_model

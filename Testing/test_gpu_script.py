@@ -19,6 +19,7 @@ def bash(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProces
     return subprocess.run(["bash", *args], capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, env=env, timeout=timeout)
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 @pytest.mark.skipif(shutil.which("setsid") is None or not sys.platform.startswith("linux"), reason="needs setsid (Linux)")
 def test_gpu_run_and_poll_dry_run_on_the_cpu(tmp_path):
     root = REPO / "runs" / "gpu" / "tiny-dry-run"

@@ -15,6 +15,8 @@ from medil_backend.io import read_volume
 from medil_backend.models import BUNDLED_DIR, architecture_of, architectures, export_model, load_model, run_model
 
 BUNDLED = sorted(p.stem for p in BUNDLED_DIR.glob("*.json"))
+#: bundled models whose network is built from MONAI (the train extra)
+NEEDS_TRAIN_EXTRA = {"conv-baseline-brain-t1"}
 
 
 def test_every_bundled_architecture_is_registered():
@@ -23,7 +25,7 @@ def test_every_bundled_architecture_is_registered():
     assert names <= set(architectures())
 
 
-@pytest.mark.parametrize("name", BUNDLED)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.train) if n in NEEDS_TRAIN_EXTRA else n for n in BUNDLED])
 def test_registry_round_trips_every_bundled_model(name, tmp_path):
     model = load_model(name)
     arch = architecture_of(model.net)
@@ -47,6 +49,7 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
         load_model(tmp_path / "future.json")
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_every_option_reaches_the_fixed_grid_runner(small_mri):
     """No option is silently dropped: cancel, the memory limit and the precision reach the baseline too."""
     v = read_volume(small_mri)

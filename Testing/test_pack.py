@@ -54,6 +54,7 @@ def test_not_a_pack_is_a_clear_error(tmp_path):
 BLOCK = "import sys; sys.modules.update(dict.fromkeys(['nibabel', 'SimpleITK', 'torchio', 'monai'])); "
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_the_data_module_trains_from_a_pack_without_nibabel_or_simpleitk(tmp_path):
     """The GPU machine has neither: training from packs must not import them (nor TorchIO or MONAI)."""
     from conftest import EXAMPLE

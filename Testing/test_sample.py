@@ -36,6 +36,7 @@ def test_a_tiny_diffusion_model_learns_a_fixed_batch():
     assert loss() < 0.7 * before
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_a_noise_shift_divides_the_schedules_signal_to_noise_ratio_and_a_continued_run_takes_its_own(tmp_path):
     from safetensors.torch import save_file
 
@@ -136,6 +137,7 @@ def test_position_standardisation_reads_the_maps_where_each_latent_voxel_lies():
         net.standardise(z)
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_position_maps_are_the_training_latents_statistics_where_they_lie():
     from medil_backend.training.latents import MAP_SIGMA, STD_FLOOR, position_maps
 
@@ -153,6 +155,7 @@ def test_position_maps_are_the_training_latents_statistics_where_they_lie():
     assert float(std[:, 5, 5, 5].min()) > 0.6  # the heads vary by about 1 there
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_native_mixture_has_no_duplicate_components():
     from medil_backend.training.latents import fit_native_mixture
 
@@ -376,6 +379,7 @@ def test_reconstruct_refuses_a_diffusion_model(sampler_dir, small_mri, tmp_path,
     assert rc != 0 and "medil sample" in err and "Traceback" not in err
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, capsys):
     """medil train on a diffusion recipe: latents cached, the moving average exported with a card that names the
     autoencoder and the native spaces, and the exported model samples."""
@@ -643,6 +647,7 @@ def test_evaluate_generative_checks_its_report_folders_first(sampler_dir, tmp_pa
     assert rc != 0 and "does not exist" in err and "Traceback" not in err
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_training_latents_see_each_head_in_air():
     """With pad/box, a head that fills its volume to the border is encoded as if surrounded by air, and its latent
     is extended to a cube about its centroid with the background's own latent."""
@@ -681,6 +686,7 @@ def test_training_latents_see_each_head_in_air():
     assert plain["latent"].shape[1:] != it["latent"].shape[1:]
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_a_mirrored_head_is_the_mirror_image_about_its_centroid():
     from medil_backend.geometry import centred
     from medil_backend.training.latents import mirrored
@@ -699,6 +705,7 @@ def test_a_mirrored_head_is_the_mirror_image_about_its_centroid():
     np.testing.assert_array_equal(np.flip(flipped, 2), array)  # voxels flipped, not resampled
 
 
+@pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
 def test_a_latent_cache_of_other_augmentation_is_refused(sampler_dir, tmp_path):
     from medil_backend.errors import MedILError
     from medil_backend.models import sha256_file

@@ -16,6 +16,7 @@ from medil_backend.geometry import Grid
 from medil_backend.training.patches import input_shape_for, sample_patch
 
 pytest.importorskip("lightning", reason="needs the train extra")
+pytestmark = pytest.mark.train  # the whole file needs the train extra
 
 
 def _grid_inside(inner_pts, outer: Grid, tol=1e-6):
@@ -203,6 +204,7 @@ def train_command(root) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # about 40 s on 2 cores
 def test_fit_export_registry_reconstruct(tmp_path, small_mri):
     """`medil train` (LightningCLI) -> ExportWeights -> $MEDIL_MODELS -> `medil reconstruct`."""
     out = tmp_path / "models"

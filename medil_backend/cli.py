@@ -22,9 +22,33 @@ from pathlib import Path
 from . import __version__
 from .errors import Cancelled, Interrupted, MedILError
 
+#: the output-grid defaults of each task, as its help states them
+_GRID_DEFAULTS = {
+    "reconstruct": "output grid (default: the input's grid)",
+    "superres": "output grid (default: the input's region, isotropic at its finest spacing)",
+    "sample": "output grid (default: the model's default space, 1 mm around a head at the origin)",
+}
 
-def _add_geometry_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("output grid (default: the input's grid)")
+
+def _add_task_parser(sub, spec) -> argparse.ArgumentParser:
+    """A task's subcommand, built from its spec: input/output, model, the output grid, its declared
+    options and the run context (device, precision, memory), the same for every task."""
+    p = _numbers_after_options(sub.add_parser(spec.name, help=spec.help, description=spec.help))
+    if spec.needs_input:
+        p.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or DICOM series folder")
+        p.add_argument("--input-name", default=None, help=argparse.SUPPRESS)  # how messages call the input (the Slicer module's node name)
+    series = f" (with --{spec.series} N > 1: OUTPUT_000.nii.gz, ...)" if spec.series else ""
+    p.add_argument("output", help=f"output file: .nii, .nii.gz, .nrrd or .mha{series}")
+    if spec.model_kind == "autoencoder":
+        p.add_argument(
+            "--model",
+            default=None,
+            help="model name (see `medil models`) or path to a model card (default: medil-ct for CT, medil-brain-t1 otherwise)",
+        )
+    elif spec.model_kind == "diffusion":
+        what = "cycles, inverse: " if spec.needs_input else ""
+        p.add_argument("--model", default=None, help=f"{what}latent diffusion model name or card path (default medil-brain-t1-ldm)")
+    g = p.add_argument_group(_GRID_DEFAULTS.get(spec.name, "output grid"))
     g.add_argument("--like", metavar="REF", help="exactly the grid of REF (shape, spacing, direction, origin)")
     g.add_argument("--spacing", type=float, nargs="+", metavar="S", help="output spacing in mm: one value (isotropic) or three")
     g.add_argument(
@@ -34,6 +58,23 @@ def _add_geometry_args(p: argparse.ArgumentParser) -> None:
         "or a direction matrix as 9 comma-separated numbers (row-major; column n is voxel axis n in RAS)",
     )
     g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
+    t = p.add_argument_group(f"{spec.name} options")
+    for o in spec.options:
+        if o.flag_only:
+            t.add_argument(o.flag, action="store_true", help=o.help)
+        else:
+            kind = o.type if o.type in (int, float) else str
+            t.add_argument(o.flag, type=kind, default=o.default, choices=list(o.choices) or None, metavar=o.metavar, help=o.help)
+    from .task import CONTEXT_OPTIONS
+
+    c = p.add_argument_group("run")
+    for o in CONTEXT_OPTIONS:
+        c.add_argument(o.flag, type=o.type, default=o.default, choices=list(o.choices) or None, metavar=o.metavar, help=o.help)
+    c.add_argument("--overwrite", action="store_true", help="replace existing outputs (all files of the result)")
+    c.add_argument(
+        "--progress", default="bar", choices=["bar", "json", "none"], help="progress display (json: one JSON object a line on stdout)"
+    )
+    return p
 
 
 #: what argparse takes for a negative number rather than an option (its own pattern misses 1e3 and inf)
@@ -54,114 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"medil {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    r = _numbers_after_options(sub.add_parser("reconstruct", help="encode a volume and decode it onto any output grid"))
-    r.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or DICOM series folder")
-    r.add_argument("output", help="output file: .nii, .nii.gz, .nrrd or .mha")
-    r.add_argument("--input-name", default=None, metavar="NAME", help="how messages call the input (e.g. a Slicer node's name)")
-    r.add_argument(
-        "--model",
-        default=None,
-        help="model name (see `medil models`) or path to a model card (default: medil-ct for CT, medil-brain-t1 otherwise)",
-    )
-    _add_geometry_args(r)
-    r.add_argument(
-        "--modality", default="auto", choices=["mri", "ct", "auto"], help="auto: guessed (DICOM tag, Hounsfield units), and said"
-    )
-    r.add_argument(
-        "--background", type=float, default=None, metavar="V", help="value outside the input's extent (default: 0 for MR, -1024 for CT)"
-    )
-    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    r.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of the job (default 3 GB)")
-    r.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="convolution precision (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32)",
-    )
-    r.add_argument("--dtype", default="float32", choices=["float32", "input"], help="output voxel type (input: rounded, clipped)")
-    r.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    r.add_argument(
-        "--progress", default="bar", choices=["bar", "json", "none"], help="progress display (json: one JSON object a line on stdout)"
-    )
+    from .task import TASKS
 
-    sr = _numbers_after_options(
-        sub.add_parser("superres", help="super-resolve a thick-slice scan onto a finer grid (B-spline + data consistency)")
-    )
-    sr.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or DICOM series folder with thick slices")
-    sr.add_argument("output", help="output file: .nii, .nii.gz, .nrrd or .mha")
-    sr.add_argument("--input-name", default=None, metavar="NAME", help="how messages call the input (e.g. a Slicer node's name)")
-    g = sr.add_argument_group("output grid (default: the input's region, isotropic at its finest spacing)")
-    g.add_argument("--like", metavar="REF", help="exactly the grid of REF (shape, spacing, direction, origin)")
-    g.add_argument("--spacing", type=float, nargs="+", metavar="S", help="output spacing in mm: one value (isotropic) or three")
-    g.add_argument("--orientation", metavar="CODE", help="as for reconstruct")
-    g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
-    sr.add_argument(
-        "--method",
-        default="adapt",
-        choices=["adapt", "fast", "inverse", "cycles"],  # ops.superres.METHODS (imported there with torch; a test checks they agree)
-        help="adapt (default): a network trained on this scan's own in-plane slices, then data consistency; "
-        "fast: cubic B-spline, then data consistency (seconds); cycles: noise/denoise cycles through the latent "
-        "diffusion model (Patel et al.), each made data-consistent; inverse: the generative latent optimised so that the "
-        "decoded volume, acquired again, matches the input (InverseSR, decoder only)",
-    )
-    sr.add_argument(
-        "--samples", type=int, default=1, metavar="K", help="adapt: K networks (seeds); cycles: K cycles; the output is their mean"
-    )
-    sr.add_argument(
-        "--model", default=None, help="cycles, inverse: the latent diffusion model (and its autoencoder; default medil-brain-t1-ldm)"
-    )
-    sr.add_argument("--steps", type=int, default=10, metavar="K", help="cycles: DDIM steps per cycle (default 10)")
-    sr.add_argument(
-        "--strength",
-        type=float,
-        default=0.3,
-        help="cycles: how far each cycle noises, as a fraction of an unshifted cosine schedule, the same for every model (default 0.3)",
-    )
-    sr.add_argument("--uncertainty", metavar="FILE", help="with --samples K > 1: write the per-voxel standard deviation here")
-    sr.add_argument(
-        "--time-budget", type=float, default=3.0, metavar="MIN", help="adapt, inverse: minutes of training/optimisation in all (default 3)"
-    )
-    sr.add_argument("--seed", type=int, default=0, help="adapt, cycles: the first seed")
-    sr.add_argument("--slice-thickness", type=float, default=None, metavar="MM", help="slice thickness (default: the slice spacing)")
-    sr.add_argument("--slice-profile", default="rect", choices=["rect", "gaussian"], help="slice profile (gaussian: FWHM = thickness)")
-    sr.add_argument("--iterations", type=int, default=2, help="data-consistency steps (default 2)")
-    sr.add_argument(
-        "--modality", default="auto", choices=["mri", "ct", "auto"], help="auto: guessed (DICOM tag, Hounsfield units), and said"
-    )
-    sr.add_argument(
-        "--background", type=float, default=None, metavar="V", help="value outside the input's extent (default: 0 for MR, -1024 for CT)"
-    )
-    sr.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of the job (default 3 GB)")
-    sr.add_argument("--dtype", default="float32", choices=["float32", "input"], help="output voxel type (input: rounded, clipped)")
-    sr.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    sr.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="progress display")
-
-    sm = _numbers_after_options(
-        sub.add_parser("sample", help="draw new volumes from a latent diffusion model onto any grid (AI-generated, marked as such)")
-    )
-    sm.add_argument("output", help="output file: .nii, .nii.gz, .nrrd or .mha (with --n N > 1: OUTPUT_000.nii.gz, ...)")
-    sm.add_argument("--model", default=None, help="latent diffusion model name or card path (default medil-brain-t1-ldm)")
-    sm.add_argument("--n", type=int, default=1, metavar="N", help="how many volumes (seeds SEED, SEED+1, ...)")
-    sm.add_argument("--seed", type=int, default=0, help="the first seed (the same seed gives the same volume)")
-    sm.add_argument("--steps", type=int, default=None, metavar="K", help="DDIM denoising steps (default: the model card's, else 25)")
-    sm.add_argument("--eta", type=float, default=None, metavar="E", help="DDIM stochasticity: 0 deterministic (default) .. 1 DDPM-like")
-    sm.add_argument(
-        "--background",
-        type=float,
-        default=None,
-        metavar="V",
-        help="value outside the model's trained space (default: 0 for MR, -1024 for CT)",
-    )
-    g = sm.add_argument_group("output grid (default: the model's default space, 1 mm around a head at the origin)")
-    g.add_argument("--like", metavar="REF", help="exactly the grid of REF (shape, spacing, direction, origin)")
-    g.add_argument("--spacing", type=float, nargs="+", metavar="S", help="output spacing in mm: one value (isotropic) or three")
-    g.add_argument("--orientation", metavar="CODE", help="a code such as RAS, LPS, LIA, or 9 comma-separated direction numbers")
-    g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
-    g.add_argument("--native", action="store_true", help="draw each output space from the model's mixture of native spaces")
-    sm.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    sm.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of the job (default 3 GB)")
-    sm.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    sm.add_argument("--progress", default="bar", choices=["bar", "json", "none"], help="progress display")
+    for spec in TASKS.values():
+        _add_task_parser(sub, spec)
+    sub.add_parser("tasks", help="the tasks and their options (for frontends)").add_argument("--json", action="store_true")
 
     sub.add_parser(
         "train", help="train a model with Lightning: medil train --config CONFIG.yaml [overrides] (see training/configs)", add_help=False
@@ -256,29 +194,18 @@ def _progress_callback(mode: str):
     return update, close
 
 
-#: how this frontend spells the settings that a core error names (MedILError.options)
-OPTION_FLAGS = {
-    "max_memory": "--max-memory",
-    "spacing": "--spacing",
-    "orientation": "--orientation",
-    "fov": "--fov",
-    "like": "--like",
-    "overwrite": "--overwrite",
-    "modality": "--modality",
-    "device": "--device",
-    "precision": "--precision",
-    "method": "--method",
-    "iterations": "--iterations",
-    "slice_thickness": "--slice-thickness",
-    "slice_profile": "--slice-profile",
-    "samples": "--samples",
-    "time_budget": "--time-budget",
-}
+def option_flags() -> dict[str, str]:
+    """How this frontend spells the settings that a core error names (MedILError.options): every
+    option the task specs declare, the run context's and the output grid's."""
+    from .task import option_names
+
+    return {name: "--" + name.replace("_", "-") for name in option_names()}
 
 
 def user_message(exc: MedILError) -> str:
     """The core's message plus the command-line options that fix it."""
-    flags = [OPTION_FLAGS[o] for o in getattr(exc, "options", ()) if o in OPTION_FLAGS]
+    flags_of = option_flags()
+    flags = [flags_of[o] for o in getattr(exc, "options", ()) if o in flags_of]
     return f"{exc} ({', '.join(flags)})" if flags else str(exc)
 
 
@@ -296,263 +223,43 @@ def _parse_orientation(value: str | None):
     return np.array(numbers).reshape(3, 3)
 
 
-def _modality_of(volume, choice: str) -> tuple[str, str | None]:
-    """The user's modality, or the guess (DICOM tag, Hounsfield units) and the one line that says it
-    (printed with the result, so an error stays the only line of a failed run)."""
-    if choice != "auto":
-        return choice, None
-    from .intensity import explain_modality
-
-    modality, why = explain_modality(volume.array, volume.meta.get("dicom_modality"))
-    other = "mri" if modality == "ct" else "ct"
-    return modality, f"modality guessed: {modality.upper()} ({why}); pass --modality {other} if that is wrong"
-
-
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .geometry import output_grid
+def cmd_task(args: argparse.Namespace) -> int:
+    """The one handler of every task (see :mod:`medil_backend.task`): options checked, every output file
+    declared, the run context resolved, all before any work; the input read; the task run; every file of
+    the result committed together with one provenance record, or none."""
     from .io import OutputSet, read_grid, read_volume
-    from .models import default_model_for, load_model
-    from .ops import run_model
+    from .task import GridRequest, RunContext, get_task
 
-    if args.like and (args.spacing or args.orientation or args.fov):
-        raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
-    if args.spacing is not None and len(args.spacing) not in (1, 3):
-        raise MedILError(f"--spacing takes one value (isotropic) or three, not {len(args.spacing)}")
-    orientation = _parse_orientation(args.orientation)
+    spec = get_task(args.command)
+    options = spec.checked_options({o.name: getattr(args, o.name) for o in spec.options})
+    request = GridRequest(spacing=args.spacing, orientation=_parse_orientation(args.orientation), fov=args.fov)
+    if args.like and request.given:
+        raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like", options=("like",))
+    request.check()
+    ctx = RunContext.resolve(args.device, args.precision, args.max_memory)
     outputs = OutputSet(args.overwrite)
-    out_path = outputs.declare(args.output)
-    volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name)
-    like = read_grid(args.like) if args.like else None  # a reference's header is all its grid needs
-    target = output_grid(volume.grid, like=like, spacing=args.spacing, orientation=orientation, fov=args.fov)
-    modality, guess = _modality_of(volume, args.modality)
-    model = load_model(args.model or default_model_for(modality))
-    card_modality = model.card.get("modality")
-    update, close = _progress_callback(args.progress)
-    try:
-        result = run_model(
-            volume,
-            target,
-            model.net,
-            device=args.device,
-            progress=update,
-            max_memory_gb=args.max_memory,
-            modality=modality,
-            precision=args.precision,
-            background=args.background,
-        )
-    except BaseException:
-        close(ok=False)
-        raise
-    close()
-    if card_modality and result.modality != card_modality:
-        print(
-            f"medil: warning: model {model.name!r} was trained on {card_modality.upper()}, the input looks like {result.modality.upper()}",
-            file=sys.stderr,
-        )
-    dtype = volume.array.dtype if args.dtype == "input" else np.float32
-    provenance = {
-        "task": "reconstruct",
-        "model": model.name,
-        "model_sha256": model.sha256,
-        "version": __version__,
-        "input": Path(args.input_name or args.input).name,
-        "modality": result.modality,
-        "grid": {"shape": list(target.shape), "affine_ras": target.affine.round(9).tolist()},
-        "command": "medil " + shlex.join(args.argv),
-    }
-    with outputs:
-        outputs.stage(result, out_path, dtype=dtype, provenance=provenance)
-    summary = {
-        "output": str(out_path),
-        "shape": list(target.shape),
-        "spacing": [round(float(s), 6) for s in target.spacing],
-        "model": model.name,
-        "model_sha256": model.sha256,
-        "modality": result.modality,
-        "modality_guess": guess,
-        "version": __version__,
-    }
-    if args.progress == "json":
-        print(json.dumps({"done": True, **summary}), flush=True)
-    else:
-        if guess:
-            print(f"medil: note: {guess}", file=sys.stderr)
-        print(f"wrote {out_path} {target}", file=sys.stderr)
-    return 0
-
-
-def cmd_superres(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .geometry import output_grid
-    from .io import OutputSet, read_grid, read_volume
-    from .ops.superres import superres
-
-    if args.like and (args.spacing or args.orientation or args.fov):
-        raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like")
-    orientation = _parse_orientation(args.orientation)
-    from .ops.runtime import check_seed
-
-    check_seed(args.seed, args.samples)
-    outputs = OutputSet(args.overwrite)  # the output, its sidecar, the uncertainty map and its sidecar: all checked now
-    out_path = outputs.declare(args.output)
-    unc_path = None
-    if args.uncertainty:
-        if args.samples < 2:
-            raise MedILError("an uncertainty map needs several samples: add --samples K (K >= 2)", options=("samples",))
-        unc_path = outputs.declare(args.uncertainty)
-    volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name)
-    volume.modality, guess = _modality_of(volume, args.modality)
-    target = None
+    paths = {key: outputs.declare(path) for key, path in spec.output_paths(args.output, options).items()}
+    volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name) if spec.needs_input else None
     if args.like:
-        target = read_grid(args.like)
-    elif args.spacing or args.orientation or args.fov:
-        from .ops.superres import default_grid
+        request.like = read_grid(args.like)  # a reference's header is all its grid needs
+    command = "medil " + shlex.join(args.argv)
+    streamed = {"task": spec.name, "version": __version__, "command": command}
 
-        spacing = args.spacing if args.spacing else list(default_grid(volume.grid).spacing)
-        target = output_grid(volume.grid, spacing=spacing, orientation=orientation, fov=args.fov)
-    update, close = _progress_callback(args.progress)
-    try:
-        result = superres(
-            volume,
-            target,
-            method=args.method,
-            slice_thickness=args.slice_thickness,
-            slice_profile=args.slice_profile,
-            iterations=args.iterations,
-            samples=args.samples,
-            time_budget_min=args.time_budget,
-            seed=args.seed,
-            max_memory_gb=args.max_memory,
-            progress=update,
-            model=args.model,
-            steps=args.steps,
-            strength=args.strength,
-            background=args.background,
-        )
-    except BaseException:
-        close(ok=False)
-        raise
-    close()
-    dtype = volume.array.dtype if args.dtype == "input" else np.float32
-    uncertainty = result.meta.pop("uncertainty", None)
-    provenance = {
-        "task": "superres",
-        "model": f"superres-{args.method}",
-        "version": __version__,
-        "input": Path(args.input_name or args.input).name,
-        "method": {k: v for k, v in result.meta.items() if k != "adaptation"},
-        "command": "medil " + shlex.join(args.argv),
-    }
-    with outputs:  # both files (and their sidecars) or none
-        outputs.stage(result, out_path, dtype=dtype, provenance=provenance)
-        if unc_path is not None and uncertainty is not None:
-            outputs.stage(uncertainty, unc_path, provenance={**provenance, "map": "per-voxel standard deviation over samples"})
-    grid = result.grid
-    summary = {
-        "output": str(out_path),
-        "shape": list(grid.shape),
-        "spacing": [round(float(s), 6) for s in grid.spacing],
-        "modality": volume.modality,
-        "modality_guess": guess,
-        "version": __version__,
-    }
-    summary.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.meta.items() if k != "adaptation"})
-    if args.progress == "json":
-        print(json.dumps({"done": True, **summary}), flush=True)
-    else:
-        if guess:
-            print(f"medil: note: {guess}", file=sys.stderr)
-        print(
-            f"wrote {out_path} {grid}; data-consistency residual {result.meta['consistency_residual_before']:.2e} -> "
-            f"{result.meta['consistency_residual_after']:.2e}",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def sample_paths(output: str, n: int) -> list[Path]:
-    """``OUTPUT`` for one sample; ``OUTPUT`` with ``_000``, ``_001``, ... before the extension for several."""
-    from .io import _suffix
-
-    path = Path(output)
-    if n == 1:
-        return [path]
-    suffix = _suffix(path)
-    stem = path.name[: -len(suffix)] if suffix else path.name
-    return [path.with_name(f"{stem}_{i:03d}{suffix}") for i in range(n)]
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .geometry import output_grid
-    from .io import OutputSet, read_grid
-    from .ops.sample import DEFAULT_ETA, load_sampler, native_grid, sample
-
-    if args.n < 1:
-        raise MedILError(f"--n must be at least 1, not {args.n}", options=("n",))
-    from .ops.runtime import check_seed
-
-    check_seed(args.seed, args.n)  # before any work (a bad seed once ended in numpy's traceback)
-    eta = DEFAULT_ETA if args.eta is None else args.eta  # its range is checked by sample(), before any work
-    if args.like and (args.spacing or args.orientation or args.fov or args.native):
-        raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation, --fov and --native, or drop --like")
-    if args.native and (args.spacing or args.orientation):
-        raise MedILError("--native draws the spacing and orientation; drop --spacing and --orientation, or drop --native")
-    if args.spacing is not None and len(args.spacing) not in (1, 3):
-        raise MedILError(f"--spacing takes one value (isotropic) or three, not {len(args.spacing)}")
-    orientation = _parse_orientation(args.orientation)
-    paths = sample_paths(args.output, args.n)
-    outputs = OutputSet(args.overwrite)  # every name is checked before any work; all files are committed at the end, or none
-    for p in paths:
-        outputs.declare(p)
-    sampler = load_sampler(args.model)
-    steps = sampler.default_steps if args.steps is None else args.steps
-    default = sampler.default_grid()
-    if args.like:
-        targets = [read_grid(args.like)] * args.n
-    elif args.native:
-        rng = np.random.default_rng(args.seed)
-        targets = [native_grid(sampler, rng) for _ in range(args.n)]
-    elif args.spacing or orientation is not None or args.fov:
-        targets = [output_grid(default, spacing=args.spacing, orientation=orientation, fov=args.fov)] * args.n
-    else:
-        targets = [default] * args.n
-    update, close = _progress_callback(args.progress)
-    try:
-        for i, (path, target) in enumerate(zip(paths, targets)):
-
-            def part(fraction: float, message: str, i=i) -> None:
-                update((i + fraction) / args.n, message)
-
-            (volume,) = sample(
-                sampler,
-                target,
-                n=1,
-                seed=args.seed + i,
-                steps=steps,
-                eta=eta,
-                device=args.device,
-                progress=part if update else None,
-                max_memory_gb=args.max_memory,
-                background=args.background,
+    def stage(out) -> None:  # a series is written as it is made (its files are committed together at the end)
+        outputs.stage(out.volume, paths[(out.role, out.index)], dtype=out.dtype, provenance={**streamed, **out.record})
+        if args.progress == "json":
+            print(
+                json.dumps({"sampled": str(paths[(out.role, out.index)]), **{k: out.record[k] for k in ("seed",) if k in out.record}}),
+                flush=True,
             )
-            meta = dict(volume.meta)
-            provenance = {
-                **meta,
-                "task": "sample",
-                "version": __version__,
-                "modality": volume.modality,
-                "grid": {"shape": list(target.shape), "affine_ras": target.affine.round(9).tolist()},
-                "native_space": bool(args.native),
-                "command": "medil " + shlex.join(args.argv),
-            }
-            outputs.stage(volume, path, provenance=provenance)
-            if args.progress == "json":
-                print(json.dumps({"sampled": str(path), "seed": meta["seed"], "shape": list(target.shape)}), flush=True)
+
+    update, close = _progress_callback(args.progress)
+    ctx.progress, ctx.on_output = update, stage
+    try:
+        result = spec.run(ctx, volume, request, getattr(args, "model", None), **options)
+        for out in result.outputs:
+            record = result.provenance.record(**out.record, command=command)
+            outputs.stage(out.volume, paths[(out.role, out.index)], dtype=out.dtype, provenance=record)
         outputs.commit()
     except BaseException:
         outputs.abort()
@@ -560,20 +267,44 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise
     close()
     written = outputs.written
+    prov = result.provenance.record()
     summary = {
+        "output": str(written[0]) if written else None,
         "outputs": [str(p) for p in written],
-        "model": sampler.name,
-        "model_sha256": sampler.sha256,
-        "seed": args.seed,
-        "steps": steps,
-        "eta": eta,
+        "model": prov["model"],
+        "model_sha256": prov["model_sha256"],
         "version": __version__,
+        "device": prov["device"],
+        **{k: v for k, v in result.summary.items() if k != "grids"},
     }
+    if result.outputs:
+        grid = result.outputs[0].volume.grid
+        summary.update(shape=list(grid.shape), spacing=[round(float(s), 6) for s in grid.spacing])
     if args.progress == "json":
-        print(json.dumps({"done": True, **summary}), flush=True)
+        print(json.dumps({"done": True, **summary}, default=str), flush=True)
+        return 0
+    if result.summary.get("modality_guess"):
+        print(f"medil: note: {result.summary['modality_guess']}", file=sys.stderr)
+    grids = result.summary.get("grids") or [repr(o.volume.grid) for o in result.outputs]
+    for path, grid in zip(written, grids):
+        extra = ""
+        if "consistency_residual_before" in result.summary and path == written[0]:
+            extra = f"; data-consistency residual {result.summary['consistency_residual_before']:.2e} -> {result.summary['consistency_residual_after']:.2e}"
+        print(f"wrote {path} {grid}{extra}{' (AI-generated)' if spec.series else ''}", file=sys.stderr)
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .task import tasks_json
+
+    specs = tasks_json()
+    if args.json:
+        print(json.dumps(specs, indent=2))
     else:
-        for p, t in zip(written, targets):
-            print(f"wrote {p} {t} (AI-generated)", file=sys.stderr)
+        for spec in specs:
+            print(f"{spec['name']:12s} {spec['help']}")
+            for o in spec["options"]:
+                print(f"    {o['flag']:18s} {o['help'][:100]}")
     return 0
 
 
@@ -878,10 +609,11 @@ def _main(argv: Sequence[str] | None) -> int:
             return 1
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from .task import TASKS
+
     handlers = {
-        "reconstruct": cmd_reconstruct,
-        "superres": cmd_superres,
-        "sample": cmd_sample,
+        **dict.fromkeys(TASKS, cmd_task),  # every task has the one handler
+        "tasks": cmd_tasks,
         "models": cmd_models,
         "info": cmd_info,
         "evaluate": cmd_evaluate,

@@ -17,7 +17,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-#: how the panel names the settings that a backend error points at (MedILError.options)
+#: how the panel names the settings that a backend error points at (MedILError.options): every option of
+#: the backend's task specs that has a panel label (``medil tasks --json``; a test checks they agree)
 PANEL_FIELDS = {
     "max_memory": "Memory limit",
     "spacing": "Spacing",
@@ -28,6 +29,12 @@ PANEL_FIELDS = {
     "modality": "Modality",
     "device": "Device",
     "precision": "Device",
+    "method": "Method",
+    "samples": "Samples",
+    "time_budget": "Time budget",
+    "seed": "Seed",
+    "n": "Count",
+    "steps": "Steps",
 }
 
 

@@ -233,8 +233,8 @@ class MedILLogicCore:
             out_path = os.path.join(workdir, "output.nrrd")
             self.writeVolume(inputNode, in_path)
             args = [task, in_path, out_path, "--progress", "json", "--input-name", inputNode.GetName() or "the input volume"]
+            args += ["--device", device, "--modality", modality]  # every task runs on the chosen device
             if task == "reconstruct":  # super-resolution adapts to the scan itself: no model
-                args += ["--device", device, "--modality", modality]
                 if model:
                     args += ["--model", model]
             else:

@@ -30,7 +30,7 @@ from torch import nn
 from ..acquisition import AcquisitionOperator
 from ..errors import MedILError
 from ..geometry import Grid, Volume
-from .runtime import Progress, check_cancel, report
+from .runtime import Progress, autocast, check_cancel, report
 
 PATCH = 48
 MIN_PATCH = 16
@@ -142,10 +142,14 @@ def train_adapter(
     cancel=None,
     init: dict[str, torch.Tensor] | None = None,
     max_steps: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[ResidualCNN2d, dict]:
     """Train a :class:`ResidualCNN2d` (from ``init``, e.g. :func:`load_prior`, or from scratch) for ``seconds`` on
     in-plane slices of ``x`` (normalised intensities on ``grid``), degraded along each in-plane axis as the
-    scanner degraded ``slice_axis`` (``max_steps``: stop sooner)."""
+    scanner degraded ``slice_axis`` (``max_steps``: stop sooner). The network trains on ``device``, its
+    convolutions in ``dtype`` (bfloat16 autocast; the weights and the optimiser stay float32); patches
+    are drawn on the CPU from the seed, so a seed draws the same patches on any device."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pairs, columns = [], []
@@ -157,17 +161,33 @@ def train_adapter(
             columns.append(b)
     if not pairs:
         raise MedILError("the input's in-plane voxels are not fine enough, compared with its slices, to learn from; use --method fast")
-    batch = _patch_sampler(pairs, rng)
+    draw = _patch_sampler(pairs, rng)
+    device = torch.device(device)
+
+    def batch():
+        xb, yb = draw()
+        return xb.to(device), yb.to(device)
+
     net = ResidualCNN2d()
     if init is not None:
         net.load_state_dict(init)
+    net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
-    info = fit_adapter(net, opt, batch, seconds, max_steps, cancel, progress, span)
+    info = fit_adapter(net, opt, batch, seconds, max_steps, cancel, progress, span, dtype=dtype)
     return net.eval(), info | {"columns": columns, "prior": init is not None}
 
 
 def fit_adapter(
-    net, opt, batch, seconds: float, max_steps: int | None = None, cancel=None, progress=None, span=(0.0, 1.0), clip: float | None = None
+    net,
+    opt,
+    batch,
+    seconds: float,
+    max_steps: int | None = None,
+    cancel=None,
+    progress=None,
+    span=(0.0, 1.0),
+    clip: float | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Train ``net`` with ``opt`` (L1; gradient norm clipped to ``clip``) on ``batch()`` for ``seconds`` (or
     ``max_steps``): steps and the mean L1 of the first and last steps. A step whose loss is not finite is skipped."""
@@ -177,7 +197,9 @@ def fit_adapter(
     while time.perf_counter() - t0 < seconds and (max_steps is None or step < max_steps):
         check_cancel(cancel)
         xb, yb = batch()
-        loss = torch.nn.functional.l1_loss(net(xb), yb)
+        with autocast(xb.device, dtype):
+            pred = net(xb)
+        loss = torch.nn.functional.l1_loss(pred.float(), yb)
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             continue
@@ -212,6 +234,17 @@ def load_prior(modality: str) -> dict[str, torch.Tensor] | None:
     return read_weights(PRIOR_DIR / name, str(card["sha256"]), f"prior-{modality}")
 
 
+def prior_ref(modality: str) -> tuple[str, str, str] | None:
+    """(name, sha256, "prior") of the bundled starting weights for ``modality``, for provenance."""
+    card_path = PRIOR_DIR / f"prior-{modality}.json"
+    if not card_path.is_file():
+        return None
+    from ..files import read_json_file
+
+    card = read_json_file(card_path, "model card")
+    return (f"prior-{modality}", str(card.get("sha256")), "prior")
+
+
 def _mirrored(net: ResidualCNN2d, planes: torch.Tensor) -> torch.Tensor:
     """``net`` on ``planes`` and on their mirror images (the degradation is symmetric under both flips), averaged."""
     flips = ((), (2,), (3,), (2, 3))
@@ -219,7 +252,15 @@ def _mirrored(net: ResidualCNN2d, planes: torch.Tensor) -> torch.Tensor:
 
 
 def apply_adapter(
-    net: ResidualCNN2d, y: np.ndarray, grid: Grid, fine: Grid, slice_axis: int, columns: list[int] | None = None, cancel=None
+    net: ResidualCNN2d,
+    y: np.ndarray,
+    grid: Grid,
+    fine: Grid,
+    slice_axis: int,
+    columns: list[int] | None = None,
+    cancel=None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """``y`` (on ``grid``) B-spline-upsampled onto ``fine`` (``grid`` refined along ``slice_axis``), then ``net``
     applied to the planes that contain ``slice_axis`` (as rows), averaged over orientations: those whose columns
@@ -227,6 +268,8 @@ def apply_adapter(
     network knows their spacing), or both."""
     u = _bspline(y, grid, fine)
     out = np.zeros_like(u)
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    net = net.to(device)
     others = [a for a in range(3) if a != slice_axis]
     if columns:
         others = [b for b in others if b in columns] or others
@@ -236,7 +279,8 @@ def apply_adapter(
             pred = np.empty_like(planes)
             for i in range(0, planes.shape[0], 8):
                 check_cancel(cancel)
-                pred[i : i + 8] = _mirrored(net, torch.from_numpy(planes[i : i + 8])).numpy()
+                with autocast(device, dtype):
+                    pred[i : i + 8] = _mirrored(net, torch.from_numpy(planes[i : i + 8]).to(device)).float().cpu().numpy()
             other = 3 - slice_axis - b
             order = np.argsort((other, slice_axis, b))
             out += np.transpose(pred[:, 0], order)

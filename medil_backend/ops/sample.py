@@ -286,6 +286,7 @@ def sample(
             "latent_grid": {"shape": list(z_grid.shape), "affine": np.round(z_grid.affine, 6).tolist()},
             "spacing_condition_mm": [round(float(v), 4) for v in spacing_condition],
             "device": str(dev),
+            "precision": str(dtype).replace("torch.", ""),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "intensity": "normalised (MR: about 0..1, the training volumes' robust range)" if sampler.modality == "mri" else "HU",
             "tiles": len(plan.tiles),

@@ -22,9 +22,10 @@ from ..acquisition import AcquisitionOperator
 from ..errors import MedILError
 from ..geometry import Grid, Volume
 from ..limits import GB, check_memory_limit
-from .runtime import Progress, check_cancel, report
+from ..task import SUPERRES_METHODS
+from .runtime import Progress, autocast, check_cancel, report
 
-METHODS = ("fast", "adapt", "inverse", "cycles")
+METHODS = SUPERRES_METHODS  # one list: the task spec's, the default first
 #: an axis is a slice axis when its spacing is at least this many times the finest in-plane spacing
 THICK_RATIO = 1.5
 #: working copies of the output grid that one data-consistency step holds (float32: the image,
@@ -78,11 +79,12 @@ def _steps(grid: Grid, target: Grid) -> np.ndarray:
 
 
 def _consistent(
-    x: np.ndarray, y: np.ndarray, op: AcquisitionOperator, iterations: int, progress, span, cancel
+    x: np.ndarray, y: np.ndarray, op: AcquisitionOperator, iterations: int, progress, span, cancel, device: torch.device | None = None
 ) -> tuple[np.ndarray, float, float]:
-    """``iterations`` preconditioned back-projection steps towards ``A x = y``; the relative RMS residual before and after."""
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
-    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None, None]
+    """``iterations`` preconditioned back-projection steps towards ``A x = y`` (float32, on ``device``); the relative
+    RMS residual before and after."""
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None].to(device or "cpu")
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None, None].to(device or "cpu")
     scale = float(yt.abs().max()) or 1.0
     with torch.no_grad():
         precond = op.adjoint(op(torch.ones_like(xt))).clamp_min(1e-6)
@@ -94,7 +96,7 @@ def _consistent(
             xt = xt + op.adjoint(r) / precond
             r = yt - op(xt)
             after = float(r.pow(2).mean().sqrt()) / scale
-    return xt[0, 0].numpy(), before, after
+    return xt[0, 0].cpu().numpy(), before, after
 
 
 def superres(
@@ -116,6 +118,8 @@ def superres(
     strength: float = 0.3,
     max_iterations: int = 200,
     background: float | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
 ) -> Volume:
     """Super-resolve ``volume`` onto ``target`` (default: :func:`default_grid`).
 
@@ -138,6 +142,12 @@ def superres(
     gradients through the tiling engine (activation checkpointing: one tile's activations alive),
     for at most ``max_iterations`` steps or ``time_budget_min`` minutes; then data consistency.
     With ``samples`` > 1 each run starts from z plus seeded noise.
+
+    ``device`` (``auto``: CUDA when present) runs every method's networks and the data-consistency
+    steps there; ``precision`` (``auto``: bfloat16 on CUDA) applies to the adapted network's and the
+    generative networks' convolutions only: data consistency and everything on the CPU stay float32,
+    so a CPU run is the same whatever the CPU. Seeds draw on the CPU, so a seed gives the same noise
+    on any device.
     """
     if method not in METHODS:
         raise MedILError(f"super-resolution method {method!r} is not available; choose one of {', '.join(METHODS)}", options=("method",))
@@ -158,6 +168,10 @@ def superres(
         raise MedILError(f"cycles need 0 < strength <= 1 and 1 <= steps <= 1000, got {strength!r} and {steps!r}", options=("steps",))
     if not (np.isfinite(time_budget_min) and 0 < time_budget_min <= 24 * 60):
         raise MedILError(f"the time budget must be a positive number of minutes, got {time_budget_min!r}", options=("time_budget",))
+    from .runtime import resolve_device, resolve_precision
+
+    dev = resolve_device(device)
+    net_dtype = resolve_precision(precision, dev) if dev.type == "cuda" else torch.float32
     name = volume.meta.get("path", "the input")
     grid = volume.grid.validate(name)
     slice_axis(grid, None, name)  # an input with no thick slices is refused before any grid is built
@@ -195,13 +209,20 @@ def superres(
     from ..baselines import resample_sitk
 
     t0 = time.perf_counter()
-    meta: dict = {"method": method, "slice_axis": axis, "slice_thickness_mm": width, "slice_profile": slice_profile}
+    meta: dict = {
+        "method": method,
+        "slice_axis": axis,
+        "slice_thickness_mm": width,
+        "slice_profile": slice_profile,
+        "device": str(dev),
+        "precision": str(net_dtype).replace("torch.", ""),
+    }
     y = np.asarray(volume.array, dtype=np.float32)
     std = None
     if method == "fast":
         report(progress, 0.0, "B-spline interpolant")
         x = resample_sitk(volume, target, "bspline").array.astype(np.float32)
-        x, before, after = _consistent(x, y, op, iterations, progress, (0.3, 1.0), cancel)
+        x, before, after = _consistent(x, y, op, iterations, progress, (0.3, 1.0), cancel, dev)
     elif method in ("cycles", "inverse"):
         from ..intensity import fit_normalizer
 
@@ -209,10 +230,31 @@ def superres(
         yn = norm.forward(y)
         report(progress, 0.0, "B-spline interpolant")
         x0 = resample_sitk(Volume(yn, grid.affine), target, "bspline").array.astype(np.float32)
-        x0, before, _ = _consistent(x0, yn, op, iterations, progress, (0.02, 0.1), cancel)
+        x0, before, _ = _consistent(x0, yn, op, iterations, progress, (0.02, 0.1), cancel, dev)
+        sampler = _generative(model, norm.modality)  # loaded (and its sha256 checked) once
+        meta["models"] = [
+            (sampler.name, sampler.sha256, "model"),
+            (sampler.autoencoder_name, sampler.autoencoder_sha256, "autoencoder"),
+        ]
+        model_name, model = sampler.name, sampler
         if method == "cycles":
             stack = diffusion_cycles(
-                x0, yn, target, op, model, samples, seed, steps, strength, iterations, budget, norm.modality, progress, cancel
+                x0,
+                yn,
+                target,
+                op,
+                model,
+                samples,
+                seed,
+                steps,
+                strength,
+                iterations,
+                budget,
+                norm.modality,
+                progress,
+                cancel,
+                dev,
+                net_dtype,
             )
         else:
             stack, runs = latent_optimisation(
@@ -230,37 +272,45 @@ def superres(
                 norm.modality,
                 progress,
                 cancel,
+                dev,
+                net_dtype,
             )
             meta["optimisation"] = runs
         x = stack.mean(axis=0)
-        after = float(np.sqrt(np.mean((op(torch.from_numpy(x)[None, None])[0, 0].numpy() - yn) ** 2))) / (float(np.abs(yn).max()) or 1.0)
+        with torch.no_grad():
+            ax = op(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None].to(dev))[0, 0].cpu().numpy()
+        after = float(np.sqrt(np.mean((ax - yn) ** 2))) / (float(np.abs(yn).max()) or 1.0)
         std = stack.std(axis=0) * norm.scale if samples > 1 else None
         x = norm.inverse(x)
-        meta.update(samples=samples, seed=seed, model=model or "medil-brain-t1-ldm")
+        meta.update(samples=samples, seed=seed, model=model_name)
         if method == "cycles":
             meta.update(steps=steps, strength=strength)
         else:
             meta.update(time_budget_min=time_budget_min)
     else:
         from ..intensity import fit_normalizer
-        from .adapt import apply_adapter, load_prior, train_adapter
+        from .adapt import apply_adapter, load_prior, prior_ref, train_adapter
 
         norm = fit_normalizer(y, volume.modality)
         yn = norm.forward(y)
         prior = load_prior(norm.modality)
+        if prior is not None:
+            meta["models"] = [prior_ref(norm.modality)]
         estimates, runs = [], []
         seconds = time_budget_min * 60 * 0.8 / samples
         for k in range(samples):
             start, stop = 0.9 * k / samples, 0.9 * (k + 1) / samples
             mid = start + 0.8 * (stop - start)
-            net, info = train_adapter(yn, grid, axis, width, slice_profile, seconds, seed + k, progress, (start, mid), cancel, prior)
+            net, info = train_adapter(
+                yn, grid, axis, width, slice_profile, seconds, seed + k, progress, (start, mid), cancel, prior, device=dev, dtype=net_dtype
+            )
             report(progress, mid, "applying the adapted network through-plane")
-            est = apply_adapter(net, yn, grid, work, axis, info["columns"], cancel)
+            est = apply_adapter(net, yn, grid, work, axis, info["columns"], cancel, device=dev, dtype=net_dtype)
             estimates.append(est)
             runs.append(info)
         stack = np.stack(estimates)
         x = stack.mean(axis=0)
-        x, before, after = _consistent(x, yn, op, iterations, progress, (0.9, 0.97), cancel)
+        x, before, after = _consistent(x, yn, op, iterations, progress, (0.9, 0.97), cancel, dev)
         if samples > 1:
             std = stack.std(axis=0) * norm.scale
         x = norm.inverse(x)
@@ -295,10 +345,10 @@ def superres(
     return Volume(x.astype(np.float32), target.affine, modality=volume.modality, meta=meta)
 
 
-def _generative(model: str | None, modality: str):
-    from .sample import load_sampler
+def _generative(model, modality: str):
+    from .sample import Sampler, load_sampler
 
-    sampler = load_sampler(model)
+    sampler = model if isinstance(model, Sampler) else load_sampler(model)
     if sampler.modality != modality:
         raise MedILError(
             f"the diffusion model {sampler.name!r} learnt {sampler.modality.upper()}, the input is {modality.upper()}: "
@@ -308,20 +358,21 @@ def _generative(model: str | None, modality: str):
     return sampler
 
 
-def _encoded_estimate(x0: np.ndarray, target: Grid, model: str | None, modality: str, budget: float, progress):
+def _encoded_estimate(x0: np.ndarray, target: Grid, model: str | None, modality: str, budget: float, progress, device=None, dtype=None):
     """The generative model for ``modality``, the latent grid covering ``target``, the posterior mean of the
     estimate ``x0`` on it, and the working-memory budget of one tile (what both generative methods start from)."""
     from .sample import latent_grid_for
     from .tiling import encode_tiled
 
     sampler = _generative(model, modality)
-    ae = sampler.autoencoder.cpu().eval()
+    device = device or torch.device("cpu")
+    ae = sampler.autoencoder.to(device).eval()
     z_grid = latent_grid_for(sampler, target)
-    work = max(budget * 0.5, 2**28)
+    work = budget * 0.5  # the tiles' share of the user's limit (the rest: the volumes this call holds)
     report(progress, 0.1, "encoding the estimate")
-    with torch.inference_mode():
-        z = ae.split_latent(encode_tiled(ae, torch.from_numpy(x0)[None, None], target, z_grid, budget_bytes=work))[0]
-    return sampler, z_grid, z.clone(), work
+    with torch.inference_mode(), autocast(device, dtype or torch.float32):
+        z = ae.split_latent(encode_tiled(ae, torch.from_numpy(x0)[None, None].to(device), target, z_grid, budget_bytes=work))[0]
+    return sampler, z_grid, z.float().clone(), work
 
 
 def latent_optimisation(
@@ -339,27 +390,32 @@ def latent_optimisation(
     modality: str,
     progress,
     cancel,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """(samples, *target.shape): InverseSR's decoder-only latent optimisation, each run made data-consistent."""
     from .tiling import decode_tiled
 
-    sampler, z_grid, z_init, work = _encoded_estimate(x0, target, model, modality, budget, progress)
+    device = device or torch.device("cpu")
+    sampler, z_grid, z_init, work = _encoded_estimate(x0, target, model, modality, budget, progress, device, dtype)
     ae = sampler.autoencoder
     for p in ae.parameters():
         p.requires_grad_(False)
-    yt = torch.from_numpy(np.ascontiguousarray(yn, dtype=np.float32))[None, None]
+    yt = torch.from_numpy(np.ascontiguousarray(yn, dtype=np.float32))[None, None].to(device)
     seconds = time_budget_min * 60 * 0.9 / samples
     out, runs = [], []
     for k in range(samples):
         a, b = 0.1 + 0.85 * k / samples, 0.1 + 0.85 * (k + 1) / samples
         spread = 0.1 * float(z_init.std()) if k else 0.0  # the first run starts at the encoding, later ones near it
-        z = (z_init + spread * torch.randn(z_init.shape, generator=torch.Generator().manual_seed(seed + k))).requires_grad_(True)
+        noise = torch.randn(z_init.shape, generator=torch.Generator().manual_seed(seed + k)).to(device)
+        z = (z_init + spread * noise).requires_grad_(True)
         opt = torch.optim.Adam([z], lr=0.05)
         t0, losses = time.perf_counter(), []
         for it in range(max_iterations):
             check_cancel(cancel)
-            x = decode_tiled(ae, z, z_grid, target, budget_bytes=work, checkpoint=True)
-            loss = (op(x) - yt).abs().mean()
+            with autocast(device, dtype or torch.float32):
+                x = decode_tiled(ae, z, z_grid, target, budget_bytes=work, checkpoint=True)
+            loss = (op(x.float()) - yt).abs().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -368,9 +424,9 @@ def latent_optimisation(
             report(progress, a + 0.8 * (b - a) * min(1.0, elapsed / seconds), f"latent optimisation {k + 1}/{samples}: step {it + 1}")
             if elapsed > seconds:
                 break
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, dtype or torch.float32):
             arr = np.asarray(decode_tiled(ae, z.detach(), z_grid, target, budget_bytes=work), dtype=np.float32)
-        xk, _, _ = _consistent(arr, yn, op, iterations, progress, (a + 0.8 * (b - a), b), cancel)
+        xk, _, _ = _consistent(arr, yn, op, iterations, progress, (a + 0.8 * (b - a), b), cancel, device)
         out.append(xk)
         runs.append({"steps": len(losses), "l1_first": losses[0], "l1_last": losses[-1], "seconds": round(time.perf_counter() - t0, 1)})
     return np.stack(out), runs
@@ -391,6 +447,8 @@ def diffusion_cycles(
     modality: str,
     progress,
     cancel,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """(samples, *target.shape): noise/denoise cycles of the normalised estimate ``x0`` through a latent diffusion model, each data-consistent."""
     from ..geometry import centred
@@ -399,8 +457,9 @@ def diffusion_cycles(
     from .sample import SPACING_COND_RANGE_MM, denoise_windows
     from .tiling import DecodePlan, OutputArray, decode_tiled
 
-    sampler, z_grid, z_mean, work = _encoded_estimate(x0, target, model, modality, budget, progress)
-    ae, ldm = sampler.autoencoder, sampler.diffusion.cpu().eval()
+    device = device or torch.device("cpu")
+    sampler, z_grid, z_mean, work = _encoded_estimate(x0, target, model, modality, budget, progress, device, dtype)
+    ae, ldm = sampler.autoencoder, sampler.diffusion.to(device).eval()
     # the model knows heads centred at the origin: condition on the latent grid moved the same way
     moved = centred(target, foreground_centres(x0, modality))
     shift = moved.affine[:3, 3] - target.affine[:3, 3]
@@ -408,8 +467,8 @@ def diffusion_cycles(
     cond_affine[:3, 3] += shift
     cond_grid = Grid(z_grid.shape, cond_affine)
     spacing = np.clip(source_spacing_along(z_grid, target.direction, target.spacing), *SPACING_COND_RANGE_MM)
-    cond = geometry_channels(cond_grid, spacing, ldm.config)[None]
-    plan = DecodePlan(ae, z_grid, target, work, 4)
+    cond = geometry_channels(cond_grid, spacing, ldm.config)[None].to(device)
+    plan = DecodePlan(ae, z_grid, target, work, 4 if (dtype or torch.float32) == torch.float32 else 2)
     windows = denoise_windows(sampler, z_grid.shape, work)
     t_start = ldm.step_for_strength(strength)
     z0 = ldm.standardise(z_mean, cond)
@@ -418,12 +477,12 @@ def diffusion_cycles(
         check_cancel(cancel)
         a, b = 0.1 + 0.85 * k / samples, 0.1 + 0.85 * (k + 1) / samples
         report(progress, a, f"diffusion cycle {k + 1}/{samples}")
-        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + k))
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + k)).to(device)
         arr = OutputArray(target.shape)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, dtype or torch.float32):
             z = ldm.destandardise(ldm.ddim(ldm.noised(z0, t_start, noise), cond, steps, start=t_start, windows=windows), cond)
             decode_tiled(ae, z, z_grid, target, plan=plan, out=arr, progress=progress, cancel=cancel, span=(a, a + 0.8 * (b - a)))
         # data consistency uses the operator's adjoint (autograd): outside inference mode
-        xk, _, _ = _consistent(arr.array, yn, op, iterations, progress, (a + 0.8 * (b - a), b), cancel)
+        xk, _, _ = _consistent(arr.array, yn, op, iterations, progress, (a + 0.8 * (b - a), b), cancel, device)
         out.append(xk)
     return np.stack(out)

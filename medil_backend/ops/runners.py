@@ -1,0 +1,218 @@
+"""The runners of the task contract (:mod:`medil_backend.task`): each turns a run context, an input
+volume (or none), a grid request, a model name and its checked options into a :class:`TaskResult`
+by calling its operation (``reconstruct``, ``superres``, ``sample``). Provenance is assembled
+here, in one shape for every task."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..errors import MedILError
+from ..geometry import Volume, output_grid
+from ..task import GridRequest, ModelRef, Output, Provenance, RunContext, TaskResult
+
+
+def _modality(volume: Volume, choice: str) -> tuple[str, str | None]:
+    """The user's modality, or the guess (DICOM tag, Hounsfield units) and the line that says it."""
+    if choice and choice != "auto":
+        return choice, None
+    from ..intensity import explain_modality
+
+    modality, why = explain_modality(volume.array, volume.meta.get("dicom_modality"))
+    other = "mri" if modality == "ct" else "ct"
+    return modality, f"modality guessed: {modality.upper()} ({why}); set the modality to {other.upper()} if that is wrong"
+
+
+def _input_name(volume: Volume) -> str:
+    import os
+
+    return os.path.basename(str(volume.meta.get("path", "input")).rstrip("/"))
+
+
+def _out_dtype(volume: Volume, dtype: str):
+    return volume.array.dtype if dtype == "input" else np.float32
+
+
+def run_reconstruct(
+    ctx: RunContext, volume: Volume, request: GridRequest, model: str | None, *, modality: str, background, dtype: str
+) -> TaskResult:
+    from ..models import default_model_for, load_model
+    from ..models.registry import run_model
+
+    modality, guess = _modality(volume, modality)
+    target = output_grid(volume.grid, like=request.like, spacing=request.spacing, orientation=request.orientation, fov=request.fov)
+    loaded = load_model(model or default_model_for(modality))
+    result = run_model(
+        volume,
+        target,
+        loaded.net,
+        device=ctx.device,
+        progress=ctx.progress,
+        cancel=ctx.cancel,
+        max_memory_gb=ctx.max_memory_gb,
+        modality=modality,
+        precision=ctx.precision,
+        background=background,
+    )
+    card_modality = loaded.card.get("modality")
+    if card_modality and result.modality != card_modality:
+        logging.getLogger("medil").warning(
+            "model %r was trained on %s, the input looks like %s", loaded.name, card_modality.upper(), result.modality.upper()
+        )
+    meta = result.meta
+    provenance = Provenance(
+        task="reconstruct",
+        models=[ModelRef(loaded.name, loaded.sha256)],
+        grid=target,
+        device=str(meta.get("device", ctx.device)),
+        precision=str(meta.get("precision", ctx.precision)),
+        plan={k: meta[k] for k in ("tiles", "output_on_disk") if k in meta},
+        settings={"input": _input_name(volume), "modality": result.modality, "background": meta.get("background")},
+    )
+    out = Output(result, "output", dtype=_out_dtype(volume, dtype))
+    summary = {"modality": result.modality, "modality_guess": guess, "overlap_fraction": meta.get("overlap_fraction")}
+    return TaskResult([out], provenance, summary)
+
+
+def run_superres(
+    ctx: RunContext,
+    volume: Volume,
+    request: GridRequest,
+    model: str | None,
+    *,
+    method: str,
+    samples: int,
+    uncertainty,
+    time_budget: float,
+    seed: int,
+    steps: int,
+    strength: float,
+    slice_thickness,
+    slice_profile: str,
+    iterations: int,
+    modality: str,
+    background,
+    dtype: str,
+) -> TaskResult:
+    from .superres import default_grid, superres
+
+    if uncertainty and samples < 2:
+        raise MedILError("an uncertainty map needs several samples: set samples to 2 or more", options=("samples",))
+    volume.modality, guess = _modality(volume, modality)
+    target = None
+    if request.like is not None:
+        target = request.like
+    elif request.given:
+        spacing = request.spacing if request.spacing else list(default_grid(volume.grid).spacing)
+        target = output_grid(volume.grid, spacing=spacing, orientation=request.orientation, fov=request.fov)
+    result = superres(
+        volume,
+        target,
+        method=method,
+        slice_thickness=slice_thickness,
+        slice_profile=slice_profile,
+        iterations=iterations,
+        samples=samples,
+        time_budget_min=time_budget,
+        seed=seed,
+        max_memory_gb=ctx.max_memory_gb,
+        progress=ctx.progress,
+        cancel=ctx.cancel,
+        model=model,
+        steps=steps,
+        strength=strength,
+        background=background,
+        device=ctx.device,
+        precision=ctx.precision,
+    )
+    meta = result.meta
+    unc = meta.pop("uncertainty", None)
+    models = [ModelRef(*m) for m in meta.get("models", [])]
+    provenance = Provenance(
+        task="superres",
+        models=models,
+        grid=result.grid,
+        device=str(meta.get("device", ctx.device)),
+        precision=str(meta.get("precision", "float32")),
+        seeds=[seed + k for k in range(samples)] if method != "fast" else [],
+        settings={
+            "input": _input_name(volume),
+            "modality": volume.modality,
+            "method": {k: v for k, v in meta.items() if k not in ("adaptation", "models")},
+        },
+    )
+    outputs = [Output(result, "output", dtype=_out_dtype(volume, dtype))]
+    if unc is not None and uncertainty:
+        outputs.append(Output(unc, "uncertainty", record={"map": "per-voxel standard deviation over samples"}))
+    summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in meta.items() if k not in ("adaptation", "models")}
+    summary.update(modality=volume.modality, modality_guess=guess)
+    return TaskResult(outputs, provenance, summary)
+
+
+def run_sample(
+    ctx: RunContext, volume: None, request: GridRequest, model: str | None, *, n: int, seed: int, steps, eta, native: bool, background
+) -> TaskResult:
+    from .sample import DEFAULT_ETA, load_sampler, native_grid, sample
+
+    if native and (request.spacing or request.orientation is not None or request.like is not None):
+        raise MedILError(
+            "native spaces draw the spacing and orientation: drop the spacing, orientation and reference grid", options=("native",)
+        )
+    eta = DEFAULT_ETA if eta is None else eta
+    sampler = load_sampler(model)
+    steps = sampler.default_steps if steps is None else steps
+    default = sampler.default_grid()
+    if request.like is not None:
+        targets = [request.like] * n
+    elif native:
+        rng = np.random.default_rng(seed)
+        targets = [native_grid(sampler, rng) for _ in range(n)]
+    elif request.given:
+        targets = [output_grid(default, spacing=request.spacing, orientation=request.orientation, fov=request.fov)] * n
+    else:
+        targets = [default] * n
+    kept: list[Output] = []
+    device = precision = None
+    for i, target in enumerate(targets):
+
+        def part(fraction: float, message: str, i=i) -> None:
+            if ctx.progress is not None:
+                ctx.progress((i + fraction) / n, message)
+
+        (vol,) = sample(
+            sampler,
+            target,
+            n=1,
+            seed=seed + i,
+            steps=steps,
+            eta=eta,
+            device=ctx.device,
+            progress=part,
+            cancel=ctx.cancel,
+            max_memory_gb=ctx.max_memory_gb,
+            precision=ctx.precision if (ctx.device.type == "cuda" or ctx.precision != "auto") else "float32",
+            background=background,
+        )
+        meta = dict(vol.meta)
+        device, precision = meta.get("device"), meta.get("precision")
+        record = {
+            **{k: v for k, v in meta.items() if k not in ("task",)},
+            "modality": vol.modality,
+            "grid": {"shape": list(target.shape), "affine_ras": target.affine.round(9).tolist()},
+            "native_space": bool(native),
+        }
+        ctx.emit(Output(vol, "sample", index=i, record=record), kept)
+    provenance = Provenance(
+        task="sample",
+        models=[ModelRef(sampler.name, sampler.sha256), ModelRef(sampler.autoencoder_name, sampler.autoencoder_sha256, "autoencoder")],
+        grid=None,
+        device=str(device or ctx.device),
+        precision=str(precision or ctx.precision),
+        seeds=[seed + i for i in range(n)],
+        settings={"steps": int(steps), "eta": float(eta)},
+    )
+    summary = {"model": sampler.name, "model_sha256": sampler.sha256, "seed": seed, "steps": int(steps), "eta": float(eta)}
+    summary["grids"] = [repr(t) for t in targets]
+    return TaskResult(kept, provenance, summary)
