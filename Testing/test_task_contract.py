@@ -78,7 +78,11 @@ def test_every_runner_takes_exactly_its_declared_options():
 def test_declared_ranges_are_refused_in_one_line_before_any_work(task, name, tmp_path, capsys):
     spec = TASKS[task]
     o = spec.option(name)
-    bad = "nope" if o.choices else str(o.low - max(1.0, abs(o.low)) if not o.low_open else o.low)
+    if o.choices:
+        bad = "nope"
+    else:
+        low = o.low - max(1, abs(o.low)) if not o.low_open else o.low
+        bad = str(int(low) if o.type is int else float(low))
     if o.choices:  # argparse refuses a value outside the choices itself
         with pytest.raises(SystemExit):
             build_parser().parse_args(_argv(spec, [o.flag, bad]))

@@ -113,3 +113,21 @@ def background_value(modality: str, background: float | None = None) -> float:
             raise MedILError(f"the background value must be a finite number, got {background!r}", options=("background",))
         return value
     return CT_FLOOR_HU if modality == "ct" else 0.0
+
+
+def foreground_mask(ref: np.ndarray, modality: str = "mri", threshold: float = 0.1) -> np.ndarray:
+    """Head/body mask of a normalised volume (the tissue mask of training).
+
+    MRI: intensities above ``threshold`` (of the 99th-percentile scale). CT: above -200 HU, with
+    holes filled so that the lungs and airways inside the body are included."""
+    if modality == "ct":
+        from scipy.ndimage import binary_fill_holes
+
+        return binary_fill_holes(np.asarray(ref) > (-200.0 - CT_LOW) / (CT_HIGH - CT_LOW))  # -200 HU on the normalised scale
+    return np.asarray(ref) > threshold
+
+
+def foreground_centres(array: np.ndarray, modality: str, limit: int = 20000) -> np.ndarray:
+    """Voxel indices inside the tissue mask, thinned evenly to at most about ``limit`` (patch centres, centroids)."""
+    pts = np.argwhere(foreground_mask(array, modality))
+    return pts[:: max(1, len(pts) // limit)]

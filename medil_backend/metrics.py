@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
 
+from .intensity import foreground_centres, foreground_mask  # noqa: F401 (tissue masks live with the intensities)
+
 
 def l1(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
     d = np.abs(np.asarray(pred, np.float64) - np.asarray(ref, np.float64))
@@ -48,23 +50,3 @@ def ms_ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0, levels: 
             x, y = zoom(x, 0.5, order=1), zoom(y, 0.5, order=1)
     w = weights[: len(vals)] / weights[: len(vals)].sum()
     return float(np.prod(np.array(vals) ** w))
-
-
-def foreground_mask(ref: np.ndarray, modality: str = "mri", threshold: float = 0.1) -> np.ndarray:
-    """Head/body mask of a normalised volume (the tissue mask of training).
-
-    MRI: intensities above ``threshold`` (of the 99th-percentile scale). CT: above -200 HU, with
-    holes filled so that the lungs and airways inside the body are included."""
-    if modality == "ct":
-        from scipy.ndimage import binary_fill_holes
-
-        from .intensity import CT_HIGH, CT_LOW
-
-        return binary_fill_holes(np.asarray(ref) > (-200.0 - CT_LOW) / (CT_HIGH - CT_LOW))  # -200 HU on the normalised scale
-    return np.asarray(ref) > threshold
-
-
-def foreground_centres(array: np.ndarray, modality: str, limit: int = 20000) -> np.ndarray:
-    """Voxel indices inside the tissue mask, thinned evenly to at most about ``limit`` (patch centres, centroids)."""
-    pts = np.argwhere(foreground_mask(array, modality))
-    return pts[:: max(1, len(pts) // limit)]

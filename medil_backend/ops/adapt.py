@@ -71,7 +71,7 @@ def refined_along(grid: Grid, axis: int, factor: int) -> Grid:
 
 
 def _bspline(array: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
-    from ..baselines import resample_sitk
+    from .interpolate import resample_sitk
 
     return resample_sitk(Volume(array, src.affine), dst, "bspline").array.astype(np.float32)
 

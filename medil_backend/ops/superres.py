@@ -206,7 +206,7 @@ def superres(
     op = AcquisitionOperator(grid, work, thickness, profiles)
     width = float(op.widths[axis])
 
-    from ..baselines import resample_sitk
+    from .interpolate import resample_sitk
 
     t0 = time.perf_counter()
     meta: dict = {
@@ -452,7 +452,7 @@ def diffusion_cycles(
 ) -> np.ndarray:
     """(samples, *target.shape): noise/denoise cycles of the normalised estimate ``x0`` through a latent diffusion model, each data-consistent."""
     from ..geometry import centred
-    from ..metrics import foreground_centres
+    from ..intensity import foreground_centres
     from ..nn.diffusion import geometry_channels, source_spacing_along
     from .sample import SPACING_COND_RANGE_MM, denoise_windows
     from .tiling import DecodePlan, OutputArray, decode_tiled
