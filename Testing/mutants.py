@@ -155,7 +155,9 @@ def write_series(folder: Path, n: int = 6, *, tilt_mm: float = 0.0, odd: dict | 
         s = sitk.GetImageFromArray(arr[k : k + 1])[:, :, 0]
         tags = {"0020|000e": uid, "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0060": modality, "0020|0013": str(k), "0028|0030": "1\\1"}
         if odd and k == n // 2:
-            tags.update(odd)
+            tags.update({t: v for t, v in odd.items() if t != "spacing"})
+            if "spacing" in odd:  # the writer takes the pixel spacing from the image, not from a tag
+                s.SetSpacing(odd["spacing"])
         for tag, value in tags.items():
             s.SetMetaData(tag, value)
         s.SetMetaData("0020|0032", f"0\\{tilt_mm * k}\\{2.0 * k}")
@@ -170,7 +172,7 @@ def dicom_mutant(rng: np.random.Generator, path: Path) -> Path:
     if kind == 0:
         return write_series(folder, tilt_mm=float(rng.choice([0.5, 2.0, 10.0])))
     if kind == 1:
-        return write_series(folder, odd={"0028|0030": str(rng.choice(["0.5\\0.5", "1\\2", "0\\0", "-1\\1", "nan\\1"]))})
+        return write_series(folder, odd={"spacing": [(0.5, 0.5), (1.0, 2.0), (1.0, 1.00001), (3.0, 1.0)][int(rng.integers(4))]})
     if kind == 2:
         return write_series(folder, odd={"0020|0037": str(rng.choice(["0\\1\\0\\1\\0\\0", "1\\0\\0\\0\\0.8\\0.6"]))})
     write_series(folder)

@@ -289,6 +289,11 @@ def test_series_mixing_orientations_or_pixel_spacings_is_refused(tmp_path, capsy
     refused(*run(["info", folder], capsys)[::2], "orientation")
 
 
+def test_series_mixing_pixel_spacings_is_refused(tmp_path, capsys):
+    folder = write_series(tmp_path / "mixed", odd={"spacing": (0.5, 0.5)})
+    refused(*run(["info", folder], capsys)[::2], "pixel spacing", "slice003.dcm")
+
+
 def test_straight_series_still_reads_with_its_modality(tmp_path):
     v = read_volume(write_series(tmp_path / "ok"))
     assert v.meta["dicom_modality"] == "CT" and np.allclose(v.grid.spacing, [1, 1, 2])
