@@ -49,7 +49,8 @@ def test_every_declared_option_reaches_the_cli_the_panel_and_the_runner(task, na
     value = _valid_value(o)
     args = build_parser().parse_args(_argv(spec, [o.flag] if o.flag_only else [o.flag, str(value)]))
     assert getattr(args, o.name) == (True if o.flag_only else value)  # the CLI
-    assert spec.checked_options({o.name: getattr(args, o.name)})[o.name] == getattr(args, o.name)
+    companions = {"uncertainty": {"samples": 2}}.get(o.name, {})  # options checked together need their partner
+    assert spec.checked_options({o.name: getattr(args, o.name), **companions})[o.name] == getattr(args, o.name)
     assert option_flags()[o.name] == o.flag  # an error naming it points at its flag
     params = inspect.signature(inspect.unwrap(_runner(task))).parameters  # the runner takes it by name
     assert o.name in params and params[o.name].kind == inspect.Parameter.KEYWORD_ONLY

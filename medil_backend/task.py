@@ -239,6 +239,7 @@ class TaskSpec:
     options: tuple[Option, ...]
     run: Callable[..., TaskResult]
     series: str = ""  # the option that counts a series of outputs (OUTPUT_000, OUTPUT_001, ...)
+    check: Callable[[dict, GridRequest], None] | None = None  # options that only make sense together, checked before any work
 
     def output_paths(self, output: str, options: dict) -> dict[tuple[str, int], str]:
         """Every file a run writes, by (role, index): the output (or its numbered series) and each path option that is set."""
@@ -265,12 +266,16 @@ class TaskSpec:
                 return o
         raise KeyError(name)
 
-    def checked_options(self, values: dict) -> dict:
-        """Every declared option from ``values`` (missing: the default), checked; unknown names refused."""
+    def checked_options(self, values: dict, request: GridRequest | None = None) -> dict:
+        """Every declared option from ``values`` (missing: the default), checked, and checked together
+        (with the grid request); unknown names refused."""
         unknown = set(values) - {o.name for o in self.options}
         if unknown:
             raise MedILError(f"{self.name} has no option {', '.join(sorted(unknown))}")
-        return {o.name: o.check(values.get(o.name, o.default)) for o in self.options}
+        options = {o.name: o.check(values.get(o.name, o.default)) for o in self.options}
+        if self.check is not None:
+            self.check(options, request or GridRequest())
+        return options
 
     def to_json(self) -> dict:
         return {
@@ -335,6 +340,27 @@ def _run_sample(*args, **kwargs) -> TaskResult:
 
 
 SUPERRES_METHODS = ("adapt", "fast", "inverse", "cycles")  # the default first
+
+
+def _check_superres(options: dict, request: GridRequest) -> None:
+    if options.get("uncertainty") and options["samples"] < 2:
+        raise MedILError("an uncertainty map needs several samples: set samples to 2 or more", options=("samples",))
+    if options["samples"] > 1 and options["method"] == "fast":
+        raise MedILError(
+            "the fast method is deterministic: several samples need the adapt, inverse or cycles method", options=("samples", "method")
+        )
+    if options["seed"] + options["samples"] - 1 > 2**32 - 1:
+        raise MedILError(f"the seeds seed .. seed + samples - 1 must stay within 0 .. {2**32 - 1}", options=("seed",))
+
+
+def _check_sample(options: dict, request: GridRequest) -> None:
+    if options["native"] and (request.like is not None or request.spacing or request.orientation is not None):
+        raise MedILError(
+            "native spaces draw the spacing and orientation: drop the spacing, orientation and reference grid", options=("native",)
+        )
+    if options["seed"] + options["n"] - 1 > 2**32 - 1:
+        raise MedILError(f"the seeds seed .. seed + n - 1 must stay within 0 .. {2**32 - 1}", options=("seed",))
+
 
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
@@ -418,6 +444,7 @@ TASKS: dict[str, TaskSpec] = {
                 _DTYPE,
             ),  # fmt: skip
             run=_run_superres,
+            check=_check_superres,
         ),
         TaskSpec(
             "sample",
@@ -445,6 +472,7 @@ TASKS: dict[str, TaskSpec] = {
             ),  # fmt: skip
             run=_run_sample,
             series="n",
+            check=_check_sample,
         ),
     )
 }
@@ -488,7 +516,8 @@ def run_task(
     if isinstance(request, Grid):
         request = GridRequest(like=request)
     ctx = ctx or RunContext.resolve()
-    return spec.run(ctx, volume, (request or GridRequest()).check(), model, **spec.checked_options(options))
+    request = (request or GridRequest()).check()
+    return spec.run(ctx, volume, request, model, **spec.checked_options(options, request))
 
 
 __all__ = [
