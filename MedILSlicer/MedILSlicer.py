@@ -29,7 +29,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, ModelListJob, OutputSpace, describeModel, modelLabel  # noqa: E402
-from MedILSlicerLib.tasks import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, task_by_label  # noqa: E402
+from MedILSlicerLib.tasks import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, suggested_task, task_by_key, task_by_label  # noqa: E402
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
 
 #: Choices shown in the panel (parameter values; the .ui lists the same texts).
@@ -154,6 +154,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.chooseModelFolderButton.clicked.connect(self.onChooseModelFolder)
         self.ui.refreshModelsButton.clicked.connect(self.refreshModels)
         self.ui.taskComboBox.currentTextChanged.connect(self.updateTaskOptions)
+        self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
         self.ui.superresMethodComboBox.currentTextChanged.connect(self.updateTaskOptions)
         self.ui.spacingPresetComboBox.currentTextChanged.connect(self.updateGeometryOptions)
         self.ui.orientationComboBox.currentTextChanged.connect(self.updateGeometryOptions)
@@ -165,6 +166,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.refreshModels()
         self.ui.deviceLabel.text = self.logic.detectDevice()
+        self.onInputChanged()
         self.updateTaskOptions()
         self.updateGeometryOptions()
 
@@ -221,6 +223,14 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ok = bool(task and task.available and (self._parameterNode.inputVolume or not task.needs_input))
         self.ui.applyButton.enabled = ok
         self.ui.applyButton.toolTip = "Run MedIL" if ok else "Select an input volume (and an available task)"
+
+    def onInputChanged(self, *args) -> None:
+        """A thick-slice input opens the panel on Super-resolve (adapt), an isotropic one on Reconstruct /
+        resample; the Sample task, which takes no input, is left as it is."""
+        node = self.ui.inputSelector.currentNode()
+        if node is None or task_by_label(self.ui.taskComboBox.currentText).key == "sample":
+            return
+        self.ui.taskComboBox.setCurrentText(task_by_key(suggested_task(node.GetSpacing())).label)
 
     def updateTaskOptions(self, *args) -> None:
         key = task_by_label(self.ui.taskComboBox.currentText).key

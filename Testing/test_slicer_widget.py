@@ -63,6 +63,20 @@ def volumes(scene):
     return [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
 
 
+def test_the_panel_opens_on_the_task_that_suits_the_input(panel):
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    assert ui.taskComboBox.currentText() == "Super-resolve" and widget._parameterNode.task == "Super-resolve"  # 2 x 2 x 3 mm
+    assert ui.superresMethodComboBox.currentText() == "adapt"
+    iso = load_node(scene, EXAMPLE)
+    iso.SetSpacing(2.0, 2.0, 2.0)
+    ui.inputSelector.setCurrentNode(iso)
+    assert ui.taskComboBox.currentText() == "Reconstruct / resample"
+    ui.taskComboBox.setCurrentText("Sample")  # takes no input: a new input does not take the panel away from it
+    ui.inputSelector.setCurrentNode(node)
+    assert ui.taskComboBox.currentText() == "Sample"
+
+
 def test_panel_fills_from_the_scene_and_the_backend(panel):
     app, widget, scene, node, dialogs, views = panel
     ui, module = raw_ui(widget), sys.modules[type(widget).__module__]
@@ -88,6 +102,7 @@ def test_panel_fills_from_the_scene_and_the_backend(panel):
 def test_apply_runs_the_backend_and_adds_a_new_node_each_time(panel):
     app, widget, scene, node, dialogs, views = panel
     ui = raw_ui(widget)
+    ui.taskComboBox.setCurrentText("Reconstruct / resample")  # the thick example opens on Super-resolve
     ui.spacingPresetComboBox.setCurrentText("custom")
     for axis in "XYZ":
         getattr(ui, f"customSpacing{axis}SpinBox").setValue(4.0)
@@ -117,6 +132,7 @@ def test_apply_runs_the_backend_and_adds_a_new_node_each_time(panel):
 def test_cancel_stops_the_backend_and_leaves_nothing(panel):
     app, widget, scene, node, dialogs, views = panel
     ui = raw_ui(widget)
+    ui.taskComboBox.setCurrentText("Reconstruct / resample")  # the thick example opens on Super-resolve
     ui.spacingPresetComboBox.setCurrentText("1 mm")
     before, files = len(volumes(scene)), backend_files()
     ui.applyButton.click()
@@ -133,6 +149,7 @@ def test_cancel_stops_the_backend_and_leaves_nothing(panel):
 def test_a_failing_job_shows_its_message_and_the_panel_stays_usable(panel):
     app, widget, scene, node, dialogs, views = panel
     ui = raw_ui(widget)
+    ui.taskComboBox.setCurrentText("Reconstruct / resample")  # the thick example opens on Super-resolve
     ui.spacingPresetComboBox.setCurrentText("custom")
     for axis in "XYZ":
         getattr(ui, f"customSpacing{axis}SpinBox").setValue(0.05)  # far too many voxels for the memory limit

@@ -107,6 +107,12 @@ def test_every_option_with_a_panel_label_is_a_panel_field():
     assert [t.key for t in PANEL_TASKS] == list(TASKS)
     assert tuple(SUPERRES_METHODS) == TASKS["superres"].option("method").choices
     assert {t.key: t.needs_input for t in PANEL_TASKS} == {s.name: s.needs_input for s in TASKS.values()}
+    from MedILSlicerLib.tasks import THICK_RATIO, suggested_task
+
+    from medil_backend.ops.superres import THICK_RATIO as BACKEND_THICK_RATIO
+
+    assert THICK_RATIO == BACKEND_THICK_RATIO  # the panel suggests super-resolution exactly when the backend would run it
+    assert suggested_task((2, 2, 3)) == "superres" and suggested_task((1, 1, 1.2)) == "reconstruct"
 
 
 def test_tasks_json_publishes_the_specs(capsys):

@@ -32,6 +32,18 @@ SUPERRES_METHODS: list[str] = ["adapt", "fast", "inverse", "cycles"]
 GENERATIVE_SUPERRES_METHODS: tuple[str, ...] = ("inverse", "cycles")
 
 
+#: an input axis is a slice axis when its spacing is at least this many times the finest (the backend's
+#: ``medil_backend.ops.superres.THICK_RATIO``; a test checks they agree)
+THICK_RATIO = 1.5
+
+
+def suggested_task(spacing) -> str:
+    """The task the panel opens on for an input of this voxel spacing: super-resolution for thick slices
+    (an axis at least THICK_RATIO times the finest), reconstruct/resample otherwise."""
+    sp = [abs(float(s)) for s in spacing]
+    return "superres" if sp and min(sp) > 0 and max(sp) >= THICK_RATIO * min(sp) else "reconstruct"
+
+
 def task_by_label(label: str) -> Task:
     for t in TASKS:
         if t.label == label:
