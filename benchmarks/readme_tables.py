@@ -1,6 +1,6 @@
 """Write the README's measured tables from the JSON results in benchmarks/results/.
 
-    python benchmarks/readme_tables.py          # rewrites the marked sections of README.md
+    python benchmarks/readme_tables.py          # rewrites the marked sections of README.md, SECURITY.md and docs/*.md
 
 Sections: ``quality-brain`` / ``quality-ct`` (``medil evaluate`` mean tables and the issue's
 targets, from ``eval-brain.json`` / ``eval-ct.json``), ``superres-brain`` / ``superres-ct``
@@ -277,14 +277,11 @@ def fuzz_outcomes() -> str:
     )
 
 
+#: the documents whose marked sections this script writes (README.md, SECURITY.md and docs/)
+DOCUMENTS = [REPO / "README.md", REPO / "SECURITY.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def main() -> None:
-    security = REPO / "SECURITY.md"
-    if (RESULTS / "fuzz_inputs.json").exists() and security.exists():
-        text = security.read_text()
-        pattern = re.compile(r"(<!-- fuzz-outcomes:start -->\n).*?(<!-- fuzz-outcomes:end -->)", re.S)
-        if pattern.search(text):
-            security.write_text(pattern.sub(lambda m: m.group(1) + fuzz_outcomes() + "\n" + m.group(2), text))
-    readme = (REPO / "README.md").read_text()
     sections = [("quality-brain", quality("brain")), ("quality-ct", quality("ct")), ("speed", speed())]
     for name in ("brain", "ct", "generative-brain"):
         if (RESULTS / f"eval-superres-{name}.json").exists():
@@ -301,12 +298,19 @@ def main() -> None:
         sections.append(("noise-levels", noise_levels()))
     if (RESULTS / "eval-generative-brain.json").exists():
         sections.append(("generative-probes", generative_probes()))
+    if (RESULTS / "fuzz_inputs.json").exists():
+        sections.append(("fuzz-outcomes", fuzz_outcomes()))
+    texts = {doc: doc.read_text() for doc in DOCUMENTS if doc.exists()}
     for name, text in sections:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
-        if not pattern.search(readme):
-            raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> section")
-        readme = pattern.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), readme)
-    (REPO / "README.md").write_text(readme)
+        found = [doc for doc, body in texts.items() if pattern.search(body)]
+        if not found:
+            raise SystemExit(f"no document has a <!-- {name}:start --> ... <!-- {name}:end --> section")
+        for doc in found:
+            texts[doc] = pattern.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), texts[doc])
+    for doc, body in texts.items():
+        if doc.read_text() != body:
+            doc.write_text(body)
 
 
 if __name__ == "__main__":
