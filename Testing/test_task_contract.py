@@ -201,3 +201,21 @@ def test_every_task_on_cuda_matches_the_cpu(task, small_mri, model_dir, sampler_
     scale = max(1e-6, float(np.abs(a).max()))
     tol = 0.05 if task == "superres-adapt" else 1e-3  # adapt trains for a time budget: the step counts differ
     assert np.abs(a - b).mean() / scale < tol
+
+
+def test_the_registry_says_which_tasks_an_architecture_serves(sampler_dir, small_mri):
+    from medil_backend.models import architectures, load_model, run_model
+
+    archs = architectures()
+    assert archs["MedILAutoencoder"].tasks == ("reconstruct",) and "sample" in archs["LatentDiffusionUNet"].tasks
+    for arch in archs.values():  # a runner is named, not imported: models never import the operations
+        assert isinstance(arch.reconstruct, str)
+    ldm = load_model("tiny-ldm")
+    with pytest.raises(MedILError, match="does not reconstruct an input"):
+        run_model(read_volume(small_mri), read_volume(small_mri).grid, ldm.net)
+    import ast
+
+    for path in (REPO / "medil_backend" / "models").glob("*.py"):  # no import of medil_backend.ops anywhere in models/
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("ops") and not (node.level == 2 and (node.module or "").startswith("ops")), path

@@ -99,7 +99,7 @@ class LoadedModel:
 
     def reconstruct(self, volume, target, **options):
         """Run this model's architecture on ``volume`` onto ``target`` (see :func:`~medil_backend.models.registry.run_model`)."""
-        return architecture_of(self.net).reconstruct(volume, target, self.net, **options)
+        return architecture_of(self.net).runner()(volume, target, self.net, **options)
 
 
 def _read_card(path: Path) -> dict:

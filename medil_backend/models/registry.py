@@ -21,8 +21,21 @@ from ..errors import MedILError
 class Architecture:
     name: str
     build: Callable[[dict], nn.Module]  # card config -> network (untrained)
-    reconstruct: Callable[..., Any]  # (volume, target, net, *, device, progress, cancel, max_memory_gb, modality, precision) -> Volume
+    #: "module:function" of the operation that reconstructs a volume with this network ((volume, target, net, *, device,
+    #: progress, cancel, max_memory_gb, modality, precision, background) -> Volume); "" when it does not reconstruct.
+    #: A name, not an import: models never import the operations (ops imports models, not the reverse)
+    reconstruct: str
     latent: Callable[[nn.Module], dict]  # the card's latent summary: spacing_mm, channels, compression_vs_1mm
+    tasks: tuple[str, ...] = ("reconstruct",)  # the tasks (medil_backend.task) whose models this architecture serves
+
+    def runner(self) -> Callable[..., Any]:
+        if "reconstruct" not in self.tasks or not self.reconstruct:
+            served = ", ".join(self.tasks)
+            raise MedILError(f"a {self.name} model does not reconstruct an input (it serves: {served}); choose an autoencoder model")
+        import importlib
+
+        module, _, function = self.reconstruct.partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -54,7 +67,7 @@ def architecture_of(net: nn.Module) -> Architecture:
 
 def run_model(volume, target, net: nn.Module, **options):
     """Reconstruct ``volume`` onto ``target`` with any registered network, passing every option to its runner."""
-    return architecture_of(net).reconstruct(volume, target, net, **options)
+    return architecture_of(net).runner()(volume, target, net, **options)
 
 
 # -- built-in architectures ----------------------------------------------------------------------------
@@ -90,31 +103,17 @@ def _build_fixed_grid(config: dict) -> nn.Module:
     return FixedGridAutoencoder(FixedGridConfig(**config))
 
 
-def _run_medil(*args, **kwargs):
-    from ..ops.reconstruct import reconstruct
-
-    return reconstruct(*args, **kwargs)
-
-
-def _run_fixed_grid(*args, **kwargs):
-    from ..ops.fixed_grid import fixed_grid_reconstruct
-
-    return fixed_grid_reconstruct(*args, **kwargs)
-
-
 def _build_diffusion(config: dict) -> nn.Module:
     from ..nn.diffusion import DiffusionConfig, LatentDiffusionUNet
 
     return LatentDiffusionUNet(DiffusionConfig.from_dict(config))
 
 
-def _no_reconstruct(volume, target, net, **options):
-    raise MedILError("this is a latent diffusion model: it draws new volumes (`medil sample`), it does not reconstruct an input")
-
-
 def _register_builtins() -> None:
     if _REGISTRY:
         return
-    register(Architecture("MedILAutoencoder", _build_medil, _run_medil, _medil_latent))
-    register(Architecture("FixedGridAutoencoder", _build_fixed_grid, _run_fixed_grid, _fixed_grid_latent))
-    register(Architecture("LatentDiffusionUNet", _build_diffusion, _no_reconstruct, _medil_latent))  # the latent it draws
+    register(Architecture("MedILAutoencoder", _build_medil, "medil_backend.ops.reconstruct:reconstruct", _medil_latent))
+    register(
+        Architecture("FixedGridAutoencoder", _build_fixed_grid, "medil_backend.ops.fixed_grid:fixed_grid_reconstruct", _fixed_grid_latent)
+    )
+    register(Architecture("LatentDiffusionUNet", _build_diffusion, "", _medil_latent, tasks=("sample", "superres")))  # the latent it draws
