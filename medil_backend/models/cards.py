@@ -90,12 +90,68 @@ def build_network(card: dict) -> nn.Module:
     return get_architecture(card.get("architecture", "MedILAutoencoder")).build(card["config"])
 
 
+#: DDIM steps for a sampling model whose card names none (``sampling.steps``)
+DEFAULT_SAMPLE_STEPS = 25
+
+
 @dataclass
 class LoadedModel:
+    """A model ready to run: its network (sha256-checked weights), its card and, for a latent diffusion
+    model, its ``companion``: the autoencoder whose latent space it draws (checked to be the one it was
+    trained on). The one loaded-model type of every task."""
+
     name: str
     net: nn.Module
     card: dict
     sha256: str
+    companion: LoadedModel | None = None
+
+    # -- what the tasks read of a latent diffusion model ---------------------------------------------
+    @property
+    def diffusion(self) -> nn.Module:
+        return self.net
+
+    @property
+    def autoencoder(self) -> nn.Module:
+        if self.companion is None:
+            raise MedILError(f"model {self.name!r} has no autoencoder: it is not a latent diffusion model")
+        return self.companion.net
+
+    @property
+    def autoencoder_name(self) -> str | None:
+        return self.companion.name if self.companion is not None else None
+
+    @property
+    def autoencoder_sha256(self) -> str | None:
+        return self.companion.sha256 if self.companion is not None else None
+
+    @property
+    def modality(self) -> str:
+        return str(self.card.get("modality", "mri"))
+
+    @property
+    def default_steps(self) -> int:
+        """The DDIM step count this model was measured with (its card's ``sampling.steps``; else ``DEFAULT_SAMPLE_STEPS``)."""
+        steps = (self.card.get("sampling") or {}).get("steps", DEFAULT_SAMPLE_STEPS)
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise MedILError(f"the card of {self.name!r} gives sampling.steps {steps!r}, not a whole number; fix the card or pass --steps")
+        return steps
+
+    def default_grid(self):
+        """The output grid a sampling model draws onto by default (its card's ``default_space``)."""
+        import numpy as np
+
+        from ..geometry import Grid
+
+        space = self.card.get("default_space") or {}
+        shape = tuple(int(v) for v in space.get("shape", (160, 224, 176)))
+        spacing = np.asarray(space.get("spacing", (1.0, 1.0, 1.0)), dtype=np.float64)
+        direction = np.asarray(space.get("direction", np.eye(3)), dtype=np.float64)
+        centre = np.asarray(space.get("centre", (0.0, 0.0, 0.0)), dtype=np.float64)
+        origin = centre - direction @ (spacing * (np.asarray(shape) - 1) / 2)
+        aff = np.eye(4)
+        aff[:3, :3], aff[:3, 3] = direction * spacing, origin
+        return Grid(shape, aff)
 
     def reconstruct(self, volume, target, **options):
         """Run this model's architecture on ``volume`` onto ``target`` (see :func:`~medil_backend.models.registry.run_model`)."""
@@ -176,7 +232,18 @@ def load_model(name_or_path: str | os.PathLike | None = None) -> LoadedModel:
             f"model {entry.name!r} cannot be loaded ({str(exc).splitlines()[0][:200]}); its card and weights disagree"
         ) from None
     net.eval()
-    return LoadedModel(entry.name, net, entry.card, digest)
+    companion = None
+    ref = entry.card.get("autoencoder")
+    if "sample" in get_architecture(entry.card.get("architecture", "MedILAutoencoder")).tasks:
+        if not isinstance(ref, dict) or not ref.get("name"):
+            raise MedILError(f"the card of {entry.name!r} names no autoencoder; re-export the model")
+        companion = load_model(ref["name"])
+        if not same_latent_space(ref, companion):
+            raise MedILError(
+                f"{entry.name!r} was trained on the latents of another {ref['name']!r} encoder (sha256 differs); "
+                "install the autoencoder it was trained with, or retrain the diffusion model"
+            )
+    return LoadedModel(entry.name, net, entry.card, digest, companion)
 
 
 def latent_space_ref(model: LoadedModel) -> dict:

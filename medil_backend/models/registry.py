@@ -30,8 +30,8 @@ class Architecture:
 
     def runner(self) -> Callable[..., Any]:
         if "reconstruct" not in self.tasks or not self.reconstruct:
-            served = ", ".join(self.tasks)
-            raise MedILError(f"a {self.name} model does not reconstruct an input (it serves: {served}); choose an autoencoder model")
+            commands = " and ".join(f"`medil {t}`" for t in self.tasks)
+            raise MedILError(f"a {self.name} model does not reconstruct an input (it serves {commands}); choose an autoencoder model")
         import importlib
 
         module, _, function = self.reconstruct.partition(":")

@@ -22,7 +22,6 @@ orientations, drawn by :func:`native_grid`).
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,8 @@ from ..errors import MedILError
 from ..geometry import Grid, Volume, covering_grid
 from ..intensity import background_value
 from ..limits import GB, check_memory_limit
-from ..nn.diffusion import LatentDiffusionUNet, Windows, geometry_channels, group_overlap, source_spacing_along
+from ..models.cards import DEFAULT_SAMPLE_STEPS, LoadedModel
+from ..nn.diffusion import Windows, geometry_channels, group_overlap, source_spacing_along
 from .reconstruct import RUNTIME_OVERHEAD_BYTES, SPILL_FRACTION
 from .runtime import Progress, autocast, check_cancel, check_seed, report, resolve_device, resolve_precision
 from .tiling import DecodePlan, OutputArray, check_disk_space, decode_tiled
@@ -40,69 +40,27 @@ from .tiling import DecodePlan, OutputArray, check_disk_space, decode_tiled
 #: the spacing channels are clamped to what the training data showed
 SPACING_COND_RANGE_MM = (1.0, 10.0)
 #: DDIM steps for a model whose card names none (``sampling.steps``)
-DEFAULT_STEPS = 25
+DEFAULT_STEPS = DEFAULT_SAMPLE_STEPS
 #: DDIM's stochasticity by default (0: deterministic; 1: DDPM-like)
 DEFAULT_ETA = 0.0
 #: the smallest patch-wise denoising window, latent voxels along each axis (64 mm at 4 mm; the brain model learnt crops of 24-48)
 MIN_WINDOW = 16
 
 
-@dataclass
-class Sampler:
-    """A loaded latent diffusion model with its autoencoder."""
-
-    name: str
-    diffusion: LatentDiffusionUNet
-    autoencoder: Any  # MedILAutoencoder
-    card: dict
-    sha256: str
-    autoencoder_name: str
-    autoencoder_sha256: str
-
-    @property
-    def modality(self) -> str:
-        return str(self.card.get("modality", "mri"))
-
-    @property
-    def default_steps(self) -> int:
-        """The DDIM step count this model was measured with (its card's ``sampling.steps``; else ``DEFAULT_STEPS``)."""
-        steps = (self.card.get("sampling") or {}).get("steps", DEFAULT_STEPS)
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise MedILError(f"the card of {self.name!r} gives sampling.steps {steps!r}, not a whole number; fix the card or pass --steps")
-        return steps
-
-    def default_grid(self) -> Grid:
-        space = self.card.get("default_space") or {}
-        shape = tuple(int(v) for v in space.get("shape", (160, 224, 176)))
-        spacing = np.asarray(space.get("spacing", (1.0, 1.0, 1.0)), dtype=np.float64)
-        direction = np.asarray(space.get("direction", np.eye(3)), dtype=np.float64)
-        centre = np.asarray(space.get("centre", (0.0, 0.0, 0.0)), dtype=np.float64)
-        origin = centre - direction @ (spacing * (np.asarray(shape) - 1) / 2)
-        aff = np.eye(4)
-        aff[:3, :3], aff[:3, 3] = direction * spacing, origin
-        return Grid(shape, aff)
+#: a sampling model is a :class:`~medil_backend.models.LoadedModel` with its companion autoencoder
+Sampler = LoadedModel
 
 
 def load_sampler(name: str | None) -> Sampler:
     """The latent diffusion model ``name`` (default: the bundled brain model) and the autoencoder its card names."""
-    from ..models import find_model, list_models, load_model, same_latent_space
+    from ..models import find_model, list_models, load_model
 
     name = name or DEFAULT_SAMPLER
     entry = find_model(name)
     if "sample" not in entry.tasks or entry.card.get("architecture") != "LatentDiffusionUNet":
         samplers = ", ".join(e.name for e in list_models() if e.card.get("architecture") == "LatentDiffusionUNet") or "none"
         raise MedILError(f"model {entry.name!r} does not sample (it is not a latent diffusion model); sampling models: {samplers}")
-    ldm = load_model(name)
-    ref = ldm.card.get("autoencoder") or {}
-    if not ref.get("name"):
-        raise MedILError(f"the card of {ldm.name!r} names no autoencoder; re-export the model")
-    ae = load_model(ref["name"])
-    if not same_latent_space(ref, ae):
-        raise MedILError(
-            f"{ldm.name!r} was trained on the latents of another {ref['name']!r} encoder (sha256 differs); "
-            "install the autoencoder it was trained with, or retrain the diffusion model"
-        )
-    return Sampler(ldm.name, ldm.net, ae.net, ldm.card, ldm.sha256, ae.name, ae.sha256)
+    return load_model(name)  # with its companion autoencoder, checked to be the one it was trained on
 
 
 DEFAULT_SAMPLER = "medil-brain-t1-ldm"
