@@ -362,7 +362,10 @@ def test_model_list_job_answers_in_the_background(sampler_dir):
         time.sleep(0.05)
         models = job.poll()
     names = {m["name"]: m for m in models}
-    assert {"tiny-ldm", "tiny-gen", "medil-brain-t1"} <= set(names) and names["tiny-ldm"]["tasks"] == ["sample"]
+    assert {"tiny-ldm", "tiny-gen", "medil-brain-t1"} <= set(names) and names["tiny-ldm"]["tasks"] == [
+        "sample",
+        "superres",
+    ]  # its architecture's tasks (the registry)
 
 
 def test_model_list_job_reports_a_broken_backend(tmp_path):

@@ -403,6 +403,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                         "name": e.name,
                         "source": e.source,
                         "tasks": e.tasks,
+                        "comparison_only": e.card.get("role") == "comparison",
                         "card": str(e.card_path),
                         "modality": e.card.get("modality"),
                         "latent": e.card.get("latent"),
@@ -421,6 +422,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         lat = e.card.get("latent", {})
         default_for = [m.upper() for m, n in DEFAULT_MODELS.items() if n == e.name]
         mark = f" (default for {', '.join(default_for)})" if default_for else ""
+        if e.card.get("role") == "comparison":
+            mark += " (comparison only)"
         print(
             f"{e.name}{mark}\t{e.source}\t{e.card.get('modality', '?')}\ttasks={','.join(e.tasks)}\t"
             f"latent={lat.get('channels', '?')}ch@{lat.get('spacing_mm', '?')}mm\t{e.card_path}"

@@ -82,7 +82,11 @@ class ModelEntry:
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.card.get("tasks", ["reconstruct"]))
+        """The tasks this model serves: its architecture's (the registry's), not what its card once claimed."""
+        try:
+            return list(get_architecture(self.card.get("architecture", "MedILAutoencoder")).tasks)
+        except MedILError:  # an architecture this version does not know: loading it will say so
+            return list(self.card.get("tasks", ["reconstruct"]))
 
 
 def build_network(card: dict) -> nn.Module:
