@@ -31,6 +31,7 @@ if _HERE not in sys.path:
 from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, ModelListJob, OutputSpace, describeModel, modelLabel  # noqa: E402
 from MedILSlicerLib.tasks import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, suggested_task, task_by_key, task_by_label  # noqa: E402
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
+from MedILSlicerLib.tasks import TASKS as TASK_LIST  # noqa: E402
 
 #: Choices shown in the panel (parameter values; the .ui lists the same texts).
 SPACING_PRESETS = ["input", "finest isotropic", "1 mm", "custom"]
@@ -153,6 +154,8 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.chooseModelFolderButton.clicked.connect(self.onChooseModelFolder)
         self.ui.refreshModelsButton.clicked.connect(self.refreshModels)
+        for index, task in enumerate(TASK_LIST):  # each task says what it is good for and how long it takes
+            self.ui.taskComboBox.setItemData(index, task.hint, qt.Qt.ToolTipRole)
         self.ui.taskComboBox.currentTextChanged.connect(self.updateTaskOptions)
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
         self.ui.superresMethodComboBox.currentTextChanged.connect(self.updateTaskOptions)

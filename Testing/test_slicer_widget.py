@@ -68,6 +68,8 @@ def test_the_panel_opens_on_the_task_that_suits_the_input(panel):
     ui = raw_ui(widget)
     assert ui.taskComboBox.currentText() == "Super-resolve" and widget._parameterNode.task == "Super-resolve"  # 2 x 2 x 3 mm
     assert ui.superresMethodComboBox.currentText() == "adapt"
+    tips = [ui.taskComboBox.itemData(i, slicer_app.QtCore.Qt.ToolTipRole) for i in range(ui.taskComboBox.count())]
+    assert all(t and ("min" in t or " s " in t) for t in tips), tips  # what each task is for, and how long it takes
     iso = load_node(scene, EXAMPLE)
     iso.SetSpacing(2.0, 2.0, 2.0)
     ui.inputSelector.setCurrentNode(iso)
