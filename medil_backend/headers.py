@@ -59,6 +59,15 @@ def regular_file_beside(header: Path, name: str, what: str = "voxel data") -> Pa
     return Path(target)
 
 
+def _head(path: Path) -> bytes:
+    """The first MAX_HEADER_BYTES + 1 bytes of a header file (one more than a header may have)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(MAX_HEADER_BYTES + 1)
+    except OSError as exc:
+        raise MedILError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+
+
 def _number_list(value: str, n: int, key: str, path: Path, *, integer: bool = False) -> list[float]:
     parts = value.replace(",", " ").split()
     if len(parts) != n:
@@ -152,11 +161,7 @@ class MetaHeader:
 
 def parse_metaio(path: Path) -> MetaHeader:
     """Parse and validate a MetaImage header (every field MedIL uses, the whole header)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(MAX_HEADER_BYTES + 1)
-    except OSError as exc:
-        raise MedILError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+    head = _head(path)
     fields: dict[str, str] = {}
     pos, end_of_header = 0, None
     while pos < len(head):
@@ -366,11 +371,7 @@ class NrrdHeader:
 
 def parse_nrrd(path: Path) -> NrrdHeader:
     """Parse and validate an NRRD header (attached or detached) and every data file it names."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(MAX_HEADER_BYTES + 1)
-    except OSError as exc:
-        raise MedILError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+    head = _head(path)
     if not head.startswith(b"NRRD000"):
         raise MedILError(f"cannot read {path}: it does not start with an NRRD magic line (NRRD000X), so it is not an NRRD file")
     fields: dict[str, str] = {}
