@@ -241,3 +241,15 @@ def test_adapt_applies_through_plane_in_the_orientations_it_learnt():
     fine = refined_along(grid, 1, 4)
     out = apply_adapter(ResidualCNN2d(), x, grid, fine, 1, info["columns"])
     np.testing.assert_allclose(out, _bspline(x, grid, fine), atol=1e-6)
+
+
+def test_adapt_with_no_time_budget_runs_the_pretrained_network_alone(small_mri, tmp_path, capsys):
+    """--time-budget 0: the quick setting (no test-time steps, the bundled prior alone), deterministic."""
+    v = read_volume(small_mri)
+    a = superres(v, None, method="adapt", time_budget_min=0)
+    b = superres(v, None, method="adapt", time_budget_min=0)
+    assert a.meta["adaptation"][0]["steps"] == 0 and np.array_equal(a.array, b.array)
+    assert a.meta["models"][0][0] == "prior-mri"
+    for extra, fragment in ((["--method", "fast"], "setting of the adapt method"), (["--samples", "2"], "one sample")):
+        rc = main(["superres", str(small_mri), str(tmp_path / "o.nii.gz"), "--time-budget", "0", *extra, "--progress", "none"])
+        assert rc == 1 and fragment in capsys.readouterr().err

@@ -283,7 +283,7 @@ DOCUMENTS = [REPO / "README.md", REPO / "SECURITY.md", *sorted((REPO / "docs").g
 
 def main() -> None:
     sections = [("quality-brain", quality("brain")), ("quality-ct", quality("ct")), ("speed", speed())]
-    for name in ("brain", "ct", "generative-brain"):
+    for name in ("brain", "ct", "generative-brain", "quick-brain", "quick-ct"):
         if (RESULTS / f"eval-superres-{name}.json").exists():
             sections.append((f"superres-{name}", superres_quality(name)))
     if any((RESULTS / f"eval-superres-uncertainty-{n}.json").exists() for n in ("brain", "ct")):

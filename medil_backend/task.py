@@ -409,10 +409,10 @@ TASKS: dict[str, TaskSpec] = {
                     "time_budget",
                     float,
                     3.0,
-                    "adapt, inverse: minutes of training/optimisation in all (default 3)",
+                    "adapt, inverse: minutes of training/optimisation in all (default 3); adapt with 0: the pre-trained "
+                    "network alone, no test-time training (seconds)",
                     label="Time budget",
                     low=0.0,
-                    low_open=True,
                     high=24 * 60,
                     metavar="MIN",
                 ),

@@ -166,8 +166,14 @@ def superres(
         raise MedILError("the fast method is deterministic: several samples need --method adapt or cycles", options=("samples", "method"))
     if method == "cycles" and not (0 < strength <= 1 and isinstance(steps, int) and 1 <= steps <= 1000):
         raise MedILError(f"cycles need 0 < strength <= 1 and 1 <= steps <= 1000, got {strength!r} and {steps!r}", options=("steps",))
-    if not (np.isfinite(time_budget_min) and 0 < time_budget_min <= 24 * 60):
-        raise MedILError(f"the time budget must be a positive number of minutes, got {time_budget_min!r}", options=("time_budget",))
+    if not (np.isfinite(time_budget_min) and 0 <= time_budget_min <= 24 * 60):
+        raise MedILError(f"the time budget must be 0 to 1440 minutes, got {time_budget_min!r}", options=("time_budget",))
+    if time_budget_min == 0 and method != "adapt":
+        raise MedILError("a time budget of 0 (no test-time training) is a setting of the adapt method", options=("time_budget", "method"))
+    if time_budget_min == 0 and samples > 1:
+        raise MedILError(
+            "with a time budget of 0 the pre-trained network alone runs: it is deterministic, one sample", options=("samples",)
+        )
     from .runtime import resolve_device, resolve_precision
 
     dev = resolve_device(device)
@@ -296,13 +302,32 @@ def superres(
         prior = load_prior(norm.modality)
         if prior is not None:
             meta["models"] = [prior_ref(norm.modality)]
+        elif time_budget_min == 0:
+            raise MedILError(
+                f"there is no pre-trained {norm.modality.upper()} network to run without test-time training; give a time budget",
+                options=("time_budget",),
+            )
         estimates, runs = [], []
         seconds = time_budget_min * 60 * 0.8 / samples
+        quick = time_budget_min == 0  # the pre-trained network alone: no test-time steps
         for k in range(samples):
             start, stop = 0.9 * k / samples, 0.9 * (k + 1) / samples
             mid = start + 0.8 * (stop - start)
             net, info = train_adapter(
-                yn, grid, axis, width, slice_profile, seconds, seed + k, progress, (start, mid), cancel, prior, device=dev, dtype=net_dtype
+                yn,
+                grid,
+                axis,
+                width,
+                slice_profile,
+                seconds,
+                seed + k,
+                progress,
+                (start, mid),
+                cancel,
+                prior,
+                max_steps=0 if quick else None,
+                device=dev,
+                dtype=net_dtype,
             )
             report(progress, mid, "applying the adapted network through-plane")
             est = apply_adapter(net, yn, grid, work, axis, info["columns"], cancel, device=dev, dtype=net_dtype)
