@@ -52,7 +52,9 @@ def test_integer_outputs_clip_at_the_top_of_their_type(dtype):
     values = np.array([float(info.max), float(info.max) + 10, 2.0**70, float(info.min) - 10, -(2.0**70), 0.4], dtype=np.float32)
     out = cast_for_output(values, dtype)
     assert out.dtype == dtype
-    assert out[0] >= info.max - 2**40 // 2 ** (64 - 8 * np.dtype(dtype).itemsize) and out[1] > 0 and out[2] > 0  # never wrapped negative
+    # the top of the type (for 64-bit types: the largest float64 below it), never wrapped to the bottom
+    top = info.max if np.dtype(dtype).itemsize < 8 else int(np.nextafter(float(info.max), 0.0))
+    assert int(out[0]) >= top and int(out[1]) >= top and int(out[2]) >= top
     assert out[3] == info.min and out[4] == info.min and out[5] == 0
 
 
@@ -560,6 +562,34 @@ def test_every_written_file_opens_in_simpleitk_on_the_same_grid(tmp_path, suffix
     tol = 1e-5 if suffix.startswith(".nii") else 1e-9  # a float32 sform: half a float32 step at these coordinates
     assert np.max(np.abs(aff2 - aff)) < tol
     assert np.max(np.abs(read_volume(path).affine - aff)) < tol
+
+
+def test_every_file_the_tasks_write_opens_in_simpleitk_on_its_grid(small_mri, model_dir, sampler_dir, tmp_path, capsys):
+    """Every image the commands write (reconstruct with --dtype input, superres with its uncertainty map, a
+    sample series), in every format, opens in SimpleITK (what Slicer uses) with the grid and voxels MedIL reads."""
+    from medil_backend.models import export_model, load_model
+
+    export_model(load_model(model_dir / "tiny.json").net, sampler_dir, "tiny", {"tasks": ["reconstruct"], "modality": "mri"})
+    out = tmp_path / "out"
+    out.mkdir()
+    oblique = "0.8,0.6,0,-0.6,0.8,0,0,0,1"
+    runs = [
+        ["reconstruct", small_mri, out / "r.nii.gz", "--model", "tiny", "--dtype", "input", "--orientation", oblique],
+        ["reconstruct", small_mri, out / "m.mha", "--model", "tiny", "--spacing", "2.5"],
+        ["superres", small_mri, out / "s.nrrd", "--samples", "2", "--uncertainty", out / "u.nii", "--time-budget", "0.05"],
+        ["sample", out / "g.nii.gz", "--model", "tiny-ldm", "--n", "2", "--steps", "1", "--orientation", oblique],
+    ]
+    for argv in runs:
+        rc, _, err = run([*argv, "--progress", "none"], capsys)
+        assert rc == 0, err
+    images = sorted(p for p in out.iterdir() if not p.name.endswith(".json"))
+    assert [p.name for p in images] == ["g_000.nii.gz", "g_001.nii.gz", "m.mha", "r.nii.gz", "s.nrrd", "u.nii"]
+    for path in images:
+        arr, aff = from_sitk(sitk.ReadImage(str(path)))
+        v = read_volume(path)
+        assert arr.shape == v.array.shape and np.array_equal(arr, v.array), path.name
+        assert np.max(np.abs(aff - v.affine)) < 1e-5, path.name  # NIfTI-1: a float32 sform, to half a float32 step
+        assert (path.parent / (path.name.split(".")[0] + ".json")).exists(), path.name  # and its provenance sidecar
 
 
 def test_like_a_reference_gives_its_grid_to_1e5_mm_in_nifti(small_mri, tmp_path, model_dir, capsys):
