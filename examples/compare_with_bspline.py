@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from medil_backend.baselines import resample_sitk
+from medil_backend.errors import MedILError
 from medil_backend.io import read_volume, write_volume
 from medil_backend.preview import comparison_png
 
@@ -19,9 +20,13 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     src, sr_path, bspline_path, png = argv
-    volume, sr = read_volume(src), read_volume(sr_path)
-    bspline = resample_sitk(volume, sr.grid, "bspline")
-    write_volume(bspline, bspline_path, overwrite=True)
+    try:
+        volume, sr = read_volume(src), read_volume(sr_path)
+        bspline = resample_sitk(volume, sr.grid, "bspline")
+        write_volume(bspline, bspline_path, overwrite=True)
+    except MedILError as exc:
+        print(f"compare_with_bspline: error: {exc}", file=sys.stderr)
+        return 1
     comparison_png([volume, bspline, sr], png)
     return 0
 

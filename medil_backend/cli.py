@@ -227,9 +227,6 @@ def cmd_task(args: argparse.Namespace) -> int:
     """The one handler of every task (see :mod:`medil_backend.task`): options checked, every output file
     declared, the run context resolved, all before any work; the input read; the task run; every file of
     the result committed together with one provenance record, or none."""
-    import numpy as np
-
-    from .geometry import Grid
     from .io import OutputSet, read_grid, read_volume
     from .task import GridRequest, RunContext, get_task
 
@@ -238,24 +235,19 @@ def cmd_task(args: argparse.Namespace) -> int:
     if args.like and request.given:
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like", options=("like",))
     request.check()
-    if args.like:  # (its grid is read below; here only that one is given)
-        request.like = Grid((1, 1, 1), np.eye(4))
+    request.like = read_grid(args.like) if args.like else None  # a reference's header is all its grid needs
     options = spec.checked_options({o.name: getattr(args, o.name) for o in spec.options}, request)
     ctx = RunContext.resolve(args.device, args.precision, args.max_memory)
     outputs = OutputSet(args.overwrite)
     paths = {key: outputs.declare(path) for key, path in spec.output_paths(args.output, options).items()}
     volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name) if spec.needs_input else None
-    request.like = read_grid(args.like) if args.like else None  # a reference's header is all its grid needs
     command = "medil " + shlex.join(args.argv)
     streamed = {"task": spec.name, "version": __version__, "command": command}
 
     def stage(out) -> None:  # a series is written as it is made (its files are committed together at the end)
         outputs.stage(out.volume, paths[(out.role, out.index)], dtype=out.dtype, provenance={**streamed, **out.record})
         if args.progress == "json":
-            print(
-                json.dumps({"sampled": str(paths[(out.role, out.index)]), **{k: out.record[k] for k in ("seed",) if k in out.record}}),
-                flush=True,
-            )
+            print(json.dumps({"sampled": str(paths[(out.role, out.index)]), "seed": out.record.get("seed")}), flush=True)
 
     update, close = _progress_callback(args.progress)
     ctx.progress, ctx.on_output = update, stage

@@ -107,7 +107,7 @@ def _declared(path: Path) -> tuple[tuple[int, ...], int]:
         img = _nifti_image(path)
         shape = tuple(int(n) for n in img.header.get_data_shape())
         itemsize = int(img.header.get_data_dtype().itemsize)
-        data = _nifti_data_file(path)
+        data = _nifti_data_file(img, path)
         if not str(data).endswith(".gz"):
             offset = int(img.header.get("vox_offset", 352)) if data == path else 0
             need = offset + int(np.prod(shape, dtype=np.float64)) * itemsize
@@ -176,8 +176,8 @@ def _nifti_image(path: Path):
     return img
 
 
-def _nifti_data_file(path: Path) -> Path:
-    img_map = _nifti_image(path).file_map.get("image")
+def _nifti_data_file(img, path: Path) -> Path:
+    img_map = img.file_map.get("image")
     return Path(img_map.filename) if img_map is not None and img_map.filename else path
 
 
@@ -582,20 +582,26 @@ def checked_volume(array: np.ndarray, affine: np.ndarray, name: str, modality: s
     return Volume(array, grid.affine, modality=modality, meta={"path": name, "dtype": str(array.dtype)})
 
 
+def _check_target(path: Path, overwrite: bool, what: str) -> Path:
+    """A file about to be written: its folder exists and is writable, it is not a folder, and it is free
+    (or ``overwrite``)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise MedILError(f"the folder of {path} does not exist; create it first")
+    if path.is_dir():
+        raise MedILError(f"{path} is a folder; give {what} file name")
+    check_output_path_free(path, overwrite)
+    if not os.access(parent, os.W_OK):
+        raise MedILError(f"the output folder {parent} is not writable; choose another place")
+    return path
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early, before any computation, if ``path`` cannot be written."""
     path = Path(path)
     if _suffix(path) not in WRITE_SUFFIXES:
         raise MedILError(f"cannot write {path.name}: use a file name ending in {', '.join(WRITE_SUFFIXES)}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise MedILError(f"the output folder {parent} does not exist; create it first")
-    if path.is_dir():
-        raise MedILError(f"{path} is a folder; give an output file name")
-    check_output_path_free(path, overwrite)
-    if not os.access(parent, os.W_OK):
-        raise MedILError(f"the output folder {parent} is not writable; choose another place")
-    return path
+    return _check_target(path, overwrite, "an output")
 
 
 def cast_for_output(array: np.ndarray, dtype: str | np.dtype | None) -> np.ndarray:
@@ -898,29 +904,19 @@ class OutputSet:
 
 
 def check_report_path(path: str | os.PathLike | None, overwrite: bool = False) -> Path | None:
-    """A report file (JSON, Markdown, HTML) checked before any work: its folder exists, it is not a
-    folder, and an existing one is replaced only with ``overwrite``."""
-    if not path:
-        return None
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise MedILError(f"the folder of {path} does not exist; create it first")
-    if path.is_dir():
-        raise MedILError(f"{path} is a folder; give a report file name")
-    check_output_path_free(path, overwrite)
-    return path
+    """A report file (JSON, Markdown, HTML) checked before any work, as an output is (:func:`_check_target`)."""
+    return _check_target(Path(path), overwrite, "a report") if path else None
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
-    """Write a text report beside its target and rename it into place (never half-written; an
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
+    """Write a report or picture beside its target and rename it into place (never half-written; an
     existing file is replaced only with ``overwrite``)."""
     path = check_report_path(path, overwrite)
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.chmod(tmp, _output_mode(path))
         check_output_path_free(path, overwrite)
         os.replace(tmp, path)
@@ -929,6 +925,11 @@ def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = Fals
             os.unlink(tmp)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """:func:`write_bytes_atomic` for text (UTF-8)."""
+    return write_bytes_atomic(path, text.encode("utf-8"), overwrite)
 
 
 def check_output_path_free(path: Path, overwrite: bool) -> None:

@@ -4,6 +4,7 @@ file's declared size can be checked against it before anything heavy is imported
 from __future__ import annotations
 
 import math
+import operator
 
 from .errors import MedILError
 
@@ -22,3 +23,19 @@ def check_memory_limit(max_memory_gb: float | None) -> float:
     if not math.isfinite(value) or value <= 0 or value > 1e6:
         raise MedILError(f"the memory limit must be a positive number of GB (at most 1e6), got {max_memory_gb!r}", options=("max_memory",))
     return value * GB
+
+
+#: seeds are unsigned 32-bit numbers (the range numpy's legacy seeding and most tools accept)
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed, count: int = 1) -> int:
+    """``seed`` as an int, checked so that ``seed .. seed + count - 1`` all lie in 0 .. 2**32-1."""
+    try:
+        s = operator.index(seed)
+    except TypeError:
+        raise MedILError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}", options=("seed",)) from None
+    if s < 0 or s + max(int(count), 1) - 1 > MAX_SEED:
+        span = f"; with {count} samples, at most {MAX_SEED - count + 1}" if count > 1 else ""
+        raise MedILError(f"the seed must be a whole number from 0 to {MAX_SEED}{span}, got {s}", options=("seed",))
+    return s

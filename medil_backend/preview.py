@@ -55,7 +55,9 @@ def _png(path: str | os.PathLike, image: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(raw, 6))
-    Path(path).write_bytes(png + chunk(b"IEND", b""))
+    from .io import write_bytes_atomic
+
+    write_bytes_atomic(path, png + chunk(b"IEND", b""), overwrite=True)  # a preview is remade with its volumes
 
 
 def comparison_png(volumes: Sequence[Volume], path: str | os.PathLike, pixel_mm: float | None = None, gap: int = 4) -> Path:

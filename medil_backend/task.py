@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import MedILError
 from .geometry import Grid, Volume
+from .limits import MAX_SEED, check_seed
 
 # -- options -------------------------------------------------------------------------------------------
 
@@ -313,7 +314,7 @@ CONTEXT_OPTIONS: tuple[Option, ...] = (
 )
 GRID_OPTION_LABELS = {"spacing": "Spacing", "orientation": "Orientation", "fov": "Field of view", "like": "Reference volume"}
 
-_SEED = dict(low=0, high=2**32 - 1, metavar="S")
+_SEED = dict(low=0, high=MAX_SEED, metavar="S")
 _MODALITY = Option("modality", str, "auto", "auto: guessed from the DICOM tag or Hounsfield units, and said", label="Modality",
                    choices=("auto", "mri", "ct"))  # fmt: skip
 _BACKGROUND = Option("background", float, None, "value outside the input's extent (default: 0 for MR, -1024 for CT)",
@@ -349,8 +350,7 @@ def _check_superres(options: dict, request: GridRequest) -> None:
         raise MedILError(
             "the fast method is deterministic: several samples need the adapt, inverse or cycles method", options=("samples", "method")
         )
-    if options["seed"] + options["samples"] - 1 > 2**32 - 1:
-        raise MedILError(f"the seeds seed .. seed + samples - 1 must stay within 0 .. {2**32 - 1}", options=("seed",))
+    check_seed(options["seed"], options["samples"])
 
 
 def _check_sample(options: dict, request: GridRequest) -> None:
@@ -358,8 +358,7 @@ def _check_sample(options: dict, request: GridRequest) -> None:
         raise MedILError(
             "native spaces draw the spacing and orientation: drop the spacing, orientation and reference grid", options=("native",)
         )
-    if options["seed"] + options["n"] - 1 > 2**32 - 1:
-        raise MedILError(f"the seeds seed .. seed + n - 1 must stay within 0 .. {2**32 - 1}", options=("seed",))
+    check_seed(options["seed"], options["n"])
 
 
 TASKS: dict[str, TaskSpec] = {

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..errors import Cancelled, MedILError
+from ..limits import MAX_SEED, check_seed  # noqa: F401 (the operations' seed check, torch-free)
 
 Progress = Callable[[float, str], None]
 
@@ -30,22 +30,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise MedILError(f"device {device!r} is not known; use auto, cpu or cuda", options=("device",))
-
-
-#: seeds are unsigned 32-bit numbers (the range numpy's legacy seeding and most tools accept)
-MAX_SEED = 2**32 - 1
-
-
-def check_seed(seed, count: int = 1) -> int:
-    """``seed`` as an int, checked so that ``seed .. seed + count - 1`` all lie in 0 .. 2**32-1."""
-    try:
-        s = operator.index(seed)
-    except TypeError:
-        raise MedILError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}", options=("seed",)) from None
-    if s < 0 or s + max(int(count), 1) - 1 > MAX_SEED:
-        span = f"; with {count} samples, at most {MAX_SEED - count + 1}" if count > 1 else ""
-        raise MedILError(f"the seed must be a whole number from 0 to {MAX_SEED}{span}, got {s}", options=("seed",))
-    return s
 
 
 def check_cancel(cancel: Any) -> None:
