@@ -6,7 +6,13 @@ import pytest
 from medil_backend.errors import Cancelled, MedILError
 from medil_backend.geometry import canonical_order, output_grid
 from medil_backend.io import read_volume
-from medil_backend.ops.reconstruct import RUNTIME_OVERHEAD_BYTES, plan_reconstruction, reconstruct, resident_bytes
+from medil_backend.ops.memory import RUNTIME_OVERHEAD_BYTES
+from medil_backend.ops.reconstruct import held_by_reconstruction, plan_reconstruction, reconstruct
+
+
+def resident_bytes(net, grid, target, copy_bytes=0) -> float:
+    """What a reconstruction holds for its whole length with its output in memory (the shared plan's items)."""
+    return sum(held_by_reconstruction(net, grid, copy_bytes).values()) + 4.0 * target.num_voxels
 
 
 def _just_enough(net, v, target, tiles: tuple[int, int] = (8, 400)) -> float:
@@ -129,15 +135,13 @@ def test_gpu_matches_cpu(tiny_model, small_mri):
 
 def test_an_output_spilled_to_disk_equals_one_in_ram(tiny_model, small_mri, monkeypatch):
     """Outputs bigger than a share of the limit go tile by tile into a memory-mapped temporary file."""
-    import importlib
-
-    rec = importlib.import_module("medil_backend.ops.reconstruct")  # the module (the package exports a function of that name)
+    from medil_backend.ops import memory
 
     v = read_volume(small_mri)
     target = output_grid(v.grid, spacing=0.9, orientation="RAS")
     ram = reconstruct(v, target, tiny_model, device="cpu", precision="float32")
     assert not ram.meta["output_on_disk"] and not isinstance(ram.array, np.memmap)
-    monkeypatch.setattr(rec, "SPILL_FRACTION", 0.0)
+    monkeypatch.setattr(memory, "SPILL_FRACTION", 0.0)
     disk = reconstruct(v, target, tiny_model, device="cpu", precision="float32", max_memory_gb=_just_enough(tiny_model, v, target, (2, 12)))
     assert disk.meta["output_on_disk"] and isinstance(disk.array, np.memmap) and disk.meta["tiles"]["decode"] > 1
     np.testing.assert_allclose(np.asarray(disk.array), ram.array, atol=1e-5 * float(np.abs(ram.array).max()))

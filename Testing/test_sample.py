@@ -776,7 +776,7 @@ def test_patch_wise_denoising_covers_the_latent_and_blends_window_predictions():
 def test_sample_denoises_patch_wise_when_one_pass_exceeds_the_memory_limit(sampler_dir):
     from medil_backend.errors import MedILError
     from medil_backend.limits import GB
-    from medil_backend.ops.reconstruct import RUNTIME_OVERHEAD_BYTES
+    from medil_backend.ops.memory import RUNTIME_OVERHEAD_BYTES
     from medil_backend.ops.sample import MIN_WINDOW, denoise_windows, latent_grid_for, load_sampler, sample, unet_bytes
 
     sampler = load_sampler("tiny-ldm")

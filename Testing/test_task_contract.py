@@ -153,9 +153,26 @@ def test_python_api_runs_every_input_task_with_one_provenance_shape(small_mri, m
         assert record["task"] == task and record["device"] == "cpu" and record["version"]
         assert {"model", "model_sha256", "models", "precision"} <= set(record)
         assert result.outputs[0].role == "output" and np.isfinite(result.outputs[0].volume.array).all()
+        memory = record["plan"]["memory"]  # one memory plan, recorded the same way by every task
+        assert memory["limit_gb"] == 3.0 and memory["held_gb"]["runtime"] > 0 and memory["output_on_disk"] is False
     assert rec.provenance.models[0].name == "tiny" and len(rec.provenance.models[0].sha256) == 64
     with pytest.raises(MedILError, match="samples"):
         run_task("superres", v, None, None, ctx=ctx, method="fast", samples=0)
+
+
+def test_every_task_refuses_a_memory_limit_it_cannot_fit_in_the_same_words(small_mri, model_dir, sampler_dir):
+    """One memory plan: each task counts what it holds and refuses, before any work, saying what to change."""
+    v = read_volume(small_mri)
+    ctx = RunContext.resolve("cpu", "float32", 0.1)  # under the runtime's own overhead
+    runs = {
+        "reconstruct": lambda: run_task("reconstruct", v, GridRequest(spacing=[1.0]), "tiny", ctx=ctx),
+        "superres": lambda: run_task("superres", v, None, None, ctx=ctx, method="fast"),
+        "sample": lambda: run_task("sample", None, None, "tiny-ldm", ctx=ctx, steps=1),
+    }
+    for task, run in runs.items():
+        with pytest.raises(MedILError, match=r"need about [0-9.]+ GB, over the memory limit \(0\.1 GB\): raise the memory limit") as e:
+            run()
+        assert "max_memory" in e.value.options, task
 
 
 def test_adapt_records_its_prior_and_runs_on_the_chosen_device(small_mri):

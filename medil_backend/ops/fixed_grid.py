@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import MedILError
 from ..geometry import Grid, Volume, covering_grid
 from ..intensity import fit_normalizer, physical_floor
-from ..limits import GB, check_memory_limit
 from ..nn.fixed_grid import FixedGridAutoencoder
 from ..nn.resample import sample_on_grids
+from .memory import MemoryPlan
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
 
 
@@ -58,19 +57,17 @@ def fixed_grid_reconstruct(
     from .tiling import fill_outside
 
     overlap = check_overlap(volume.grid, target)
-    budget = check_memory_limit(max_memory_gb)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     norm = fit_normalizer(volume.array, modality or volume.modality)
     work = fixed_grid_for(volume.grid, model.config.spacing, model.config.multiple)
-    need = working_bytes(model, volume.grid, work, target, 4 if dtype == torch.float32 else 2)
-    if need > budget:
-        raise MedILError(
-            f"the fixed-grid baseline works on the whole volume at once (a {'x'.join(map(str, work.shape))} working grid) "
-            f"and needs about {need / GB:.1f} GB, "
-            f"over the memory limit ({budget / GB:.1f} GB): raise the memory limit or crop the input",
-            options=("max_memory",),
-        )
+    memory = MemoryPlan.start(max_memory_gb, spill_allowed=False)
+    memory.hold("whole-volume network", working_bytes(model, volume.grid, work, target, 4 if dtype == torch.float32 else 2))
+    memory.working_bytes(
+        f"the fixed-grid baseline works on the whole volume at once (a {'x'.join(map(str, work.shape))} working grid) and would",
+        options=("max_memory",),
+        advice="raise the memory limit or crop the input",
+    )
     model = model.to(dev).eval()
     check_cancel(cancel)
     report(progress, 0.0, "resampling to the model's grid")

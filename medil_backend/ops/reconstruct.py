@@ -24,16 +24,11 @@ import torch
 from ..errors import MedILError
 from ..geometry import Grid, Volume, canonical_order, overlap_fraction
 from ..intensity import background_value, fit_normalizer, physical_floor
-from ..limits import DEFAULT_MAX_MEMORY_GB, GB, check_memory_limit  # noqa: F401 (DEFAULT_MAX_MEMORY_GB: the public default)
+from ..limits import DEFAULT_MAX_MEMORY_GB, GB  # noqa: F401 (DEFAULT_MAX_MEMORY_GB: the public default)
 from ..nn.autoencoder import MedILAutoencoder
+from .memory import RUNTIME_OVERHEAD_BYTES, SPILL_FRACTION, MemoryPlan  # noqa: F401 (the shared plan's constants, re-exported)
 from .runtime import Progress, autocast, check_cancel, report, resolve_device, resolve_precision
-from .tiling import DecodePlan, EncodePlan, OutputArray, check_disk_space, decode_tiled, encode_tiled
-
-#: what the interpreter and torch allocate on top of the tensors during a run (thread pools, allocator slack)
-RUNTIME_OVERHEAD_BYTES = 224 * 2**20
-#: an output volume larger than this share of the memory limit goes to a memory-mapped temporary file
-SPILL_FRACTION = 0.4
-
+from .tiling import DecodePlan, EncodePlan, OutputArray, decode_tiled, encode_tiled
 
 #: an output grid with less of itself inside the input than this is refused (it would be background)
 MIN_OVERLAP = 0.01
@@ -68,23 +63,35 @@ def check_overlap(input_grid: Grid, target: Grid) -> float:
     return fraction
 
 
-def resident_bytes(model: MedILAutoencoder, input_grid: Grid, target: Grid | None, input_copy_bytes: int = 0) -> float:
-    """Bytes held for the whole call: normalised input, raw latent, output volume (float32; ``None``: spilled), a re-ordered input copy."""
+def held_by_reconstruction(model: MedILAutoencoder, input_grid: Grid, input_copy_bytes: int = 0) -> dict[str, float]:
+    """What a reconstruction holds besides its output: the normalised input, its raw latent, a re-ordered input copy."""
     z_grid = model.latent_grid(input_grid)
-    out = 4.0 * target.num_voxels if target is not None else 0.0
-    return 4.0 * input_grid.num_voxels + 4.0 * model.encoder_lte.out_channels * z_grid.num_voxels + out + input_copy_bytes
+    held = {"input": 4.0 * input_grid.num_voxels, "latent": 4.0 * model.encoder_lte.out_channels * z_grid.num_voxels}
+    if input_copy_bytes:
+        held["input copy"] = float(input_copy_bytes)
+    return held
 
 
 @dataclass
 class ReconstructionPlan:
-    """Everything decided before any work: tiles on both sides, where the output lives, the estimated peak."""
+    """Everything decided before any work: the shared memory plan, tiles on both sides, the estimated peak."""
 
+    memory: MemoryPlan
     encode: EncodePlan
     decode: DecodePlan
-    spill: bool
-    resident_bytes: float
-    budget_bytes: float
     dtype: torch.dtype
+
+    @property
+    def spill(self) -> bool:
+        return self.memory.spill
+
+    @property
+    def resident_bytes(self) -> float:
+        return self.memory.resident_bytes
+
+    @property
+    def budget_bytes(self) -> float:
+        return self.memory.budget_bytes
 
     @property
     def peak_bytes(self) -> float:
@@ -111,25 +118,18 @@ def plan_reconstruction(
     input_copy_bytes: int = 0,
 ) -> ReconstructionPlan:
     """Plan a reconstruction of an input on ``input_grid`` (in canonical axis order) onto ``target``; refuses before any work."""
-    budget = check_memory_limit(max_memory_gb)
     dev = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_precision(precision, dev)
     dtype_bytes = 2 if dtype != torch.float32 else 4
-    spill = 4.0 * target.num_voxels > SPILL_FRACTION * budget
-    resident = resident_bytes(model, input_grid, None if spill else target, input_copy_bytes) + RUNTIME_OVERHEAD_BYTES
-    work = budget - resident
-    if work <= 0:
-        raise MedILError(
-            f"the input and its latent alone need about {resident / GB:.1f} GB, over the memory limit "
-            f"({budget / GB:.1f} GB): raise the memory limit, or choose a coarser output spacing or a smaller field of view",
-            options=("max_memory", "spacing", "fov"),
-        )
-    if spill:
-        check_disk_space(4.0 * target.num_voxels)
+    memory = MemoryPlan.start(max_memory_gb, target.num_voxels)
+    for name, nbytes in held_by_reconstruction(model, input_grid, input_copy_bytes).items():
+        memory.hold(name, nbytes)
+    work = memory.working_bytes("the input and its latent alone")
     z_grid = model.latent_grid(input_grid)
     enc = EncodePlan(model, input_grid.shape, input_grid, z_grid, work, dtype_bytes)
     dec = DecodePlan(model, z_grid, target, work, dtype_bytes)
-    return ReconstructionPlan(enc, dec, spill, resident, budget, dtype)
+    memory.tiles = {"encode": len(enc.tiles), "decode": len(dec.tiles)}
+    return ReconstructionPlan(memory, enc, dec, dtype)
 
 
 def reconstruct(
@@ -219,6 +219,7 @@ def reconstruct(
         "device": str(dev),
         "precision": str(plan.dtype).replace("torch.", ""),
         "tiles": plan.summary(),
+        "memory": plan.memory.summary(),
         "output_on_disk": plan.spill,
         "overlap_fraction": round(overlap, 4),
         "background": fill,

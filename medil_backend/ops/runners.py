@@ -68,7 +68,7 @@ def run_reconstruct(
         grid=target,
         device=str(meta.get("device", ctx.device)),
         precision=str(meta.get("precision", ctx.precision)),
-        plan={k: meta[k] for k in ("tiles", "output_on_disk") if k in meta},
+        plan={k: meta[k] for k in ("tiles", "output_on_disk", "memory") if k in meta},
         settings={"input": _input_name(volume), "modality": result.modality, "background": meta.get("background")},
     )
     out = Output(result, "output", dtype=_out_dtype(volume, dtype))
@@ -137,16 +137,17 @@ def run_superres(
         device=str(meta.get("device", ctx.device)),
         precision=str(meta.get("precision", "float32")),
         seeds=[seed + k for k in range(samples)] if method != "fast" else [],
+        plan={"memory": meta["memory"]} if "memory" in meta else {},
         settings={
             "input": _input_name(volume),
             "modality": volume.modality,
-            "method": {k: v for k, v in meta.items() if k not in ("adaptation", "models")},
+            "method": {k: v for k, v in meta.items() if k not in ("adaptation", "models", "memory")},
         },
     )
     outputs = [Output(result, "output", dtype=_out_dtype(volume, dtype))]
     if unc is not None and uncertainty:
         outputs.append(Output(unc, "uncertainty", record={"map": "per-voxel standard deviation over samples"}))
-    summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in meta.items() if k not in ("adaptation", "models")}
+    summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in meta.items() if k not in ("adaptation", "models", "memory")}
     summary.update(modality=volume.modality, modality_guess=guess)
     return TaskResult(outputs, provenance, summary)
 

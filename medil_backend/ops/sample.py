@@ -30,12 +30,12 @@ import torch
 from ..errors import MedILError
 from ..geometry import Grid, Volume, covering_grid
 from ..intensity import background_value
-from ..limits import GB, check_memory_limit
+from ..limits import GB
 from ..models.cards import DEFAULT_SAMPLE_STEPS, LoadedModel
 from ..nn.diffusion import Windows, geometry_channels, group_overlap, source_spacing_along
-from .reconstruct import RUNTIME_OVERHEAD_BYTES, SPILL_FRACTION
+from .memory import MemoryPlan
 from .runtime import Progress, autocast, check_cancel, check_seed, report, resolve_device, resolve_precision
-from .tiling import DecodePlan, OutputArray, check_disk_space, decode_tiled
+from .tiling import DecodePlan, OutputArray, decode_tiled
 
 #: the spacing channels are clamped to what the training data showed
 SPACING_COND_RANGE_MM = (1.0, 10.0)
@@ -180,25 +180,18 @@ def sample(
     target = (target_grid or sampler.default_grid()).validate("the output grid")
     target = Grid(target.shape, target.affine)
     check_in_group_space(sampler, target)
-    budget = check_memory_limit(max_memory_gb)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     z_grid = latent_grid_for(sampler, target)
     ae, ldm = sampler.autoencoder.to(dev).eval(), sampler.diffusion.to(dev).eval()
     C = ldm.config.latent_channels
-    spill = 4.0 * target.num_voxels > SPILL_FRACTION * budget
-    resident = RUNTIME_OVERHEAD_BYTES + (0 if spill else 4.0 * target.num_voxels) + 4.0 * (3 * C + 6) * z_grid.num_voxels
-    work = budget - resident
-    if work <= 0:
-        raise MedILError(
-            f"the output grid {target.shape} and its latent alone need about {resident / GB:.1f} GB, over the memory "
-            f"limit ({budget / GB:.1f} GB): raise the memory limit, or choose a coarser spacing or a smaller field of view",
-            options=("max_memory", "fov"),
-        )
+    memory = MemoryPlan.start(max_memory_gb, target.num_voxels, outputs=n)
+    memory.hold("latents", 4.0 * (3 * C + 6) * z_grid.num_voxels)  # noise, latent, update and the geometry channels
+    work = memory.working_bytes(f"the output grid {target.shape} and its latent alone")
+    spill = memory.spill
     windows = denoise_windows(sampler, z_grid.shape, work)
     plan = DecodePlan(ae, z_grid, target, work, 2 if dtype != torch.float32 else 4)
-    if spill:
-        check_disk_space(4.0 * target.num_voxels * n)
+    memory.tiles = {"decode": len(plan.tiles), "denoise_windows": len(windows.slices()) if windows else 1}
     if spacing_condition is None:
         lo, hi = SPACING_COND_RANGE_MM
         spacing_condition = np.clip(source_spacing_along(z_grid, target.direction, target.spacing), lo, hi)
@@ -249,6 +242,7 @@ def sample(
             "intensity": "normalised (MR: about 0..1, the training volumes' robust range)" if sampler.modality == "mri" else "HU",
             "tiles": len(plan.tiles),
             "denoise_windows": len(windows.slices()) if windows else 1,
+            "memory": memory.summary(),
             "background": fill,
         }
         out.append(Volume(array.array, target.affine, modality=sampler.modality, meta=meta))

@@ -21,8 +21,8 @@ import torch
 from ..acquisition import AcquisitionOperator
 from ..errors import MedILError
 from ..geometry import Grid, Volume
-from ..limits import GB, check_memory_limit
 from ..task import SUPERRES_METHODS
+from .memory import MemoryPlan
 from .runtime import Progress, autocast, check_cancel, report
 
 METHODS = SUPERRES_METHODS  # one list: the task spec's, the default first
@@ -197,14 +197,12 @@ def superres(
     from .adapt import refined_along
 
     work = refined_along(grid, axis, factor) if method == "adapt" else target
-    budget = check_memory_limit(max_memory_gb)
-    need = (DC_COPIES + (2 if samples > 1 else 0)) * 4.0 * max(work.num_voxels, target.num_voxels) + 8.0 * grid.num_voxels
-    if need > budget:
-        raise MedILError(
-            f"super-resolving onto {target.shape} needs about {need / GB:.1f} GB, over the memory limit ({budget / GB:.1f} GB): "
-            "raise the memory limit, or choose a coarser spacing or a smaller field of view",
-            options=("max_memory", "spacing", "fov"),
-        )
+    # the whole volumes are held (no spilling): the data-consistency copies at the finer of the working and
+    # output grids, the input twice (float32 and float64); what is left is the generative methods' tile memory
+    memory = MemoryPlan.start(max_memory_gb, spill_allowed=False)
+    memory.hold("volumes", (DC_COPIES + (2 if samples > 1 else 0)) * 4.0 * max(work.num_voxels, target.num_voxels))
+    memory.hold("input", 8.0 * grid.num_voxels)
+    budget = memory.working_bytes(f"the volumes of a super-resolution onto {target.shape} alone")
     thickness: list[float | None] = [None, None, None]
     thickness[axis] = slice_thickness
     profiles = ["rect", "rect", "rect"]
@@ -222,6 +220,7 @@ def superres(
         "slice_profile": slice_profile,
         "device": str(dev),
         "precision": str(net_dtype).replace("torch.", ""),
+        "memory": memory.summary(),
     }
     y = np.asarray(volume.array, dtype=np.float32)
     std = None
@@ -393,7 +392,7 @@ def _encoded_estimate(x0: np.ndarray, target: Grid, model: str | None, modality:
     device = device or torch.device("cpu")
     ae = sampler.autoencoder.to(device).eval()
     z_grid = latent_grid_for(sampler, target)
-    work = budget * 0.5  # the tiles' share of the user's limit (the rest: the volumes this call holds)
+    work = budget  # what the memory plan left once the volumes this call holds are counted
     report(progress, 0.1, "encoding the estimate")
     with torch.inference_mode(), autocast(device, dtype or torch.float32):
         z = ae.split_latent(encode_tiled(ae, torch.from_numpy(x0)[None, None].to(device), target, z_grid, budget_bytes=work))[0]
