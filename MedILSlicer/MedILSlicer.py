@@ -28,10 +28,17 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, ModelListJob, OutputSpace, describeModel, modelLabel  # noqa: E402
-from MedILSlicerLib.tasks import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, suggested_task, task_by_key, task_by_label  # noqa: E402
+from MedILSlicerLib.logic import (  # noqa: E402
+    MedILLogicCore,
+    MedILSlicerError,
+    ModelListJob,
+    OutputSpace,
+    describeModel,
+    listTasks,
+    modelLabel,
+)
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
-from MedILSlicerLib.tasks import TASKS as TASK_LIST  # noqa: E402
+from MedILSlicerLib.tasks import OPTION_WIDGETS, SUPERRES_METHODS, catalog, suggested_task, task_by_key, task_by_label, use_specs  # noqa: E402
 
 #: Choices shown in the panel (parameter values; the .ui lists the same texts).
 SPACING_PRESETS = ["input", "finest isotropic", "1 mm", "custom"]
@@ -99,7 +106,7 @@ class MedILSlicerParameterNode:
     showIn3D: bool = False
     superresMethod: Annotated[str, Choice(SUPERRES_METHODS)] = "adapt"
     superresSamples: Annotated[int, WithinRange(1, 32)] = 1
-    superresTimeBudgetMin: Annotated[float, WithinRange(0.5, 120.0)] = 3.0
+    superresTimeBudgetMin: Annotated[float, WithinRange(0.0, 120.0)] = 3.0  # 0: adapt's pre-trained network alone
     sampleSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
     sampleCount: Annotated[int, WithinRange(1, 100)] = 1
     sampleSteps: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the model's own step count (its card)
@@ -154,8 +161,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.chooseModelFolderButton.clicked.connect(self.onChooseModelFolder)
         self.ui.refreshModelsButton.clicked.connect(self.refreshModels)
-        for index, task in enumerate(TASK_LIST):  # each task says what it is good for and how long it takes
-            self.ui.taskComboBox.setItemData(index, task.hint, qt.Qt.ToolTipRole)
+        self.showTaskHints()
         self.ui.taskComboBox.currentTextChanged.connect(self.updateTaskOptions)
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
         self.ui.superresMethodComboBox.currentTextChanged.connect(self.updateTaskOptions)
@@ -247,8 +253,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "Output geometry ('input': the model's default space)" if key == "sample" else "Output geometry"
         )
         # super-resolution adapts to the scan itself, except its generative methods, which take a diffusion model
-        generative = key == "superres" and self.ui.superresMethodComboBox.currentText in GENERATIVE_SUPERRES_METHODS
-        self.ui.modelComboBox.enabled = key in ("reconstruct", "sample") or generative
+        self.ui.modelComboBox.enabled = catalog().uses_model(key, {"method": self.ui.superresMethodComboBox.currentText})
         self._checkCanApply()
 
     def updateGeometryOptions(self, *args) -> None:
@@ -289,6 +294,40 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelJob = None
         self.ui.refreshModelsButton.enabled = True
         self.fillModels(models)
+        try:  # the backend answered: its own task specs replace the bundled copy
+            self.applyTaskSpecs(listTasks(self.logic.python))
+        except Exception as exc:
+            self.log(f"MedIL task list not read from the backend (the bundled one is used): {exc}")
+
+    def showTaskHints(self) -> None:
+        """Each task's tooltip: what it is good for and how long it takes on a CPU (its spec's help)."""
+        for index in range(self.ui.taskComboBox.count):
+            try:
+                hint = task_by_label(self.ui.taskComboBox.itemText(index)).hint
+            except KeyError:
+                continue
+            self.ui.taskComboBox.setItemData(index, hint, qt.Qt.ToolTipRole)
+        for (task, name), widget in OPTION_WIDGETS.items():  # each option's tooltip is its published help
+            try:
+                getattr(self.ui, widget).toolTip = catalog().option(task, name).get("help", "")
+            except KeyError:
+                continue
+
+    def applyTaskSpecs(self, specs: list) -> None:
+        """Use the task specs the backend publishes (``medil tasks --json``): task hints, super-resolution's
+        methods and which of them take a model come from them from now on."""
+        tasks = use_specs(specs)
+        self.showTaskHints()
+        combo, current = self.ui.superresMethodComboBox, self.ui.superresMethodComboBox.currentText
+        methods = tasks.choices("superres", "method")
+        if [combo.itemText(i) for i in range(combo.count)] != methods:
+            was = combo.blockSignals(True)
+            combo.clear()
+            for m in methods:
+                combo.addItem(m)
+            combo.setCurrentText(current if current in methods else methods[0])
+            combo.blockSignals(was)
+        self.updateTaskOptions()
 
     def fillModels(self, models: list) -> None:
         combo = self.ui.modelComboBox

@@ -62,7 +62,8 @@ def module_constant(name):
         from MedILSlicerLib import tasks
 
         assert "from MedILSlicerLib.tasks import LABELS as TASKS" in MODULE.read_text()
-        assert "SUPERRES_METHODS" in re.search(r"from MedILSlicerLib.tasks import ([^\n]*)", MODULE.read_text()).group(1)
+        imported = " ".join(re.findall(r"from MedILSlicerLib.tasks import (\([^)]*\)|[^\n]*)", MODULE.read_text()))
+        assert "SUPERRES_METHODS" in imported
         return tasks.LABELS if name == "TASKS" else tasks.SUPERRES_METHODS
     for node in module_ast().body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
@@ -136,3 +137,15 @@ def test_panel_screenshot(panel):
     path = ARTIFACTS / "MedILSlicer_panel.png"
     assert image.save(str(path))
     assert path.stat().st_size > 1000
+
+
+def test_the_ui_is_what_tools_gen_ui_writes():
+    """The committed .ui is generated (``python tools/gen_ui.py``), never edited by hand: the two agree."""
+    import importlib.util
+    import xml.dom.minidom
+
+    spec = importlib.util.spec_from_file_location("gen_ui", MODULE.parents[1] / "tools" / "gen_ui.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    written = xml.dom.minidom.parseString(gen.build()).toprettyxml(indent=" ", encoding="UTF-8").decode()
+    assert written == gen.OUT.read_text(), "the .ui differs from what tools/gen_ui.py writes: rerun it"

@@ -101,6 +101,38 @@ def test_panel_fills_from_the_scene_and_the_backend(panel):
     assert ui.outputsCollapsibleButton.isHidden() and not ui.sampleOptionsCollapsibleButton.isHidden()
 
 
+def test_the_panel_takes_its_tasks_and_methods_from_the_backends_specs(panel):
+    """The backend's ``medil tasks --json`` drives the panel: a method the backend adds appears in the panel,
+    takes a model if the spec says so, and each option's tooltip is its published help."""
+    import json
+
+    from MedILSlicerLib import tasks as panel_tasks
+
+    from medil_backend.task import TASKS, tasks_json
+
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    assert ui.superresTimeBudgetSpinBox.toolTip() == TASKS["superres"].option("time_budget").help
+    assert ui.sampleCountSpinBox.toolTip() == TASKS["sample"].option("n").help
+    specs = json.loads(json.dumps(tasks_json()))
+    superres = next(s for s in specs if s["name"] == "superres")
+    next(o for o in superres["options"] if o["name"] == "method")["choices"].append("newmethod")
+    superres["model_when"]["method"].append("newmethod")
+    try:
+        widget.applyTaskSpecs(specs)
+        ui.taskComboBox.setCurrentText("Super-resolve")
+        methods = [ui.superresMethodComboBox.itemText(i) for i in range(ui.superresMethodComboBox.count())]
+        assert methods == ["adapt", "fast", "inverse", "cycles", "newmethod"] and ui.superresMethodComboBox.currentText() == "adapt"
+        assert not ui.modelComboBox.isEnabled()
+        ui.superresMethodComboBox.setCurrentText("newmethod")
+        assert ui.modelComboBox.isEnabled()
+    finally:
+        widget.applyTaskSpecs(panel_tasks.read_specs())
+    assert [ui.superresMethodComboBox.itemText(i) for i in range(ui.superresMethodComboBox.count())] == list(
+        TASKS["superres"].option("method").choices
+    )
+
+
 def test_apply_runs_the_backend_and_adds_a_new_node_each_time(panel):
     app, widget, scene, node, dialogs, views = panel
     ui = raw_ui(widget)

@@ -55,9 +55,9 @@ def test_every_declared_option_reaches_the_cli_the_panel_and_the_runner(task, na
     params = inspect.signature(inspect.unwrap(_runner(task))).parameters  # the runner takes it by name
     assert o.name in params and params[o.name].kind == inspect.Parameter.KEYWORD_ONLY
     if o.label:  # the panel names it as the spec does, and the .ui has that field
-        from MedILSlicerLib.jobs import PANEL_FIELDS
+        from MedILSlicerLib.jobs import panel_fields
 
-        assert PANEL_FIELDS[o.name] == o.label
+        assert panel_fields()[o.name] == o.label
         assert f"<string>{o.label}:</string>" in (REPO / "MedILSlicer/Resources/UI/MedILSlicer.ui").read_text()
 
 
@@ -98,14 +98,17 @@ def test_declared_ranges_are_refused_in_one_line_before_any_work(task, name, tmp
 
 
 def test_every_option_with_a_panel_label_is_a_panel_field():
-    from MedILSlicerLib.jobs import PANEL_FIELDS
-    from MedILSlicerLib.tasks import SUPERRES_METHODS
+    from MedILSlicerLib.jobs import panel_fields
+    from MedILSlicerLib.tasks import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS
     from MedILSlicerLib.tasks import TASKS as PANEL_TASKS
 
+    from medil_backend.task import GENERATIVE_SUPERRES_METHODS as BACKEND_GENERATIVE
+
     labelled = {k: v for k, v in option_names().items() if v}
-    assert labelled.items() <= PANEL_FIELDS.items()
+    assert labelled.items() <= panel_fields().items()
     assert [t.key for t in PANEL_TASKS] == list(TASKS)
     assert tuple(SUPERRES_METHODS) == TASKS["superres"].option("method").choices
+    assert GENERATIVE_SUPERRES_METHODS == BACKEND_GENERATIVE
     assert {t.key: t.needs_input for t in PANEL_TASKS} == {s.name: s.needs_input for s in TASKS.values()}
     from MedILSlicerLib.tasks import THICK_RATIO, suggested_task
 
@@ -113,6 +116,50 @@ def test_every_option_with_a_panel_label_is_a_panel_field():
 
     assert THICK_RATIO == BACKEND_THICK_RATIO  # the panel suggests super-resolution exactly when the backend would run it
     assert suggested_task((2, 2, 3)) == "superres" and suggested_task((1, 1, 1.2)) == "reconstruct"
+
+
+def test_the_bundled_task_specs_are_the_backends():
+    """The extension's copy (used until the backend answers) is what ``medil tasks --json`` publishes: rerun
+    ``python tools/gen_ui.py`` after changing a spec."""
+    from MedILSlicerLib.tasks import BUNDLED_SPECS, read_specs
+
+    assert read_specs(BUNDLED_SPECS) == json.loads(json.dumps(tasks_json()))
+    assert "Resources/tasks.json" in (REPO / "MedILSlicer/CMakeLists.txt").read_text()  # packaged with the module
+
+
+def test_the_panel_reads_a_backends_specs_at_run_time():
+    """A task, a method or an option the backend publishes reaches the panel's catalog and the logic's arguments
+    without an edit to the extension; the bundled catalog comes back afterwards."""
+    from MedILSlicerLib import tasks as panel
+
+    specs = json.loads(json.dumps(tasks_json()))
+    superres = next(s for s in specs if s["name"] == "superres")
+    method = next(o for o in superres["options"] if o["name"] == "method")
+    method["choices"].append("newmethod")
+    superres["model_when"]["method"].append("newmethod")
+    specs.append({**specs[0], "name": "denoise", "label": "Denoise", "help": "remove noise (a test task)"})
+    try:
+        cat = panel.use_specs(specs)
+        assert panel.catalog() is cat and cat.by_label("Denoise").key == "denoise"
+        assert cat.choices("superres", "method")[0] == "adapt" and "newmethod" in cat.choices("superres", "method")
+        assert cat.uses_model("superres", {"method": "newmethod"}) and not cat.uses_model("superres", {"method": "adapt"})
+        assert cat.uses_model("reconstruct", {}) and cat.uses_model("sample", {})
+        args = cat.option_arguments("superres", {"method": "fast", "samples": 2, "time_budget": 0.0, "n": 5, "modality": "auto"})
+        assert args == ["--method", "fast", "--samples", "2", "--time-budget", "0.0"]  # defaults and other tasks' options left out
+        parsed = build_parser().parse_args(["superres", "in.nii.gz", "out.nii.gz", *args])
+        assert (parsed.method, parsed.samples, parsed.time_budget) == ("fast", 2, 0.0)
+        assert cat.option_arguments("sample", {"n": 3, "seed": 7, "steps": None, "native": True}) == ["--n", "3", "--seed", "7", "--native"]
+    finally:
+        panel.use_specs(panel.read_specs())
+    assert [t.key for t in panel.catalog().tasks] == list(TASKS)
+
+
+def test_every_panel_option_widget_shows_a_published_option():
+    from MedILSlicerLib.tasks import OPTION_WIDGETS
+
+    ui = (REPO / "MedILSlicer/Resources/UI/MedILSlicer.ui").read_text()
+    for (task, name), widget in OPTION_WIDGETS.items():
+        assert TASKS[task].option(name).help and f'name="{widget}"' in ui
 
 
 def test_tasks_json_publishes_the_specs(capsys):

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"medil {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    from .task import TASKS
+    from .task import SUPERRES_METHODS, TASKS
 
     for spec in TASKS.values():
         _add_task_parser(sub, spec)
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--superres",
         action="append",
         default=[],
-        choices=["fast", "adapt", "inverse", "cycles"],
+        choices=list(SUPERRES_METHODS),
         help="also score this super-resolution method (repeatable)",
     )
     e.add_argument(

@@ -241,6 +241,8 @@ class TaskSpec:
     run: Callable[..., TaskResult]
     series: str = ""  # the option that counts a series of outputs (OUTPUT_000, OUTPUT_001, ...)
     check: Callable[[dict, GridRequest], None] | None = None  # options that only make sense together, checked before any work
+    label: str = ""  # the Slicer panel's name for it
+    model_when: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the model applies only for these option values
 
     def output_paths(self, output: str, options: dict) -> dict[tuple[str, int], str]:
         """Every file a run writes, by (role, index): the output (or its numbered series) and each path option that is set."""
@@ -284,8 +286,11 @@ class TaskSpec:
             "help": self.help,
             "needs_input": self.needs_input,
             "model_kind": self.model_kind,
+            "label": self.label or self.name,
+            "model_when": {k: list(v) for k, v in self.model_when.items()},
             "options": [o.to_json() for o in self.options],
             "context": [o.to_json() for o in CONTEXT_OPTIONS],
+            "grid_labels": dict(GRID_OPTION_LABELS),
         }
 
 
@@ -341,6 +346,8 @@ def _run_sample(*args, **kwargs) -> TaskResult:
 
 
 SUPERRES_METHODS = ("adapt", "fast", "inverse", "cycles")  # the default first
+#: the methods that run through a latent diffusion model (a chosen model applies to them alone)
+GENERATIVE_SUPERRES_METHODS = ("inverse", "cycles")
 
 
 def _check_superres(options: dict, request: GridRequest) -> None:
@@ -372,6 +379,7 @@ TASKS: dict[str, TaskSpec] = {
             model_kind="autoencoder",
             options=(_MODALITY, _BACKGROUND, _DTYPE),
             run=_run_reconstruct,
+            label="Reconstruct / resample",
         ),
         TaskSpec(
             "superres",
@@ -444,6 +452,8 @@ TASKS: dict[str, TaskSpec] = {
             ),  # fmt: skip
             run=_run_superres,
             check=_check_superres,
+            label="Super-resolve",
+            model_when={"method": GENERATIVE_SUPERRES_METHODS},
         ),
         TaskSpec(
             "sample",
@@ -469,6 +479,7 @@ TASKS: dict[str, TaskSpec] = {
                     metavar="V",
                 ),
             ),  # fmt: skip
+            label="Sample",
             run=_run_sample,
             series="n",
             check=_check_sample,
@@ -521,6 +532,8 @@ def run_task(
 
 __all__ = [
     "CONTEXT_OPTIONS",
+    "GENERATIVE_SUPERRES_METHODS",
+    "SUPERRES_METHODS",
     "GridRequest",
     "ModelRef",
     "Option",

@@ -1,13 +1,22 @@
-"""Generate MedILSlicer/Resources/UI/MedILSlicer.ui (Qt Designer XML) from a compact description.
+"""Generate MedILSlicer/Resources/UI/MedILSlicer.ui (Qt Designer XML) from a compact description, and
+the task specs bundled with the extension (MedILSlicer/Resources/tasks.json, the backend's ``medil tasks --json``).
 
-The .ui is committed; rerun this after changing the panel: ``python tools/gen_ui.py``.
+Both are committed; rerun this after changing the panel or a task spec: ``python tools/gen_ui.py``.
 """
 
+import json
 import sys
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-OUT = Path(__file__).resolve().parents[1] / "MedILSlicer" / "Resources" / "UI" / "MedILSlicer.ui"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "MedILSlicer" / "Resources" / "UI" / "MedILSlicer.ui"
+SPECS = ROOT / "MedILSlicer" / "Resources" / "tasks.json"
+sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # the bundled specs first: the panel's task list is read from them
+    from medil_backend.task import tasks_json
+
+    SPECS.write_text(json.dumps(tasks_json(), indent=1) + "\n", encoding="utf-8")
 sys.path.insert(0, str(OUT.parents[2]))
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402  (the one task list)
 from MedILSlicerLib.tasks import SUPERRES_METHODS  # noqa: E402
@@ -89,10 +98,11 @@ def spin(name, param, lo, hi, value, suffix=" mm", step=0.1):
     )
 
 
-def ispin(name, param, lo, hi, value, tooltip):
+def ispin(name, param, lo, hi, value, tooltip, special=""):
     return widget(
         "QSpinBox",
         name,
+        *([prop("specialValueText", "string", special)] if special else []),
         prop("minimum", "number", lo),
         prop("maximum", "number", hi),
         prop("value", "number", value),
@@ -185,7 +195,7 @@ def build() -> str:
                 ),
                 (
                     "Time budget:",
-                    spin("superresTimeBudgetSpinBox", "superresTimeBudgetMin", 0.5, 120, 3.0, suffix=" min", step=0.5),
+                    spin("superresTimeBudgetSpinBox", "superresTimeBudgetMin", 0.0, 120, 3.0, suffix=" min", step=0.5),
                 ),
             ],
         ),
@@ -195,7 +205,18 @@ def build() -> str:
             [
                 ("Seed:", ispin("sampleSeedSpinBox", "sampleSeed", 0, 2147483647, 0, "The same seed draws the same volume")),
                 ("Count:", ispin("sampleCountSpinBox", "sampleCount", 1, 100, 1, "Volumes to draw (seeds seed, seed+1, ...)")),
-                ("Steps:", ispin("sampleStepsSpinBox", "sampleSteps", 1, 1000, 25, "DDIM denoising steps")),
+                (
+                    "Steps:",
+                    ispin(
+                        "sampleStepsSpinBox",
+                        "sampleSteps",
+                        0,
+                        1000,
+                        0,
+                        "DDIM denoising steps (model's default: the step count in the model's card)",
+                        special="model's default",
+                    ),
+                ),
             ],
         ),
         collapsible(
@@ -250,4 +271,5 @@ if __name__ == "__main__":
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(xml.dom.minidom.parseString(build()).toprettyxml(indent=" ", encoding="UTF-8").decode())
+    print(SPECS)
     print(OUT)

@@ -17,25 +17,13 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-#: how the panel names the settings that a backend error points at (MedILError.options): every option of
-#: the backend's task specs that has a panel label (``medil tasks --json``; a test checks they agree)
-PANEL_FIELDS = {
-    "max_memory": "Memory limit",
-    "spacing": "Spacing",
-    "orientation": "Orientation",
-    "fov": "Field of view",
-    "like": "Reference volume",
-    "overwrite": "Output volume",
-    "modality": "Modality",
-    "device": "Device",
-    "precision": "Device",
-    "method": "Method",
-    "samples": "Samples",
-    "time_budget": "Time budget",
-    "seed": "Seed",
-    "n": "Count",
-    "steps": "Steps",
-}
+from .tasks import catalog
+
+
+def panel_fields() -> dict:
+    """How the panel names the settings that a backend error points at (MedILError.options): every option of
+    the backend's task specs that has a panel label, and the grid settings (from ``medil tasks --json``)."""
+    return catalog().panel_fields
 
 
 class BackendJob:
@@ -177,7 +165,8 @@ class BackendJob:
     def error_message(self) -> str:
         """The backend's one-line error in the panel's words (its settings named as the panel shows them), or the last line it printed."""
         if self.error:
-            fields = [PANEL_FIELDS[o] for o in self.error.get("options", []) if o in PANEL_FIELDS]
+            names = panel_fields()
+            fields = [names[o] for o in self.error.get("options", []) if o in names]
             return self.error["error"] + (f" (panel: {', '.join(fields)})" if fields else "")
         for line in reversed(self.stderr_lines):
             if line.startswith("medil: error:"):

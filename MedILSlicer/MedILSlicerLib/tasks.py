@@ -1,12 +1,34 @@
-"""The one list of tasks that the panel, the logic and the generated .ui share (pure Python, no Slicer).
+"""The panel's task list, read from the backend's task specs (``medil tasks --json``; pure Python, no Slicer).
 
-A task becomes available in the panel and the logic by flipping ``available`` here, once the
-backend has it; ``tools/gen_ui.py`` writes the same labels into the .ui.
+Until the backend answers, the panel uses the copy bundled with the extension
+(``Resources/tasks.json``, written by ``python tools/gen_ui.py``; a test checks it equals the
+backend's). Once the backend is installed, :func:`use_specs` replaces it with what that backend
+publishes, so a task, option or method the backend adds reaches the panel and the logic without
+an edit here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: the specs bundled with the extension (the backend's ``medil tasks --json`` when the extension was built)
+BUNDLED_SPECS = Path(__file__).resolve().parents[1] / "Resources" / "tasks.json"
+
+#: panel fields that name settings outside the task specs (where the output goes)
+EXTRA_PANEL_FIELDS = {"overwrite": "Output volume"}
+
+#: the panel's widget for each task option it shows (the option's published help is its tooltip)
+OPTION_WIDGETS = {
+    ("superres", "method"): "superresMethodComboBox",
+    ("superres", "samples"): "superresSamplesSpinBox",
+    ("superres", "time_budget"): "superresTimeBudgetSpinBox",
+    ("sample", "n"): "sampleCountSpinBox",
+    ("sample", "seed"): "sampleSeedSpinBox",
+    ("sample", "steps"): "sampleStepsSpinBox",
+    ("reconstruct", "modality"): "modalityComboBox",
+}
 
 
 @dataclass(frozen=True)
@@ -16,43 +38,117 @@ class Task:
     available: bool  # the backend can run it in this version
     needs_input: bool  # it reads an input volume (sampling does not)
     hint: str = ""  # what it is good for and how long it takes on a CPU (the panel's tooltip)
+    model_kind: str = ""  # the kind of model it takes ("" if it adapts to the scan itself)
+    options: tuple[dict, ...] = ()  # the spec's declared options (name, type, default, range, choices, flag, label)
+    model_when: dict = field(default_factory=dict)  # the model applies only for these option values
 
 
-TASKS: tuple[Task, ...] = (
-    Task(
-        "reconstruct",
-        "Reconstruct / resample",
-        available=True,
-        needs_input=True,
-        hint="Any input onto any grid (spacing, orientation, field of view, another volume's grid) through a MedIL "
-        "autoencoder. Best for isotropic inputs; about 10 s for a head at 1 mm on 2 CPU cores, seconds on a GPU.",
-    ),
-    Task(
-        "superres",
-        "Super-resolve",
-        available=True,
-        needs_input=True,
-        hint="Thick-slice scans to thin slices: 'adapt' trains a small network on this scan's own in-plane detail "
-        "(the time budget, 3 min by default on a CPU, shared by the samples), 'fast' is B-spline with data "
-        "consistency (seconds). Above B-spline on every held-out scan.",
-    ),
-    Task(
-        "sample",
-        "Sample",
-        available=True,
-        needs_input=False,
-        hint="A research demo: new AI-generated heads drawn onto the output grid by a latent diffusion model "
-        "(varied, blurry and textured, not realistic anatomy); about 20 s a head on 2 CPU cores.",
-    ),
-)
+@dataclass(frozen=True)
+class Catalog:
+    """The tasks one backend publishes, and what the panel derives from them."""
 
+    tasks: tuple[Task, ...]
+    panel_fields: dict  # option name -> the panel field it is set in (for errors that point at options)
+
+    @classmethod
+    def from_specs(cls, specs: list[dict]) -> Catalog:
+        tasks, fields = [], dict(EXTRA_PANEL_FIELDS)
+        for spec in specs:
+            hint = spec["help"][:1].upper() + spec["help"][1:] + "."
+            tasks.append(
+                Task(
+                    spec["name"],
+                    spec.get("label") or spec["name"],
+                    available=True,
+                    needs_input=bool(spec["needs_input"]),
+                    hint=hint,
+                    model_kind=spec.get("model_kind", ""),
+                    options=tuple(spec.get("options", ())),
+                    model_when={k: tuple(v) for k, v in spec.get("model_when", {}).items()},
+                )
+            )
+            for o in (*spec.get("options", ()), *spec.get("context", ())):
+                if o.get("label"):
+                    fields.setdefault(o["name"], o["label"])
+            fields.update(spec.get("grid_labels", {}))
+        if not tasks:
+            raise ValueError("the backend published no tasks")
+        return cls(tuple(tasks), fields)
+
+    def by_key(self, key: str) -> Task:
+        for t in self.tasks:
+            if t.key == key:
+                return t
+        raise KeyError(key)
+
+    def by_label(self, label: str) -> Task:
+        for t in self.tasks:
+            if t.label == label:
+                return t
+        raise KeyError(label)
+
+    def option(self, task: str, name: str) -> dict:
+        for o in self.by_key(task).options:
+            if o["name"] == name:
+                return o
+        raise KeyError(f"{task}.{name}")
+
+    def choices(self, task: str, name: str) -> list[str]:
+        """An option's choices, its default first."""
+        o = self.option(task, name)
+        return sorted(o.get("choices") or [], key=lambda c: c != o.get("default"))
+
+    def option_arguments(self, task: str, values: dict) -> list[str]:
+        """The backend's command-line arguments for the values of ``task``'s declared options in ``values``
+        (names the task does not declare, ``None`` and defaults are left out), by each option's published flag."""
+        args: list[str] = []
+        for o in self.by_key(task).options:
+            value = values.get(o["name"])
+            if value is None or value == o.get("default"):
+                continue
+            if o.get("flag_only"):
+                args += [o["flag"]] if value else []
+            elif o.get("type") == "float":
+                args += [o["flag"], repr(float(value))]
+            elif o.get("type") == "int":
+                args += [o["flag"], str(int(value))]
+            else:
+                args += [o["flag"], str(value)]
+        return args
+
+    def uses_model(self, task: str, options: dict) -> bool:
+        """Whether a chosen model applies to ``task`` run with ``options`` (e.g. superres's generative methods only)."""
+        t = self.by_key(task)
+        return bool(t.model_kind) and all(options.get(name) in values for name, values in t.model_when.items())
+
+
+def read_specs(path: Path = BUNDLED_SPECS) -> list[dict]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+_catalog = Catalog.from_specs(read_specs())
+
+
+def catalog() -> Catalog:
+    """The current catalog: the backend's specs once :func:`use_specs` has been given them, else the bundled copy."""
+    return _catalog
+
+
+def use_specs(specs: list[dict]) -> Catalog:
+    """Use the specs a backend published (``medil tasks --json``) from now on."""
+    global _catalog
+    _catalog = Catalog.from_specs(specs)
+    return _catalog
+
+
+# the bundled names, for what must be fixed when the module is imported (the .ui's items, parameter choices)
+TASKS: tuple[Task, ...] = _catalog.tasks
 LABELS: list[str] = [t.label for t in TASKS]
 AVAILABLE_KEYS: tuple[str, ...] = tuple(t.key for t in TASKS if t.available)
-
-#: super-resolution's methods, the default first (the backend's ``medil_backend.ops.superres.METHODS``)
-SUPERRES_METHODS: list[str] = ["adapt", "fast", "inverse", "cycles"]
+#: super-resolution's methods, the default first
+SUPERRES_METHODS: list[str] = _catalog.choices("superres", "method")
 #: the methods that run through a latent diffusion model (the panel's model choice applies to them)
-GENERATIVE_SUPERRES_METHODS: tuple[str, ...] = ("inverse", "cycles")
+GENERATIVE_SUPERRES_METHODS: tuple[str, ...] = tuple(_catalog.by_key("superres").model_when.get("method", ()))
 
 
 #: an input axis is a slice axis when its spacing is at least this many times the finest (the backend's
@@ -68,14 +164,8 @@ def suggested_task(spacing) -> str:
 
 
 def task_by_label(label: str) -> Task:
-    for t in TASKS:
-        if t.label == label:
-            return t
-    raise KeyError(label)
+    return catalog().by_label(label)
 
 
 def task_by_key(key: str) -> Task:
-    for t in TASKS:
-        if t.key == key:
-            return t
-    raise KeyError(key)
+    return catalog().by_key(key)
