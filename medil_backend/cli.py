@@ -227,8 +227,9 @@ def cmd_task(args: argparse.Namespace) -> int:
     """The one handler of every task (see :mod:`medil_backend.task`): options checked, every output file
     declared, the run context resolved, all before any work; the input read; the task run; every file of
     the result committed together with one provenance record, or none."""
-    from .io import OutputSet, read_grid, read_volume
+    from .io import read_grid
     from .task import GridRequest, RunContext, get_task
+    from .task_files import run_task_to_files
 
     spec = get_task(args.command)
     request = GridRequest(spacing=args.spacing, orientation=_parse_orientation(args.orientation), fov=args.fov)
@@ -238,31 +239,33 @@ def cmd_task(args: argparse.Namespace) -> int:
     request.like = read_grid(args.like) if args.like else None  # a reference's header is all its grid needs
     options = spec.checked_options({o.name: getattr(args, o.name) for o in spec.options}, request)
     ctx = RunContext.resolve(args.device, args.precision, args.max_memory)
-    outputs = OutputSet(args.overwrite)
-    paths = {key: outputs.declare(path) for key, path in spec.output_paths(args.output, options).items()}
-    volume = read_volume(args.input, max_memory_gb=args.max_memory, name=args.input_name) if spec.needs_input else None
     command = "medil " + shlex.join(args.argv)
-    streamed = {"task": spec.name, "version": __version__, "command": command}
 
-    def stage(out) -> None:  # a series is written as it is made (its files are committed together at the end)
-        outputs.stage(out.volume, paths[(out.role, out.index)], dtype=out.dtype, provenance={**streamed, **out.record})
+    def written_one(out, path) -> None:
         if args.progress == "json":
-            print(json.dumps({"sampled": str(paths[(out.role, out.index)]), "seed": out.record.get("seed")}), flush=True)
+            print(json.dumps({"sampled": str(path), "seed": out.record.get("seed")}), flush=True)
 
     update, close = _progress_callback(args.progress)
-    ctx.progress, ctx.on_output = update, stage
+    ctx.progress = update
     try:
-        result = spec.run(ctx, volume, request, getattr(args, "model", None), **options)
-        for out in result.outputs:
-            record = result.provenance.record(**out.record, command=command)
-            outputs.stage(out.volume, paths[(out.role, out.index)], dtype=out.dtype, provenance=record)
-        outputs.commit()
+        run = run_task_to_files(
+            spec,
+            args.input if spec.needs_input else None,
+            args.output,
+            request,
+            options,
+            ctx,
+            getattr(args, "model", None),
+            overwrite=args.overwrite,
+            command=command,
+            input_name=getattr(args, "input_name", None),
+            on_written=written_one,
+        )
     except BaseException:
-        outputs.abort()
         close(ok=False)
         raise
     close()
-    written = outputs.written
+    result, written = run.result, run.written
     prov = result.provenance.record()
     summary = {
         "output": str(written[0]) if written else None,

@@ -764,6 +764,16 @@ def remove_stale_parts(folder: Path, names: set[str] | None = None) -> list[str]
     return removed
 
 
+def _file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class OutputSet:
     """Every file of one result (images, their JSON sidecars, an uncertainty map, a ``--n`` series),
     all checked before any work and committed together or not at all.
@@ -844,9 +854,15 @@ class OutputSet:
 
                 fd, side_tmp = tempfile.mkstemp(prefix=f".{side.name}.{os.getpid()}.", suffix=".part", dir=folder)
                 self._staged.append((side_tmp, side))
+                # the image's own checksum: a sidecar vouches for exactly this file (a resumed batch redoes any other)
+                written = {"file_sha256": _file_sha256(tmp), "file_bytes": os.path.getsize(tmp)}
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
                     json.dump(
-                        {"AIGenerated": True, "note": provenance_line(provenance), **provenance}, fh, indent=2, sort_keys=True, default=str
+                        {"AIGenerated": True, "note": provenance_line(provenance), **provenance, **written},
+                        fh,
+                        indent=2,
+                        sort_keys=True,
+                        default=str,
                     )
                 os.chmod(side_tmp, _output_mode(side))
         except BaseException as exc:

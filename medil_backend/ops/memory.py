@@ -29,21 +29,20 @@ class MemoryPlan:
     held: dict[str, float] = field(default_factory=dict)
     spill: bool = False
     tiles: dict[str, int] = field(default_factory=dict)
+    disk_bytes: float = 0.0  # spilled outputs: checked against the temporary folder's free space with the memory
 
     @classmethod
     def start(cls, max_memory_gb: float | None, output_voxels: int = 0, outputs: int = 1, *, spill_allowed: bool = True) -> MemoryPlan:
         """A plan under the user's limit (``None``: the default) for ``outputs`` float32 outputs of
         ``output_voxels`` voxels, held one at a time: in memory, or spilled to a temporary file when
-        one would take more than :data:`SPILL_FRACTION` of the limit (refused if the disk cannot hold them)."""
+        one would take more than :data:`SPILL_FRACTION` of the limit (:meth:`working_bytes` refuses them if the
+        temporary folder's disk cannot hold them)."""
         plan = cls(check_memory_limit(max_memory_gb), {"runtime": float(RUNTIME_OVERHEAD_BYTES)})
         out_bytes = 4.0 * output_voxels
         plan.spill = spill_allowed and out_bytes > SPILL_FRACTION * plan.budget_bytes
         if out_bytes and not plan.spill:
             plan.hold("output", out_bytes)
-        if plan.spill:
-            from .tiling import check_disk_space
-
-            check_disk_space(out_bytes * max(1, int(outputs)))
+        plan.disk_bytes = out_bytes * max(1, int(outputs)) if plan.spill else 0.0
         return plan
 
     def hold(self, name: str, nbytes: float) -> MemoryPlan:
@@ -69,6 +68,10 @@ class MemoryPlan:
                 f"{what} need about {self.resident_bytes / GB:.1f} GB, over the memory limit ({self.budget_bytes / GB:.1f} GB): {advice}",
                 options=options,
             )
+        if self.disk_bytes:
+            from .tiling import check_disk_space
+
+            check_disk_space(self.disk_bytes)
         return work
 
     def summary(self) -> dict:
