@@ -30,15 +30,24 @@ _GRID_DEFAULTS = {
 }
 
 
-def _add_task_parser(sub, spec) -> argparse.ArgumentParser:
+def _add_task_parser(sub, spec, batch: bool = False) -> argparse.ArgumentParser:
     """A task's subcommand, built from its spec: input/output, model, the output grid, its declared
-    options and the run context (device, precision, memory), the same for every task."""
+    options and the run context (device, precision, memory), the same for every task. ``batch``: the
+    same task over a dataset (``medil batch TASK INPUT OUTPUT_DIR``), with the batch's own options."""
     p = _numbers_after_options(sub.add_parser(spec.name, help=spec.help, description=spec.help))
-    if spec.needs_input:
-        p.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or DICOM series folder")
-        p.add_argument("--input-name", default=None, help=argparse.SUPPRESS)  # how messages call the input (the Slicer module's node name)
-    series = f" (with --{spec.series} N > 1: OUTPUT_000.nii.gz, ...)" if spec.series else ""
-    p.add_argument("output", help=f"output file: .nii, .nii.gz, .nrrd or .mha{series}")
+    if batch:
+        p.add_argument(
+            "input", help="a BIDS dataset, a folder of volumes (NIfTI, NRRD, MHA/MHD, DICOM series folders) or a CSV/JSON manifest"
+        )
+        p.add_argument("output_dir", help="the BIDS-derivatives folder to write (sub-*/[ses-*/]anat/*_desc-medil<task>_*.nii.gz)")
+    else:
+        if spec.needs_input:
+            p.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or DICOM series folder")
+            p.add_argument(
+                "--input-name", default=None, help=argparse.SUPPRESS
+            )  # how messages call the input (the Slicer module's node name)
+        series = f" (with --{spec.series} N > 1: OUTPUT_000.nii.gz, ...)" if spec.series else ""
+        p.add_argument("output", help=f"output file: .nii, .nii.gz, .nrrd or .mha{series}")
     if spec.model_kind == "autoencoder":
         p.add_argument(
             "--model",
@@ -60,8 +69,9 @@ def _add_task_parser(sub, spec) -> argparse.ArgumentParser:
     g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
     t = p.add_argument_group(f"{spec.name} options")
     for o in spec.options:
-        if o.flag_only:
-            t.add_argument(o.flag, action="store_true", help=o.help)
+        if o.flag_only or (batch and o.path):  # in a batch, a file option writes one more derivative per scan
+            what = f"{o.help} (in a batch: one more derivative per scan, desc-medil{spec.name}{o.name})" if batch and o.path else o.help
+            t.add_argument(o.flag, action="store_true", help=what)
         else:
             kind = o.type if o.type in (int, float) else str
             t.add_argument(o.flag, type=kind, default=o.default, choices=list(o.choices) or None, metavar=o.metavar, help=o.help)
@@ -70,11 +80,35 @@ def _add_task_parser(sub, spec) -> argparse.ArgumentParser:
     c = p.add_argument_group("run")
     for o in CONTEXT_OPTIONS:
         c.add_argument(o.flag, type=o.type, default=o.default, choices=list(o.choices) or None, metavar=o.metavar, help=o.help)
-    c.add_argument("--overwrite", action="store_true", help="replace existing outputs (all files of the result)")
+    if batch:
+        _add_batch_options(p)
+    else:
+        c.add_argument("--overwrite", action="store_true", help="replace existing outputs (all files of the result)")
     c.add_argument(
         "--progress", default="bar", choices=["bar", "json", "none"], help="progress display (json: one JSON object a line on stdout)"
     )
     return p
+
+
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    b = p.add_argument_group("batch")
+    b.add_argument("--participant-label", nargs="+", metavar="LABEL", help="only these participants (with or without sub-)")
+    b.add_argument("--resume", action="store_true", help="skip scans whose outputs are complete for these settings; redo the rest")
+    b.add_argument("--overwrite", action="store_true", help="redo every scan, replacing earlier outputs")
+    b.add_argument(
+        "--scheduler",
+        default="local",
+        metavar="local|ADDRESS|slurm",
+        help="local: a Dask cluster on this machine (default); tcp://HOST:PORT: an existing Dask scheduler; "
+        "slurm: SLURM jobs through dask-jobqueue (pip install 'medil-backend[cluster]')",
+    )
+    b.add_argument("--workers", type=int, default=None, metavar="N", help="worker processes (default: what the cores and memory allow)")
+    b.add_argument("--threads-per-worker", type=int, default=1, metavar="T", help="torch threads of each worker (default 1)")
+    b.add_argument("--retries", type=int, default=2, metavar="R", help="runs of a scan whose worker died (default 2)")
+    b.add_argument("--no-thumbnails", action="store_true", help="no three-plane pictures in the HTML report")
+    b.add_argument("--slurm-queue", default=None, metavar="Q", help="slurm: the partition")
+    b.add_argument("--slurm-account", default=None, metavar="A", help="slurm: the account")
+    b.add_argument("--slurm-walltime", default="02:00:00", metavar="HH:MM:SS", help="slurm: each worker job's time limit")
 
 
 #: what argparse takes for a negative number rather than an option (its own pattern misses 1e3 and inf)
@@ -99,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for spec in TASKS.values():
         _add_task_parser(sub, spec)
+    batch = sub.add_parser(
+        "batch",
+        help="run a task over a whole dataset (BIDS, a folder or a manifest) on a Dask cluster into a BIDS-derivatives tree, "
+        "resumable, with a JSON + HTML report",
+    )
+    batch_tasks = batch.add_subparsers(dest="task", required=True, metavar="TASK")
+    for spec in TASKS.values():
+        if spec.needs_input:
+            _add_task_parser(batch_tasks, spec, batch=True)
     sub.add_parser("tasks", help="the tasks and their options (for frontends)").add_argument("--json", action="store_true")
 
     sub.add_parser(
@@ -197,9 +240,10 @@ def _progress_callback(mode: str):
 def option_flags() -> dict[str, str]:
     """How this frontend spells the settings that a core error names (MedILError.options): every
     option the task specs declare, the run context's and the output grid's."""
+    from .batch.command import BATCH_OPTION_NAMES
     from .task import option_names
 
-    return {name: "--" + name.replace("_", "-") for name in option_names()}
+    return {name: "--" + name.replace("_", "-") for name in (*option_names(), *BATCH_OPTION_NAMES)}
 
 
 def user_message(exc: MedILError) -> str:
@@ -291,6 +335,12 @@ def cmd_task(args: argparse.Namespace) -> int:
             extra = f"; data-consistency residual {result.summary['consistency_residual_before']:.2e} -> {result.summary['consistency_residual_after']:.2e}"
         print(f"wrote {path} {grid}{extra}{' (AI-generated)' if spec.series else ''}", file=sys.stderr)
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch.command import run_batch
+
+    return run_batch(args)
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -621,6 +671,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "evaluate": cmd_evaluate,
         "evaluate-generative": cmd_evaluate_generative,
         "export": cmd_export,
+        "batch": cmd_batch,
     }
     try:
         return handlers[args.command](args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .task import GridRequest, Output, RunContext, TaskResult, TaskSpec
@@ -17,10 +18,11 @@ from .task import GridRequest, Output, RunContext, TaskResult, TaskSpec
 
 @dataclass
 class FilesRun:
-    """A finished run: the task's result and the files it wrote (the main output first)."""
+    """A finished run: the task's result, the files it wrote (the main output first) and the input it read."""
 
     result: TaskResult
     written: list[Path] = field(default_factory=list)
+    volume: Any = None
 
 
 def run_task_to_files(
@@ -66,7 +68,7 @@ def run_task_to_files(
     except BaseException:
         outputs.abort()
         raise
-    return FilesRun(result, list(outputs.written))
+    return FilesRun(result, list(outputs.written), volume)
 
 
 __all__ = ["FilesRun", "run_task_to_files"]
