@@ -39,6 +39,28 @@ class SlurmResources:
     job_extra: tuple[str, ...] = ()
 
 
+def check_cluster_options(scheduler: str, workers: int | None, threads: int, retries: int) -> None:
+    """Refuse bad cluster settings before anything is written or started."""
+    if retries < 0 or retries > 10:
+        raise MedILError(f"retries must be 0 to 10, not {retries}", options=("retries",))
+    if threads < 1 or threads > 256:
+        raise MedILError(f"threads per worker must be 1 to 256, not {threads}", options=("threads_per_worker",))
+    if workers is not None and (workers < 1 or workers > 10000):
+        raise MedILError(f"workers must be 1 to 10000, not {workers}", options=("workers",))
+    if scheduler == "slurm":
+        try:
+            import dask_jobqueue  # noqa: F401
+        except ImportError:
+            raise MedILError(
+                "--scheduler slurm needs dask-jobqueue: pip install 'medil-backend[cluster]' (or pip install dask-jobqueue)",
+                options=("scheduler",),
+            ) from None
+    elif scheduler != "local" and "://" not in scheduler and ":" not in scheduler:
+        raise MedILError(
+            f"--scheduler {scheduler!r} is not local, slurm or a scheduler address such as tcp://host:8786", options=("scheduler",)
+        )
+
+
 class Cluster:
     """A Dask client and, for clusters this run started, the cluster (closed with :meth:`close`)."""
 
@@ -54,12 +76,7 @@ class Cluster:
         import dask
         from distributed import Client
 
-        if retries < 0 or retries > 10:
-            raise MedILError(f"retries must be 0 to 10, not {retries}", options=("retries",))
-        if threads < 1 or threads > 256:
-            raise MedILError(f"threads per worker must be 1 to 256, not {threads}", options=("threads_per_worker",))
-        if workers is not None and (workers < 1 or workers > 10000):
-            raise MedILError(f"workers must be 1 to 10000, not {workers}", options=("workers",))
+        check_cluster_options(scheduler, workers, threads, retries)
         # a worker that dies mid-scan: its scan is run again, at most `retries` times in all
         dask.config.set({"distributed.scheduler.allowed-failures": int(retries)})
         worker_memory = f"{task_memory_gb + WORKER_OVERHEAD_GB:.2f}GiB"
@@ -80,13 +97,8 @@ class Cluster:
             self.client = Client(self.cluster)
             self.workers = n
         elif scheduler == "slurm":
-            try:
-                from dask_jobqueue import SLURMCluster
-            except ImportError:
-                raise MedILError(
-                    "--scheduler slurm needs dask-jobqueue: pip install 'medil[cluster]' (or pip install dask-jobqueue)",
-                    options=("scheduler",),
-                ) from None
+            from dask_jobqueue import SLURMCluster
+
             res = slurm or SlurmResources()
             self.cluster = SLURMCluster(
                 cores=threads,
@@ -118,4 +130,4 @@ class Cluster:
                 self.cluster.close()
 
 
-__all__ = ["Cluster", "SlurmResources", "default_workers"]
+__all__ = ["Cluster", "SlurmResources", "check_cluster_options", "default_workers"]

@@ -117,6 +117,9 @@ def run_batch(args) -> int:
     if args.resume and args.overwrite:
         raise MedILError("--resume keeps complete outputs and --overwrite redoes them: choose one", options=("resume",))
     RunContext.resolve(args.device, args.precision, args.max_memory)  # a bad device or limit is refused before any worker starts
+    from .cluster import check_cluster_options
+
+    check_cluster_options(args.scheduler, args.workers, args.threads_per_worker, args.retries)
     check_memory_limit(args.max_memory)
     out_dir = Path(args.output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
