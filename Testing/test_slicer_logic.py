@@ -267,6 +267,29 @@ def test_batch_script_with_slicer_core(tmp_path, model_dir):
     assert not (tmp_path / "x.nrrd").exists()
 
 
+def test_batch_script_hands_a_folder_to_medil_batch(tmp_path, small_mri):
+    """``Slicer --python-script medil_batch.py`` with a folder: the backend's ``medil batch`` writes a
+    BIDS-derivatives tree and its report, as the command does for a researcher."""
+    import json
+
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for name in ("a1.nii.gz", "b2.nii.gz"):
+        (folder / name).write_bytes(small_mri.read_bytes())
+    out = tmp_path / "derivatives"
+    script = [sys.executable, str(REPO / "MedILSlicer/Scripts/medil_batch.py"), "--input", str(folder), "--output", str(out)]
+    proc = subprocess.run(script + ["--task", "superres", "--method", "fast"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "batch superres" in proc.stderr
+    for label in ("a1", "b2"):
+        path = out / f"sub-{label}" / "anat" / f"sub-{label}_desc-medilsuperres_scan.nii.gz"
+        assert read_volume(path).grid.spacing.max() < 3.0 and json.loads(path.with_name(path.name[:-7] + ".json").read_text())["batch"]
+    report = json.loads((out / "medil_batch_report.json").read_text())
+    assert report["counts"]["done"] == 2 and report["task"] == "superres"
+    again = subprocess.run(script + ["--task", "superres", "--method", "fast", "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads((out / "medil_batch_report.json").read_text())["counts"]["skipped"] == 2
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_batch_script_stops_its_backend_and_removes_its_files(small_mri, tmp_path, model_dir, sig):
     """The backend runs in its own session (so the panel can kill its tree): a batch script that is

@@ -4,6 +4,11 @@ In the Slicer application:
     Slicer --no-main-window --python-script MedILSlicer/Scripts/medil_batch.py -- --input IN --output OUT --spacing 1
 With the slicer-core wheel (real MRML, no application):
     python MedILSlicer/Scripts/medil_batch.py --input IN --output OUT [--spacing S [S S] | --like REF] [--model NAME]
+        [--task reconstruct|superres] [--method M]
+
+A whole dataset (a BIDS dataset, a folder of scans, or a .csv/.json manifest) is handed to the backend's
+``medil batch`` command (Dask workers, a BIDS-derivatives tree in OUT, resumable with --resume, a report):
+    Slicer --no-main-window --python-script MedILSlicer/Scripts/medil_batch.py -- --input DATASET --output OUT_DIR --task superres
 
 Exit status 0 on success, 1 with a one-line message for a user mistake or a failed run.
 """
@@ -27,8 +32,61 @@ def parse(argv):
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--modality", default="auto", choices=["auto", "mri", "ct"])
+    ap.add_argument("--task", default="reconstruct", choices=["reconstruct", "superres"])
+    ap.add_argument("--method", default=None, help="superres: its method (default: the backend's, adapt)")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="a dataset: skip the scans already done (medil batch --resume)")
     return ap.parse_args(argv)
+
+
+def is_dataset(path: str) -> bool:
+    """A BIDS dataset, a folder of scans or a manifest (a DICOM series folder is one scan)."""
+    if os.path.isfile(path):
+        return path.lower().endswith((".csv", ".json"))
+    if not os.path.isdir(path):
+        return False
+    files = sorted(f for f in os.listdir(path) if not f.startswith(".") and os.path.isfile(os.path.join(path, f)))
+    if files:
+        try:
+            with open(os.path.join(path, files[0]), "rb") as fh:
+                if fh.read(132)[128:132] == b"DICM":
+                    return False
+        except OSError:
+            return False
+    return True
+
+
+def run_dataset(args) -> int:
+    """Hand a dataset to the backend's ``medil batch`` (the same command a researcher runs), in the backend's interpreter."""
+    import subprocess
+
+    from MedILSlicerLib.deps import backend_env
+    from MedILSlicerLib.logic import MedILLogicCore
+
+    cmd = [MedILLogicCore().python, "-m", "medil_backend", "batch", args.task, args.input, args.output, "--device", args.device]
+    cmd += ["--modality", args.modality]
+    if args.spacing:
+        cmd += ["--spacing", *map(str, args.spacing)]
+    if args.like:
+        cmd += ["--like", args.like]
+    if args.orientation and args.orientation != "input":
+        cmd += ["--orientation", args.orientation]
+    if args.model and (args.task == "reconstruct" or args.method in ("inverse", "cycles")):
+        cmd += ["--model", args.model]
+    if args.method and args.task == "superres":
+        cmd += ["--method", args.method]
+    cmd += ["--overwrite"] if args.overwrite else []
+    cmd += ["--resume"] if args.resume else []
+    print("medil_batch: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env=backend_env())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # stopped: the batch stops as on Ctrl-C (what finished is kept; --resume goes on)
+        import signal
+
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
 
 
 def load_node(path, name):
@@ -99,6 +157,8 @@ def run(argv) -> int:
     from medil_backend.io import OutputSet
 
     args = parse(argv)
+    if is_dataset(args.input):
+        return run_dataset(args)
     if getattr(slicer, "mrmlScene", None) is None:
         slicer.mrmlScene = slicer.vtkMRMLScene()
     try:
@@ -119,7 +179,9 @@ def run(argv) -> int:
             if "progress" in ev:
                 print(f"[{100 * ev['progress']:5.1f}%] {ev.get('message', '')}", file=sys.stderr, flush=True)
 
-        out = MedILLogicCore().process(node, space, model=args.model, device=args.device, modality=args.modality, onEvent=on_event)
+        out = MedILLogicCore().process(
+            node, space, model=args.model, device=args.device, modality=args.modality, task=args.task, method=args.method, onEvent=on_event
+        )
         array = slicer.util.arrayFromVolume(out).transpose(2, 1, 0)
         with outputs:  # marked AI-generated in the file's header and in its sidecar, as the medil command does
             outputs.stage(Volume(np.asarray(array), ijk_to_ras(out)), args.output, provenance=node_provenance(out, args, argv))
@@ -146,7 +208,7 @@ def main() -> None:
     try:
         status = run(argv)
     except KeyboardInterrupt:
-        print("medil_batch: interrupted; no output was written", file=sys.stderr)
+        print("medil_batch: interrupted; no output was written (a dataset: the scans that finished are kept)", file=sys.stderr)
         status = 130
     slicer = sys.modules.get("slicer")
     if slicer is not None and getattr(slicer, "app", None) is not None:  # inside the Slicer application
