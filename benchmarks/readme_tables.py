@@ -277,6 +277,32 @@ def fuzz_outcomes() -> str:
     )
 
 
+def batch_speed() -> str:
+    """docs/batch.md's throughput table (``bench_batch.json``)."""
+    d = json.loads((RESULTS / "bench_batch.json").read_text())
+    rows = [
+        "| how | workers x torch threads | wall time (s) | scans / min | mean s per scan | peak memory per scan (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["runs"]:
+        if r["workers"] == "loop":
+            rows.append(
+                f"| one `medil` command per scan (baseline) | 1 x {r['threads_per_worker']} | {r['wall_s']} | {r['scans_per_min']} | - | - |"
+            )
+        else:
+            rows.append(
+                f"| `medil batch` | {r['workers']} x {r['threads_per_worker']} | {r['wall_s']} | {r['scans_per_min']} | {r['mean_scan_s']} "
+                f"| {r['max_peak_memory_gb']} |"
+            )
+    m = d["machine"]
+    rows += [
+        "",
+        f"`{d['task']}` on {d['scans']} copies of {d['scan']}; {m['cpus']} CPUs, Python {m['python']}. Two workers against one: "
+        f"{d['speedup_2_workers_vs_1']}x; against the one-command-per-scan loop: {d['speedup_2_workers_vs_loop']}x.",
+    ]
+    return "\n".join(rows)
+
+
 #: the documents whose marked sections this script writes (README.md, SECURITY.md and docs/)
 DOCUMENTS = [REPO / "README.md", REPO / "SECURITY.md", *sorted((REPO / "docs").glob("*.md"))]
 
@@ -300,6 +326,8 @@ def main() -> None:
         sections.append(("generative-probes", generative_probes()))
     if (RESULTS / "fuzz_inputs.json").exists():
         sections.append(("fuzz-outcomes", fuzz_outcomes()))
+    if (RESULTS / "bench_batch.json").exists():
+        sections.append(("batch_speed", batch_speed()))
     texts = {doc: doc.read_text() for doc in DOCUMENTS if doc.exists()}
     for name, text in sections:
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
