@@ -20,6 +20,7 @@ BACKEND_REQUIREMENTS: tuple[tuple[str, str], ...] = (
     ("SimpleITK>=2.3", "SimpleITK"),
     ("safetensors>=0.4", "safetensors"),
     ("tqdm>=4.60", "tqdm"),
+    ("distributed>=2024.1", "distributed"),  # medil batch (Dask)
 )
 
 #: the folder the extension installs medil_backend into: the module's own (see the top-level CMakeLists.txt)
