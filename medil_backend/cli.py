@@ -41,7 +41,15 @@ def _add_task_parser(sub, spec, batch: bool = False) -> argparse.ArgumentParser:
         )
         p.add_argument("output_dir", help="the BIDS-derivatives folder to write (sub-*/[ses-*/]anat/*_desc-medil<task>_*.nii.gz)")
     else:
-        if spec.needs_input:
+        if spec.needs_input and spec.max_inputs > 1:
+            p.add_argument(
+                "input",
+                nargs="+",
+                metavar="INPUT",
+                help=f"NIfTI, NRRD, MHA/MHD file or DICOM series folder; or 2 to {spec.max_inputs} thick-slice stacks of one anatomy",
+            )
+            p.add_argument("--input-name", default=None, help=argparse.SUPPRESS)
+        elif spec.needs_input:
             p.add_argument("input", help="NIfTI, NRRD, MHA/MHD file or DICOM series folder")
             p.add_argument(
                 "--input-name", default=None, help=argparse.SUPPRESS
@@ -69,6 +77,8 @@ def _add_task_parser(sub, spec, batch: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--fov", type=float, nargs=6, metavar=("XMIN", "XMAX", "YMIN", "YMAX", "ZMIN", "ZMAX"), help="world RAS box in mm")
     t = p.add_argument_group(f"{spec.name} options")
     for o in spec.options:
+        if batch and o.stacks_only:  # a batch's scan is one input
+            continue
         if o.flag_only or (batch and o.path):  # in a batch, a file option writes one more derivative per scan
             what = f"{o.help} (in a batch: one more derivative per scan, desc-medil{spec.name}{o.name})" if batch and o.path else o.help
             t.add_argument(o.flag, action="store_true", help=what)

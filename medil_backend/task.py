@@ -46,6 +46,7 @@ class Option:
     flag_only: bool = False  # a switch (no value)
     metavar: str | None = None
     path: bool = False  # a file the task writes (checked with the outputs, before any work)
+    stacks_only: bool = False  # applies only when several inputs (stacks) are given
 
     @property
     def flag(self) -> str:
@@ -243,6 +244,7 @@ class TaskSpec:
     check: Callable[[dict, GridRequest], None] | None = None  # options that only make sense together, checked before any work
     label: str = ""  # the Slicer panel's name for it
     model_when: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the model applies only for these option values
+    max_inputs: int = 1  # several inputs (e.g. thick-slice stacks of one anatomy) when more than 1
 
     def output_paths(self, output: str, options: dict) -> dict[tuple[str, int], str]:
         """Every file a run writes, by (role, index): the output (or its numbered series) and each path option that is set."""
@@ -287,6 +289,7 @@ class TaskSpec:
             "needs_input": self.needs_input,
             "model_kind": self.model_kind,
             "label": self.label or self.name,
+            "max_inputs": self.max_inputs,
             "model_when": {k: list(v) for k, v in self.model_when.items()},
             "options": [o.to_json() for o in self.options],
             "context": [o.to_json() for o in CONTEXT_OPTIONS],
@@ -384,7 +387,8 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             "superres",
             "super-resolve a thick-slice scan onto a finer grid (adapt: a network trained on this scan's own slices, "
-            "about 3 minutes on 2 CPU cores; fast: B-spline + data consistency, seconds)",
+            "about 3 minutes on 2 CPU cores; fast: B-spline + data consistency, seconds); or several stacks of one "
+            "anatomy in any orientations into one volume (registered, then jointly consistent with every stack)",
             needs_input=True,
             model_kind="diffusion",
             options=(
@@ -445,12 +449,37 @@ TASKS: dict[str, TaskSpec] = {
                     metavar="MM",
                 ),
                 Option("slice_profile", str, "rect", "slice profile (gaussian: FWHM = thickness)", choices=("rect", "gaussian")),
-                Option("iterations", int, 2, "data-consistency steps (default 2)", low=0, high=100),
+                Option(
+                    "iterations",
+                    int,
+                    2,
+                    "data-consistency steps (default 2); several stacks: rounds of registration and joint reconstruction (default 2)",
+                    low=0,
+                    high=100,
+                ),
+                Option(
+                    "coverage",
+                    str,
+                    None,
+                    "several stacks: write how many stacks constrain each voxel here",
+                    metavar="FILE",
+                    path=True,
+                    stacks_only=True,
+                ),
+                Option(
+                    "no_motion",
+                    bool,
+                    False,
+                    "several stacks: they are aligned already (no registration between them)",
+                    flag_only=True,
+                    stacks_only=True,
+                ),
                 _MODALITY,
                 _BACKGROUND,
                 _DTYPE,
             ),  # fmt: skip
             run=_run_superres,
+            max_inputs=10,
             check=_check_superres,
             label="Super-resolve",
             model_when={"method": GENERATIVE_SUPERRES_METHODS},

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import MedILError
 from .task import GridRequest, Output, RunContext, TaskResult, TaskSpec
 
 
@@ -27,7 +28,7 @@ class FilesRun:
 
 def run_task_to_files(
     spec: TaskSpec,
-    input_path: str | None,
+    input_path: str | list[str] | None,
     output: str,
     request: GridRequest,
     options: dict,
@@ -48,7 +49,14 @@ def run_task_to_files(
 
     outputs = OutputSet(overwrite)
     paths = {key: outputs.declare(path) for key, path in spec.output_paths(output, options).items()}
-    volume = read_volume(input_path, max_memory_gb=ctx.max_memory_gb, name=input_name) if spec.needs_input else None
+    if isinstance(input_path, (list, tuple)) and len(input_path) > 1:  # several inputs (stacks of one anatomy)
+        if len(input_path) > spec.max_inputs:
+            raise MedILError(f"{spec.name} takes at most {spec.max_inputs} inputs, not {len(input_path)}")
+        volume = [read_volume(p, max_memory_gb=ctx.max_memory_gb) for p in input_path]
+    else:
+        if isinstance(input_path, (list, tuple)):
+            input_path = input_path[0]
+        volume = read_volume(input_path, max_memory_gb=ctx.max_memory_gb, name=input_name) if spec.needs_input else None
     extra = {**(record or {}), **({"command": command} if command else {})}
     streamed = {"task": spec.name, "version": __version__, **extra}
 

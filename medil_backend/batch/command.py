@@ -55,8 +55,8 @@ def _eta(done: int, remaining: int, elapsed: float) -> str:
 
 def plan_jobs(args, spec, out_dir: Path) -> tuple[list[ScanJob], list[dict]]:
     """The scans to run and the records of those skipped as already done; refuses what cannot run."""
-    options_in = {o.name: getattr(args, o.name) for o in spec.options}
-    path_options = [o.name for o in spec.options if o.path]
+    options_in = {o.name: getattr(args, o.name, o.default) for o in spec.options}
+    path_options = [o.name for o in spec.options if o.path and not o.stacks_only]
     for name in path_options:  # a batch writes these per scan: the flag says whether
         options_in[name] = "PLACEHOLDER.nii.gz" if options_in[name] else None
     request = _grid_request(args)

@@ -32,6 +32,8 @@ STEPS_PER_ROUND = 8
 MIN_COMMON_FRACTION = 0.01
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: the rigid registration's settings (SimpleITK): stacks of one contrast are matched by correlation
+REGISTRATION = {"metric": "correlation", "sampling": 0.5, "min_step": 1e-4, "iterations": 200}
 
 
 @dataclass
@@ -110,13 +112,20 @@ def coverage(stacks: list[Stack], target: Grid) -> np.ndarray:
 
 def _blur_along(x: np.ndarray, target: Grid, stack: Stack) -> np.ndarray:
     """``x`` averaged over ``stack``'s slice thickness along the output axis closest to its slice direction
-    (the volume as that stack would see it, for registration)."""
-    from scipy.ndimage import uniform_filter1d
+    (the volume as that stack would see it, for registration): a box centred on each voxel, its partial
+    end voxels weighted by how much of them it covers (an uncentred even-width box would shift it by
+    half a voxel)."""
+    from scipy.ndimage import convolve1d
 
     direction = stack.grid.direction[:, stack.axis]
     b = int(np.argmax(np.abs(target.direction.T @ direction)))
-    size = int(round(stack.thickness / target.spacing[b]))
-    return uniform_filter1d(x, size, axis=b, mode="nearest") if size > 1 else x
+    width = stack.thickness / float(target.spacing[b])  # in voxels
+    if width <= 1.0:
+        return x
+    half = int(np.ceil((width - 1) / 2 + 1e-9))
+    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    kernel = np.clip((width / 2 + 0.5) - np.abs(offsets), 0.0, 1.0)  # overlap of [o - 1/2, o + 1/2] with the box
+    return convolve1d(x, (kernel / kernel.sum()).astype(np.float32), axis=b, mode="nearest")
 
 
 def register_rigid(fixed: Volume, moving: Volume, initial: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
@@ -137,11 +146,16 @@ def register_rigid(fixed: Volume, moving: Volume, initial: np.ndarray | None = N
         c = np.array(tx.GetCenter())
         tx.SetTranslation(tuple(float(v) for v in (lps[:3, :3] @ c + lps[:3, 3] - c)))
     reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=48)
+    if REGISTRATION["metric"] == "correlation":
+        reg.SetMetricAsCorrelation()
+    else:
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=48)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, seed)
+    reg.SetMetricSamplingPercentage(REGISTRATION["sampling"], seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=150, relaxationFactor=0.6)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=REGISTRATION["min_step"], numberOfIterations=REGISTRATION["iterations"], relaxationFactor=0.6
+    )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
@@ -158,7 +172,11 @@ def register_rigid(fixed: Volume, moving: Volume, initial: np.ndarray | None = N
 def motion_summary(motion: np.ndarray) -> dict:
     """A rigid transform as translation (mm) and rotation angle (degrees), with its matrix."""
     angle = float(np.degrees(np.arccos(np.clip((np.trace(motion[:3, :3]) - 1) / 2, -1, 1))))
-    return {"translation_mm": np.round(motion[:3, 3], 3).tolist(), "rotation_deg": round(angle, 3), "matrix_ras": np.round(motion, 6).tolist()}
+    return {
+        "translation_mm": np.round(motion[:3, 3], 3).tolist(),
+        "rotation_deg": round(angle, 3),
+        "matrix_ras": np.round(motion, 6).tolist(),
+    }
 
 
 def _sirt(x, ys, ops, steps: int, cancel, progress, span) -> tuple[torch.Tensor, list[float]]:
@@ -209,7 +227,10 @@ def multistack_superres(
     memory.working_bytes(f"the volumes of a {len(stacks)}-stack reconstruction onto {target.shape} alone")
     dev = resolve_device(device)
     norms = [fit_normalizer(np.asarray(s.volume.array, np.float32), s.volume.modality) for s in stacks]
-    ys = [torch.from_numpy(np.ascontiguousarray(n.forward(np.asarray(s.volume.array, np.float32))))[None, None].to(dev) for n, s in zip(norms, stacks)]
+    ys = [
+        torch.from_numpy(np.ascontiguousarray(n.forward(np.asarray(s.volume.array, np.float32))))[None, None].to(dev)
+        for n, s in zip(norms, stacks)
+    ]
     t0 = time.perf_counter()
     report(progress, 0.0, "B-spline interpolants")
 
@@ -222,19 +243,22 @@ def multistack_superres(
             weight += inside
         return acc / np.maximum(weight, 1.0)
 
-    x_np = interpolants()
-    x = torch.from_numpy(x_np)[None, None].to(dev)
+    # the first round registers every stack to the reference stack's own interpolant (the mean of
+    # unregistered stacks would blur the very misalignment being measured); later rounds, to the volume
+    reference = resample_sitk(Volume(ys[0][0, 0].cpu().numpy(), stacks[0].grid.affine), target, "bspline").array
+    x = torch.from_numpy(interpolants())[None, None].to(dev)
     residuals: list[float] = []
     for r in range(int(rounds)):
         span = (0.05 + 0.9 * r / rounds, 0.05 + 0.9 * (r + 1) / rounds)
         if register and len(stacks) > 1:
-            current = Volume(x[0, 0].cpu().numpy(), target.affine)
+            current = Volume(reference if r == 0 else x[0, 0].cpu().numpy(), target.affine)
             for k, (s, y) in enumerate(zip(stacks, ys)):
                 check_cancel(cancel)
                 if k == 0:
                     continue  # the first stack is the reference frame
                 report(progress, span[0], f"registering stack {k + 1}/{len(stacks)} (round {r + 1}/{rounds})")
-                seen = Volume(_blur_along(current.array, target, s), target.affine)
+                # the reference stack's interpolant is already blurred along its own slices; the volume is sharp
+                seen = current if r == 0 else Volume(_blur_along(current.array, target, s), target.affine)
                 s.motion = register_rigid(Volume(y[0, 0].cpu().numpy(), s.volume.affine), seen, initial=s.motion, seed=k)
             if r == 0:  # the starting volume from the registered stacks
                 x = torch.from_numpy(interpolants())[None, None].to(dev)

@@ -92,12 +92,27 @@ def run_superres(
     slice_thickness,
     slice_profile: str,
     iterations: int,
+    coverage,
+    no_motion: bool,
     modality: str,
     background,
     dtype: str,
 ) -> TaskResult:
     from .superres import default_grid, superres
 
+    if isinstance(volume, (list, tuple)):
+        if len(volume) > 1:
+            return _run_multistack(
+                ctx, list(volume), request, method=method, samples=samples, uncertainty=uncertainty, slice_thickness=slice_thickness,
+                slice_profile=slice_profile, iterations=iterations, coverage=coverage, no_motion=no_motion, modality=modality,
+                background=background, dtype=dtype,
+            )  # fmt: skip
+        volume = volume[0]
+    if coverage or no_motion:
+        raise MedILError(
+            "the coverage map and --no-motion are for several stacks; give two or more thick-slice stacks of one anatomy",
+            options=("coverage",) if coverage else ("no_motion",),
+        )
     if uncertainty and samples < 2:
         raise MedILError("an uncertainty map needs several samples: set samples to 2 or more", options=("samples",))
     volume.modality, guess = _modality(volume, modality)
@@ -149,6 +164,87 @@ def run_superres(
         outputs.append(Output(unc, "uncertainty", record={"map": "per-voxel standard deviation over samples"}))
     summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in meta.items() if k not in ("adaptation", "models", "memory")}
     summary.update(modality=volume.modality, modality_guess=guess)
+    return TaskResult(outputs, provenance, summary)
+
+
+def _run_multistack(
+    ctx: RunContext,
+    volumes: list[Volume],
+    request: GridRequest,
+    *,
+    method: str,
+    samples: int,
+    uncertainty,
+    slice_thickness,
+    slice_profile: str,
+    iterations: int,
+    coverage,
+    no_motion: bool,
+    modality: str,
+    background,
+    dtype: str,
+) -> TaskResult:
+    """Several stacks into one volume: registered (unless ``no_motion``), then jointly data-consistent."""
+    from .multistack import check_stacks, common_grid, multistack_superres
+
+    if method in ("inverse", "cycles"):
+        raise MedILError(
+            f"the {method} method takes one stack; several stacks run the joint reconstruction (method adapt or fast)", options=("method",)
+        )
+    if samples > 1 or uncertainty:
+        raise MedILError("several stacks give one deterministic reconstruction: drop --samples and --uncertainty", options=("samples",))
+    guesses = []
+    for i, v in enumerate(volumes, start=1):
+        v.meta.setdefault("name", _input_name(v) if v.meta.get("path") else f"stack {i}")
+        v.modality, guess = _modality(v, modality)
+        if guess:
+            guesses.append(guess)
+    if request.like is not None:
+        target = request.like
+    elif request.given:
+        base = common_grid(check_stacks(volumes, slice_thickness))
+        target = output_grid(base, spacing=request.spacing or list(base.spacing), orientation=request.orientation, fov=request.fov)
+    else:
+        target = None
+    if method == "adapt":
+        logging.getLogger("medil").warning(
+            "with several stacks the joint reconstruction runs (adapt's learned detail is for one stack); say --method fast to silence this"
+        )
+    result = multistack_superres(
+        volumes,
+        target,
+        rounds=max(1, int(iterations)),
+        slice_thickness=slice_thickness,
+        slice_profile=slice_profile,
+        register=not no_motion,
+        max_memory_gb=ctx.max_memory_gb,
+        progress=ctx.progress,
+        cancel=ctx.cancel,
+        device=ctx.device,
+        background=background,
+    )
+    meta = result.meta
+    count = meta.pop("coverage")
+    provenance = Provenance(
+        task="superres",
+        models=[],
+        grid=result.grid,
+        device=str(meta.get("device", ctx.device)),
+        precision="float32",
+        plan={"memory": meta.pop("memory")},
+        settings={"inputs": [v.meta["name"] for v in volumes], "modality": result.modality, "method": dict(meta)},
+    )
+    outputs = [Output(result, "output", dtype=_out_dtype(volumes[0], dtype))]
+    if coverage:
+        outputs.append(Output(count, "coverage", record={"map": "number of stacks that constrain each voxel"}))
+    summary = {
+        "method": "multistack",
+        "stacks": len(volumes),
+        "motions": [{k: m[k] for k in ("translation_mm", "rotation_deg")} for m in meta["motions"]],
+        "residuals": meta["residuals"],
+        "modality": result.modality,
+        "modality_guess": "; ".join(dict.fromkeys(guesses)) or None,
+    }
     return TaskResult(outputs, provenance, summary)
 
 
