@@ -109,6 +109,39 @@ def test_superres_samples_give_an_uncertainty_node(scene, tmp_path):
     assert unc.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeRainbow"
 
 
+def test_superres_of_several_stack_nodes_matches_cli_and_adds_a_coverage_node(scene, tmp_path):
+    """Three thick-slice stacks as real MRML nodes (from a real 1 mm head, moved between stacks): one
+    super-resolved node, as `medil superres STACK1 STACK2 STACK3` makes it, and a coverage node."""
+    from medil_backend.simulate_stacks import orthogonal_stacks, rigid
+
+    head = read_volume(shared("mri/pydeface_mean_head_t1.nii.gz"))
+    s = [(n - 48) // 2 for n in head.array.shape]
+    head = Volume(
+        np.ascontiguousarray(head.array[s[0] : s[0] + 48, s[1] : s[1] + 48, s[2] : s[2] + 48]).astype(np.float32),
+        head.grid.sub_grid(s, [a + 48 for a in s]).affine,
+        modality="mri",
+    )
+    c = head.grid.voxel_to_world(np.array([[23.5, 23.5, 23.5]]))[0]
+    paths = []
+    for k, v in enumerate(orthogonal_stacks(head, 4, [np.eye(4), rigid([2, 0, -1], [1, -1, 0], c), rigid([0, -2, 1], [0, 1, 1], c)])):
+        paths.append(tmp_path / f"stack{k}.nrrd")
+        write_volume(v, paths[-1])
+    nodes = [load_node(scene, p) for p in paths]
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    out = MedILLogicCore().process(nodes[0], OutputSpace(), task="superres", method="fast", stackNodes=nodes[1:])
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 2
+    ref_path = tmp_path / "cli_ms.nrrd"
+    cli("superres", *paths, ref_path, "--method", "fast")
+    ref = read_volume(ref_path)
+    np.testing.assert_allclose(ijk_to_ras(out), ref.affine, atol=1e-5)
+    np.testing.assert_allclose(node_array(out), ref.array, atol=0.01 * float(ref.array.max()))
+    cov = scene.GetNodeByID(out.GetAttribute("MedIL.coverageNodeID"))
+    assert cov.GetName().endswith("_coverage") and node_array(cov).max() == 3
+    assert json.loads(out.GetAttribute("MedIL.parameters"))["stacks"] == [n.GetName() for n in nodes]
+    with pytest.raises(MedILSlicerError, match="several stacks are for super-resolution"):
+        MedILLogicCore().process(nodes[0], OutputSpace(), task="reconstruct", stackNodes=nodes[1:])
+
+
 def test_generative_superres_takes_the_chosen_diffusion_model(scene, tmp_path, sampler_dir):
     """The panel's model choice reaches `superres --method cycles` (and only the generative methods)."""
     src = crop_file(*CASES[0][:2], tmp_path)

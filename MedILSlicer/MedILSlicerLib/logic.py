@@ -61,6 +61,7 @@ class RunningJob:
     parameters: dict = field(default_factory=dict)
     outputNodeCreated: Any = None
     uncertaintyNode: Any = None  # super-resolution with several samples: the per-voxel std, a second node
+    coverageNode: Any = None  # super-resolution of several stacks: how many stacks constrain each voxel
     sampleNodes: list = field(default_factory=list)  # sampling: one node per drawn volume
 
 
@@ -201,9 +202,14 @@ class MedILLogicCore:
         seed: int = 0,
         count: int = 1,
         steps: int | None = None,
+        stackNodes: list | None = None,
     ):
         """Run ``task`` on ``inputNode``. Synchronous: returns the output node. Otherwise returns a
         :class:`RunningJob`; call :meth:`poll` until it is done, or :meth:`cancel`.
+
+        ``stackNodes``: super-resolution from several thick-slice stacks of one anatomy: ``inputNode`` (the
+        reference frame) and these, registered and combined into one volume; the number of stacks that
+        constrain each voxel becomes a second node (``<name>_coverage``).
 
         ``task="sample"`` needs no input node (see :meth:`processSample`; ``seed``, ``count``, ``steps``)."""
         tasks = catalog()  # the backend's task specs (medil tasks --json), or the bundled copy until it answers
@@ -233,12 +239,22 @@ class MedILLogicCore:
             in_path = os.path.join(workdir, "input.nrrd")
             out_path = os.path.join(workdir, "output.nrrd")
             self.writeVolume(inputNode, in_path)
-            args = [task, in_path, out_path, "--progress", "json", "--input-name", inputNode.GetName() or "the input volume"]
+            stack_paths = []
+            for k, stack in enumerate(stackNodes or []):
+                check_volume_node(stack)
+                stack_paths.append(os.path.join(workdir, f"stack{k + 1}.nrrd"))
+                self.writeVolume(stack, stack_paths[-1])
+            if stack_paths and tasks.by_key(task).max_inputs < 1 + len(stack_paths):
+                raise MedILSlicerError(f"{task} takes one input volume; several stacks are for super-resolution")
+            args = [task, in_path, *stack_paths, out_path, "--progress", "json"]
+            args += [] if stack_paths else ["--input-name", inputNode.GetName() or "the input volume"]
             args += ["--device", device]  # every task runs on the chosen device
             # what the panel set, by the names of the task's declared options: the task's spec decides which apply
             values = {"modality": modality, "method": method, "samples": int(samples), "time_budget": timeBudgetMin}
             if samples > 1:
                 values["uncertainty"] = os.path.join(workdir, "uncertainty.nrrd")
+            if stack_paths:
+                values["coverage"] = os.path.join(workdir, "coverage.nrrd")
             args += tasks.option_arguments(task, values)
             if model and tasks.uses_model(task, values):  # e.g. superres's adapt and fast adapt to the scan itself
                 args += ["--model", model]
@@ -260,6 +276,7 @@ class MedILLogicCore:
             "modality": modality,
             "arguments": [a.replace(workdir, "<tmp>") for a in args[3:]],
             "input": inputNode.GetName(),
+            **({"stacks": [inputNode.GetName()] + [n.GetName() for n in stackNodes]} if stackNodes else {}),
         }
         name = outputNode.GetName() if outputNode is not None else f"{inputNode.GetName()}_medil_{task}"
         job = RunningJob(BackendJob(args, python=self.python), workdir, inputNode, outputNode, name, parameters)
@@ -366,9 +383,16 @@ class MedILLogicCore:
                 if display is not None:  # a colour overlay: warm where the samples disagree
                     display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeRainbow")
                 node.SetAttribute("MedIL.uncertaintyNodeID", unc.GetID())
+            cov_path = os.path.join(job.workdir, "coverage.nrrd")
+            if os.path.exists(cov_path):
+                cov = self._addVolumeNode(f"{job.outputName}_coverage")
+                job.coverageNode = cov
+                self.readVolume(cov_path, cov)
+                self.recordProvenance(cov, {**job.parameters, "map": "number of stacks that constrain each voxel"}, result)
+                node.SetAttribute("MedIL.coverageNodeID", cov.GetID())
             return node
         except MedILSlicerError:
-            for created in (job.outputNodeCreated, job.uncertaintyNode, *job.sampleNodes):
+            for created in (job.outputNodeCreated, job.uncertaintyNode, job.coverageNode, *job.sampleNodes):
                 if created is not None:
                     self.scene.RemoveNode(created)
             raise

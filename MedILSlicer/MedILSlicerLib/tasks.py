@@ -39,6 +39,7 @@ class Task:
     needs_input: bool  # it reads an input volume (sampling does not)
     hint: str = ""  # what it is good for and how long it takes on a CPU (the panel's tooltip)
     model_kind: str = ""  # the kind of model it takes ("" if it adapts to the scan itself)
+    max_inputs: int = 1  # several input volumes (e.g. thick-slice stacks of one anatomy) when more than 1
     options: tuple[dict, ...] = ()  # the spec's declared options (name, type, default, range, choices, flag, label)
     model_when: dict = field(default_factory=dict)  # the model applies only for these option values
 
@@ -63,6 +64,7 @@ class Catalog:
                     needs_input=bool(spec["needs_input"]),
                     hint=hint,
                     model_kind=spec.get("model_kind", ""),
+                    max_inputs=int(spec.get("max_inputs", 1)),
                     options=tuple(spec.get("options", ())),
                     model_when={k: tuple(v) for k, v in spec.get("model_when", {}).items()},
                 )
