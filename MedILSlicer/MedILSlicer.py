@@ -1,4 +1,4 @@
-"""MedIL: resample, reconstruct and (later) super-resolve volumes onto any grid with MedIL models.
+"""MedIL: super-resolve, resample/reconstruct and sample volumes onto any grid with MedIL models.
 
 Module / parameter node / Widget / Logic / Test, as in Slicer's scripted-module template. The
 computing happens in ``medil_backend``, run as a separate process by
@@ -64,8 +64,10 @@ class MedILSlicer(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedIL for 3D Slicer developers"]
         self.parent.helpText = (
-            "Resolution-free resampling and reconstruction with MedIL autoencoders: pick any output spacing, "
-            "orientation and field of view. Outputs are AI-generated and carry their provenance as node attributes."
+            "Resolution-free imaging: super-resolve thick-slice scans (adapt: a network adapted to the scan; or "
+            "several stacks combined), resample or reconstruct any volume through a MedIL autoencoder, or sample "
+            "AI-generated volumes, onto any output spacing, orientation and field of view. Outputs are AI-generated "
+            "and carry their provenance as node attributes."
         )
         self.parent.acknowledgementText = (
             "Builds on MedIL (implicit latent spaces for arbitrary-resolution medical images) and the Local Texture Estimator."
