@@ -225,6 +225,76 @@ def test_panel_screenshot_with_the_model_list_filled(panel):
     screenshot(app, widget, "MedILSlicer_panel.png")
 
 
+def _slice_views(scene_nodes, size: int = 300):
+    """Slicer's conventional layout, drawn from real MRML nodes' voxels and IJK-to-RAS matrices: axial (red),
+    sagittal (yellow) and coronal (green) planes through the centre of each node, one row per node."""
+    from MedILSlicerLib.mrml_geometry import ijk_to_ras
+
+    from medil_backend.geometry import Volume
+    from medil_backend.preview import _plane, _window
+
+    QtGui = slicer_app.QtGui
+    rows = []
+    for node in scene_nodes:
+        v = Volume(slicer.util.arrayFromVolume(node).transpose(2, 1, 0).astype(np.float32), ijk_to_ras(node))
+        window, pixel = _window(v), float(max(np.ptp(np.array(v.grid.extent()), axis=0))) / size
+        rows.append([(_plane(v, axis, pixel, window), colour) for axis, colour in ((2, "#f34a33"), (0, "#edd54c"), (1, "#6eb04b"))])
+    image = QtGui.QImage(3 * (size + 6), len(rows) * (size + 26), QtGui.QImage.Format_RGB32)
+    image.fill(QtGui.QColor("black"))
+    painter = QtGui.QPainter(image)
+    for r, (row, node) in enumerate(zip(rows, scene_nodes)):
+        for c, (plane, colour) in enumerate(row):
+            x, y = c * (size + 6), r * (size + 26)
+            painter.fillRect(x, y, size + 6, 20, QtGui.QColor(colour))
+            painter.setPen(QtGui.QColor("black"))
+            painter.drawText(x + 4, y + 15, f"{('Axial', 'Sagittal', 'Coronal')[c]}: {node.GetName()}")
+            gray = np.ascontiguousarray(plane)
+            q = QtGui.QImage(gray.data, gray.shape[1], gray.shape[0], gray.shape[1], QtGui.QImage.Format_Grayscale8)
+            painter.drawImage(QtCore_rect(x + 3, y + 23, size, size), q)
+    painter.end()
+    return image
+
+
+def QtCore_rect(x, y, w, h):
+    return slicer_app.QtCore.QRect(x, y, w, h)
+
+
+def test_panel_screenshot_with_a_super_resolved_result_in_the_slice_views(panel):
+    """docs/MedILSlicer_result.png: the panel after Super-resolve ran on the thick example, beside the slice views
+    of the result and its input (drawn from the MRML nodes). Refresh: MEDIL_UPDATE_SCREENSHOT=1 python -m pytest
+    Testing/test_slicer_widget.py -k screenshot."""
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    assert ui.taskComboBox.currentText() == "Super-resolve"
+    ui.superresMethodComboBox.setCurrentText("fast")  # seconds; adapt's picture would take minutes
+    ui.spacingPresetComboBox.setCurrentText("finest isotropic")
+    ui.applyButton.click()
+    pump(app, lambda: ui.applyButton.text() == "Apply", widget=widget)
+    assert not dialogs.errors, dialogs.errors
+    out = volumes(scene)[-1]
+    assert out.GetAttribute("MedIL.task") == "superres" and views[-1][0] == "layers"
+    top = widget.parent
+    top.resize(460, 900)
+    top.show()
+    pump(app, lambda: True)
+    panel_image = top.grab().toImage()
+    views_image = _slice_views([out, node])
+    QtGui = slicer_app.QtGui
+    composed = QtGui.QImage(
+        panel_image.width() + views_image.width() + 8, max(panel_image.height(), views_image.height()), QtGui.QImage.Format_RGB32
+    )
+    composed.fill(QtGui.QColor("#202020"))
+    painter = QtGui.QPainter(composed)
+    painter.drawImage(0, 0, panel_image)
+    painter.drawImage(panel_image.width() + 8, 0, views_image)
+    painter.end()
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "MedILSlicer_result_live.png"
+    assert composed.save(str(path)) and path.stat().st_size > 20000
+    if os.environ.get("MEDIL_UPDATE_SCREENSHOT"):
+        path.replace(REPO / "docs" / "MedILSlicer_result.png")
+
+
 def test_sample_task_draws_a_volume_from_the_panel_and_renders_it(panel):
     """The Sample task as a user runs it: no input needed, geometry from the panel, the step count the model's
     own unless set; each sample a new node named with its seed, in the slice views and rendered in 3D. The README's
