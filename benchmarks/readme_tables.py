@@ -2,7 +2,7 @@
 
     python benchmarks/readme_tables.py          # rewrites the marked sections of README.md, SECURITY.md and docs/*.md
 
-Sections: ``quality-brain`` / ``quality-ct`` (``medil evaluate`` mean tables and the issue's
+Sections: ``quality-brain`` / ``quality-ct`` (``medil evaluate`` mean tables and the
 targets, from ``eval-brain.json`` / ``eval-ct.json``), ``superres-brain`` / ``superres-ct``
 (``eval-superres-*.json``), ``superres-speed`` (``bench_superres.json``), ``speed``
 (``bench_reconstruct.json``), ``generative-brain`` (``eval-generative-brain.json``, and
@@ -25,7 +25,7 @@ def quality(name: str) -> str:
 
     res = json.loads((RESULTS / f"eval-{name}.json").read_text())
     models = [m for m in res["mean"]["recon"] if m not in ("trilinear", "bspline")]
-    return markdown_table(res) + "\n\nTargets of the training issue (mean over the held-out volumes):\n\n" + target_table(res, models)
+    return markdown_table(res) + "\n\nAgainst the training goals (mean over the held-out volumes):\n\n" + target_table(res, models)
 
 
 CASE_TITLES = {
@@ -83,7 +83,7 @@ def superres_quality(name: str) -> str:
                 per_volume.append(f"| {vol} | {task} | {r['bspline']['psnr_mask']:.2f} dB | " + " | ".join(cells) + " |")
     text = (
         markdown_table(res, keys=("psnr_mask", "ssim_mask", "psnr", "seconds"))
-        + "\n\nGain over B-spline (psnr_mask), against the super-resolution issue's targets:\n\n"
+        + "\n\nGain over B-spline (psnr_mask), against the super-resolution goals:\n\n"
         + superres_table(res, methods)
         + "\n\nPer volume (masked PSNR of B-spline; each method's gain over it, dB):\n\n"
         + "\n".join(per_volume)
@@ -143,13 +143,19 @@ def generative() -> str:
             + f"{r['seed'] + r['n_samples'] - 1}); real: {len(r['real']['train'])} training + {len(r['real']['held_out'])} held-out volumes."
         )
 
-    text = table(json.loads((RESULTS / "eval-generative-brain.json").read_text()))
-    previous = RESULTS / "eval-generative-brain-previous.json"
-    if previous.exists():  # the model this one replaced, measured by the same command
-        text += "\n\nThe model it replaced (`eval-generative-brain-previous.json`, same command):\n\n" + table(
-            json.loads(previous.read_text())
-        )
-    return text
+    return table(json.loads((RESULTS / "eval-generative-brain.json").read_text()))
+
+
+def generative_previous() -> str:
+    """docs/results/sampling-history.md: the model the bundled one replaced, by the same command."""
+    from medil_backend.evaluate_generative import markdown
+
+    r = json.loads((RESULTS / "eval-generative-brain-previous.json").read_text())
+    return (
+        markdown(r)
+        + f"\n{r['n_samples']} samples of `{r['model']}` (sha256 {r['model_sha256'][:12]}…, seeds {r['seed']}.."
+        + f"{r['seed'] + r['n_samples'] - 1}); real: {len(r['real']['train'])} training + {len(r['real']['held_out'])} held-out volumes."
+    )
 
 
 def shift_label(spec: str) -> str:
@@ -304,7 +310,7 @@ def batch_speed() -> str:
 
 
 #: the documents whose marked sections this script writes (README.md, SECURITY.md and docs/)
-DOCUMENTS = [REPO / "README.md", REPO / "SECURITY.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [REPO / "README.md", REPO / "SECURITY.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "docs" / "results").glob("*.md"))]
 
 
 def main() -> None:
@@ -318,6 +324,8 @@ def main() -> None:
         sections.append(("superres-speed", superres_speed()))
     if (RESULTS / "eval-generative-brain.json").exists():
         sections.append(("generative-brain", generative()))
+    if (RESULTS / "eval-generative-brain-previous.json").exists():
+        sections.append(("generative-brain-previous", generative_previous()))
     if (RESULTS / "bench_sample.json").exists():
         sections.append(("sample-speed", sample_speed()))
     if (RESULTS / "latent-noise-levels.json").exists():
