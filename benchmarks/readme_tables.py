@@ -309,8 +309,35 @@ def batch_speed() -> str:
     return "\n".join(rows)
 
 
+def multistack(name: str) -> str:
+    """docs/superres.md's multi-stack tables (``eval-multistack-{name}.json``, written by ``medil evaluate --multistack``)."""
+    from medil_backend.evaluate_multistack import markdown
+
+    d = json.loads((RESULTS / f"eval-multistack-{name}.json").read_text())
+    rows = [markdown(d), ""]
+    for v in d["volumes"]:
+        for case in v["cases"]:
+            m = case["methods"]
+            gain = m["multistack"]["psnr"] - m["bspline_best_single"]["psnr"]
+            text = f"{v['name']}, 3 x {case['thick_mm']:g} mm: multi-stack {gain:+.2f} dB over B-spline of the best single stack"
+            if "adapt_quick_best_single" in m:
+                text += f", {m['multistack']['psnr'] - m['adapt_quick_best_single']['psnr']:+.2f} dB over single-stack adapt (quick)"
+            worst = max(max(e["rotation_deg"] for e in case["motion_error"]), 0)
+            shift = max(e["translation_mm"] for e in case["motion_error"])
+            rows.append(
+                f"- {text}; motion recovered to {worst:.2f} degrees / {shift:.2f} mm; {m['multistack']['seconds']:.0f} s on 2 CPU cores."
+            )
+    rows.append(f"\n`{d['command']}`")
+    return "\n".join(rows)
+
+
 #: the documents whose marked sections this script writes (README.md, SECURITY.md and docs/)
-DOCUMENTS = [REPO / "README.md", REPO / "SECURITY.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "docs" / "results").glob("*.md"))]
+DOCUMENTS = [
+    REPO / "README.md",
+    REPO / "SECURITY.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    *sorted((REPO / "docs" / "results").glob("*.md")),
+]
 
 
 def main() -> None:
@@ -334,6 +361,9 @@ def main() -> None:
         sections.append(("generative-probes", generative_probes()))
     if (RESULTS / "fuzz_inputs.json").exists():
         sections.append(("fuzz-outcomes", fuzz_outcomes()))
+    for name in ("brain", "ct"):
+        if (RESULTS / f"eval-multistack-{name}.json").exists():
+            sections.append((f"multistack-{name}", multistack(name)))
     if (RESULTS / "bench_batch.json").exists():
         sections.append(("batch_speed", batch_speed()))
     texts = {doc: doc.read_text() for doc in DOCUMENTS if doc.exists()}
