@@ -331,6 +331,18 @@ def multistack(name: str) -> str:
     return "\n".join(rows)
 
 
+def multistack_speed() -> str:
+    d = json.loads((RESULTS / "bench_multistack.json").read_text())
+    shape = "x".join(map(str, d["output_shape"]))
+    return (
+        "| job | output | seconds | peak memory (GB) |\n|---|---|---|---|\n"
+        f"| SimpleITK B-spline of one stack | {shape} | {d['bspline_one_stack_seconds']} | - |\n"
+        f"| `medil superres` of {len(d['stacks'])} stacks ({d['rounds']} rounds; reading, registration, reconstruction, writing) "
+        f"| {shape} | {d['medil_superres_seconds']} | {d['peak_memory_gb']} |\n\n"
+        f"{d['machine']['cpus']} CPU cores, device {d['device']}; `python benchmarks/bench_multistack.py`."
+    )
+
+
 #: the documents whose marked sections this script writes (README.md, SECURITY.md and docs/)
 DOCUMENTS = [
     REPO / "README.md",
@@ -364,6 +376,8 @@ def main() -> None:
     for name in ("brain", "ct"):
         if (RESULTS / f"eval-multistack-{name}.json").exists():
             sections.append((f"multistack-{name}", multistack(name)))
+    if (RESULTS / "bench_multistack.json").exists():
+        sections.append(("multistack-speed", multistack_speed()))
     if (RESULTS / "bench_batch.json").exists():
         sections.append(("batch_speed", batch_speed()))
     texts = {doc: doc.read_text() for doc in DOCUMENTS if doc.exists()}
