@@ -325,7 +325,7 @@ def multistack(name: str) -> str:
             worst = max(max(e["rotation_deg"] for e in case["motion_error"]), 0)
             shift = max(e["translation_mm"] for e in case["motion_error"])
             rows.append(
-                f"- {text}; motion recovered to {worst:.2f} degrees / {shift:.2f} mm; {m['multistack']['seconds']:.0f} s on 2 CPU cores."
+                f"- {text}; motion recovered to {worst:.2f} degrees / {shift:.2f} mm; {m['multistack']['seconds']:.0f} s on 2 CPU cores shared with other jobs (the speed table below is measured alone)."
             )
     rows.append(f"\n`{d['command']}`")
     return "\n".join(rows)
