@@ -373,22 +373,16 @@ class MedILLogicCore:
             node.SetName(job.outputName)
             result = job.backend.result
             self.recordProvenance(node, job.parameters, result)
-            unc_path = os.path.join(job.workdir, "uncertainty.nrrd")
-            if os.path.exists(unc_path):
-                unc = self._addVolumeNode(f"{job.outputName}_uncertainty")
+            unc = self._mapNode(job, "uncertainty", "per-voxel standard deviation over samples", result)
+            if unc is not None:
                 job.uncertaintyNode = unc
-                self.readVolume(unc_path, unc)
-                self.recordProvenance(unc, {**job.parameters, "map": "per-voxel standard deviation over samples"}, result)
                 display = unc.GetDisplayNode()
                 if display is not None:  # a colour overlay: warm where the samples disagree
                     display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeRainbow")
                 node.SetAttribute("MedIL.uncertaintyNodeID", unc.GetID())
-            cov_path = os.path.join(job.workdir, "coverage.nrrd")
-            if os.path.exists(cov_path):
-                cov = self._addVolumeNode(f"{job.outputName}_coverage")
+            cov = self._mapNode(job, "coverage", "number of stacks that constrain each voxel", result)
+            if cov is not None:
                 job.coverageNode = cov
-                self.readVolume(cov_path, cov)
-                self.recordProvenance(cov, {**job.parameters, "map": "number of stacks that constrain each voxel"}, result)
                 node.SetAttribute("MedIL.coverageNodeID", cov.GetID())
             return node
         except MedILSlicerError:
@@ -398,6 +392,21 @@ class MedILLogicCore:
             raise
         finally:
             shutil.rmtree(job.workdir, ignore_errors=True)
+
+    def _mapNode(self, job: RunningJob, role: str, what: str, result: dict):
+        """The second volume a result may have (``<role>.nrrd`` in the job's folder) as a new node
+        ``<output>_<role>`` with the job's provenance and what the map holds; None when there is none."""
+        path = os.path.join(job.workdir, f"{role}.nrrd")
+        if not os.path.exists(path):
+            return None
+        extra = self._addVolumeNode(f"{job.outputName}_{role}")
+        try:
+            self.readVolume(path, extra)
+            self.recordProvenance(extra, {**job.parameters, "map": what}, result)
+        except BaseException:  # a map that cannot be read leaves no node behind
+            self.scene.RemoveNode(extra)
+            raise
+        return extra
 
     def _finishSample(self, job: RunningJob) -> list:
         """One node per drawn volume, named with its model and seed, with the provenance of its sidecar."""

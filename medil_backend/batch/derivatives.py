@@ -64,17 +64,9 @@ def write_dataset_description(out_dir: Path, task: str, source: str) -> None:
         write_text_atomic(ignore, f"{REPORT_STEM}*\n{STATE_DIR}/\n")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def incomplete_reason(images: list[Path], key: str) -> str | None:
     """Why these outputs are not a complete result of the run with ``key`` (None: complete)."""
-    from ..io import sidecar_path
+    from ..io import _file_sha256, sidecar_path
 
     for image in images:
         side = sidecar_path(image)
@@ -86,7 +78,7 @@ def incomplete_reason(images: list[Path], key: str) -> str | None:
             return "unreadable sidecar"
         if not isinstance(record, dict) or (record.get("batch") or {}).get("key") != key:
             return "other settings"
-        if record.get("file_bytes") != image.stat().st_size or record.get("file_sha256") != _sha256(image):
+        if record.get("file_bytes") != image.stat().st_size or record.get("file_sha256") != _file_sha256(image):
             return "image does not match its sidecar"
         for m in record.get("models", []):
             if not isinstance(m, dict) or current_sha256(m) != m.get("sha256"):
