@@ -67,10 +67,16 @@ def test_batch_over_a_bids_tree_writes_derivatives_a_report_and_names_the_failur
     assert main(_batch(bids, out, "--workers", "2", "--spacing", "1.5")) == 1  # one scan failed: non-zero
     err = capsys.readouterr().err
     assert "1 of 4 scans were not done" in err and BAD in err and "medil_batch_report.html" in err and "Traceback" not in err
+    import SimpleITK as sitk
+
+    from medil_backend.io import from_sitk
+
     for scan_id, rel in GOOD.items():  # the derivatives tree, every output on the grid asked for, with its sidecar
         path = out / rel
         v = read_volume(path)
         np.testing.assert_allclose(v.grid.spacing, 1.5, atol=1e-5)
+        arr, aff = from_sitk(sitk.ReadImage(str(path)))  # and SimpleITK (what Slicer reads) sees the same grid and voxels
+        assert np.array_equal(arr, v.array) and np.max(np.abs(aff - v.affine)) < 1e-5, rel
         record = json.loads(sidecar_path(path).read_text())
         assert record["task"] == "superres" and record["batch"]["scan"] == scan_id and record["file_sha256"]
     desc = json.loads((out / "dataset_description.json").read_text())

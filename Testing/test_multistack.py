@@ -111,6 +111,15 @@ def test_superres_with_several_stacks_writes_one_volume_its_coverage_and_the_mot
     assert record["inputs"] == [p.name for p in stack_files] and record["method"]["method"] == "multistack"
     assert len(record["method"]["motions"]) == 3 and record["method"]["motions"][0]["rotation_deg"] == 0
     assert record["method"]["motions"][1]["rotation_deg"] > 1  # the second stack's 2.2 degrees, found
+    import SimpleITK as sitk
+
+    from medil_backend.io import from_sitk
+
+    for path, ours in ((out, v), (cov, c)):  # what Slicer reads (SimpleITK): the same voxels on the same grid
+        arr, aff = from_sitk(sitk.ReadImage(str(path)))
+        assert arr.shape == ours.array.shape and np.array_equal(arr, ours.array), path.name
+        assert np.max(np.abs(aff - ours.affine)) < 1e-5, path.name
+        assert sidecar_path(path).exists(), path.name
 
 
 def _one_error(code, err, fragment):
