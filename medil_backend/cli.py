@@ -283,20 +283,28 @@ def _parse_orientation(value: str | None):
     return np.array(numbers).reshape(3, 3)
 
 
-def cmd_task(args: argparse.Namespace) -> int:
-    """The one handler of every task (see :mod:`medil_backend.task`): options checked, every output file
-    declared, the run context resolved, all before any work; the input read; the task run; every file of
-    the result committed together with one provenance record, or none."""
+def grid_request(args: argparse.Namespace):
+    """A task command line's output-grid request, checked; ``--like``'s grid read from its header alone."""
     from .io import read_grid
-    from .task import GridRequest, RunContext, get_task
-    from .task_files import run_task_to_files
+    from .task import GridRequest
 
-    spec = get_task(args.command)
     request = GridRequest(spacing=args.spacing, orientation=_parse_orientation(args.orientation), fov=args.fov)
     if args.like and request.given:
         raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like", options=("like",))
     request.check()
-    request.like = read_grid(args.like) if args.like else None  # a reference's header is all its grid needs
+    request.like = read_grid(args.like) if args.like else None
+    return request
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    """The one handler of every task (see :mod:`medil_backend.task`): options checked, every output file
+    declared, the run context resolved, all before any work; the input read; the task run; every file of
+    the result committed together with one provenance record, or none."""
+    from .task import RunContext, get_task
+    from .task_files import run_task_to_files
+
+    spec = get_task(args.command)
+    request = grid_request(args)
     options = spec.checked_options({o.name: getattr(args, o.name) for o in spec.options}, request)
     ctx = RunContext.resolve(args.device, args.precision, args.max_memory)
     command = "medil " + shlex.join(args.argv)

@@ -24,26 +24,20 @@ BATCH_OPTION_NAMES = ("workers", "threads_per_worker", "retries", "scheduler", "
 
 
 def _grid_request(args) -> dict:
-    from ..cli import _parse_orientation
-    from ..task import GridRequest
+    """The command line's output-grid request (checked as for one volume) as plain data for the workers."""
+    from ..cli import grid_request
 
-    orientation = _parse_orientation(args.orientation)
-    request = GridRequest(spacing=args.spacing, orientation=orientation, fov=args.fov)
-    if args.like and request.given:
-        raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like", options=("like",))
-    request.check()
+    request = grid_request(args)  # a bad reference is refused now, not once per scan
     if args.like:
-        from ..io import read_grid
-
-        read_grid(args.like)  # a bad reference is refused now, not once per scan
         return {"like": str(Path(args.like).resolve())}
     out: dict = {}
-    if args.spacing:
-        out["spacing"] = list(args.spacing)
-    if orientation is not None:
-        out["orientation"] = orientation.tolist() if hasattr(orientation, "tolist") else orientation
-    if args.fov:
-        out["fov"] = list(args.fov)
+    if request.spacing:
+        out["spacing"] = list(request.spacing)
+    if request.orientation is not None:
+        o = request.orientation
+        out["orientation"] = o.tolist() if hasattr(o, "tolist") else o
+    if request.fov:
+        out["fov"] = list(request.fov)
     return out
 
 
@@ -110,17 +104,16 @@ def plan_jobs(args, spec, out_dir: Path) -> tuple[list[ScanJob], list[dict]]:
 
 
 def run_batch(args) -> int:
-    from ..limits import DEFAULT_MAX_MEMORY_GB, check_memory_limit
+    from ..limits import DEFAULT_MAX_MEMORY_GB
     from ..task import RunContext, get_task
 
     spec = get_task(args.task)
     if args.resume and args.overwrite:
         raise MedILError("--resume keeps complete outputs and --overwrite redoes them: choose one", options=("resume",))
-    RunContext.resolve(args.device, args.precision, args.max_memory)  # a bad device or limit is refused before any worker starts
+    RunContext.resolve(args.device, args.precision, args.max_memory)  # a bad device or memory limit is refused before any worker starts
     from .cluster import check_cluster_options
 
     check_cluster_options(args.scheduler, args.workers, args.threads_per_worker, args.retries)
-    check_memory_limit(args.max_memory)
     out_dir = Path(args.output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise MedILError(f"{out_dir} is a file; the batch's output is a folder: give a folder name")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MedILError
@@ -34,7 +34,6 @@ class ScanJob:
     key: str  # the run key recorded in every sidecar (resume)
     command: str = ""
     thumbnail: str | None = None  # where the three-plane thumbnail goes (None: none)
-    extra: dict = field(default_factory=dict)
 
 
 class PeakMemory:
@@ -95,6 +94,10 @@ def run_scan(job: ScanJob) -> dict:
             try:
                 req = dict(job.request)
                 like = req.pop("like", None)
+                if isinstance(req.get("orientation"), list):  # a direction matrix travels as nested lists
+                    import numpy as np
+
+                    req["orientation"] = np.asarray(req["orientation"], dtype=np.float64)
                 request = GridRequest(like=read_grid(like) if like else None, **req).check()
                 ctx = RunContext.resolve(job.device, job.precision, job.max_memory_gb)
                 Path(job.output).parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ geometry) and a rigid motion (a 4x4 world RAS transform: the stack's voxels imag
 back-projection steps (SIRT), starting from the mean of the stacks' B-spline interpolants; the
 smoothness weight ``alpha`` follows the stacks' estimated noise (none for clean stacks). Motion and volume are estimated in turn, as
 slice-to-volume methods do: each round registers every stack but the first (the reference frame)
-to the current volume, seen at that stack's resolution (SimpleITK, rigid, Mattes mutual
-information), then runs the back-projection steps.
+to the current volume (the first round: to the first stack's interpolant), seen at that stack's
+resolution (SimpleITK, rigid, correlation), then runs the back-projection steps.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ SMOOTHNESS_PER_NOISE = 4.0
 MIN_COMMON_FRACTION = 0.01
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-#: the rigid registration's settings (SimpleITK): stacks of one contrast are matched by correlation
-REGISTRATION = {"metric": "correlation", "sampling": 0.5, "min_step": 1e-4, "iterations": 200}
+#: the share of voxels the rigid registration samples (at random, from a fixed seed) at each resolution
+REGISTRATION_SAMPLING = 0.5
 
 
 @dataclass
@@ -136,7 +136,7 @@ def register_rigid(
     fixed: Volume, moving: Volume, initial: np.ndarray | None = None, seed: int = 0, moving_mask: np.ndarray | None = None
 ) -> np.ndarray:
     """The rigid world RAS transform ``T`` (4x4) that maps points of ``fixed`` onto the same anatomy in
-    ``moving`` (SimpleITK, :data:`REGISTRATION`'s metric, three resolutions); ``initial``: a starting ``T``;
+    ``moving`` (SimpleITK, correlation, three resolutions); ``initial``: a starting ``T``;
     ``moving_mask``: where ``moving`` holds data (elsewhere it is not compared)."""
     import SimpleITK as sitk
 
@@ -153,16 +153,11 @@ def register_rigid(
         c = np.array(tx.GetCenter())
         tx.SetTranslation(tuple(float(v) for v in (lps[:3, :3] @ c + lps[:3, 3] - c)))
     reg = sitk.ImageRegistrationMethod()
-    if REGISTRATION["metric"] == "correlation":
-        reg.SetMetricAsCorrelation()
-    else:
-        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=48)
+    reg.SetMetricAsCorrelation()  # stacks of one contrast
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(REGISTRATION["sampling"], seed)
+    reg.SetMetricSamplingPercentage(REGISTRATION_SAMPLING, seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0, minStep=REGISTRATION["min_step"], numberOfIterations=REGISTRATION["iterations"], relaxationFactor=0.6
-    )
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
