@@ -396,8 +396,9 @@ TASKS: dict[str, TaskSpec] = {
                     "method",
                     str,
                     "adapt",
-                    "adapt (default): a network trained on this scan's own in-plane slices, then data "
-                    "consistency; fast: cubic B-spline, then data consistency (seconds); cycles: noise/denoise cycles through the "
+                    "adapt (default): a network trained on this scan's own in-plane slices (several stacks: on all "
+                    "of theirs, applied to each), then data consistency; fast: cubic B-spline, then data consistency "
+                    "(seconds); cycles: noise/denoise cycles through the "
                     "latent diffusion model (Patel et al.); inverse: the generative latent optimised so that the decoded volume, "
                     "acquired again, matches the input (InverseSR, decoder only)",
                     label="Method",
@@ -407,7 +408,7 @@ TASKS: dict[str, TaskSpec] = {
                     "samples",
                     int,
                     1,
-                    "adapt: K networks (seeds); cycles, inverse: K runs; the output is their mean",
+                    "adapt (one stack or several): K networks (seeds); cycles, inverse: K runs; the output is their mean",
                     label="Samples",
                     low=1,
                     high=50,

@@ -144,21 +144,26 @@ def train_adapter(
     max_steps: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    more: list[tuple[np.ndarray, Grid, int, float]] | None = None,
 ) -> tuple[ResidualCNN2d, dict]:
     """Train a :class:`ResidualCNN2d` (from ``init``, e.g. :func:`load_prior`, or from scratch) for ``seconds`` on
     in-plane slices of ``x`` (normalised intensities on ``grid``), degraded along each in-plane axis as the
-    scanner degraded ``slice_axis`` (``max_steps``: stop sooner). The network trains on ``device``, its
-    convolutions in ``dtype`` (bfloat16 autocast; the weights and the optimiser stay float32); patches
-    are drawn on the CPU from the seed, so a seed draws the same patches on any device."""
+    scanner degraded ``slice_axis`` (``max_steps``: stop sooner). ``more``: further scans of the same anatomy
+    (``(x, grid, slice_axis, thickness)``, e.g. the other stacks of a multi-stack acquisition), whose in-plane
+    slices are drawn from as well. The network trains on ``device``, its convolutions in ``dtype`` (bfloat16
+    autocast; the weights and the optimiser stay float32); patches are drawn on the CPU from the seed, so a
+    seed draws the same patches on any device."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pairs, columns = [], []
-    for a in (a for a in range(3) if a != slice_axis):
-        deg = _degraded_in_plane(x, grid, a, thickness, profile)
-        if deg is not None:
-            b = 3 - a - slice_axis
-            pairs.append((_planes(deg, a, b), _planes(x, a, b)))  # the degraded axis runs down the rows
-            columns.append(b)
+    for n, (xs, gs, axis, width) in enumerate([(x, grid, slice_axis, thickness)] + list(more or [])):
+        for a in (a for a in range(3) if a != axis):
+            deg = _degraded_in_plane(xs, gs, a, width, profile)
+            if deg is not None:
+                b = 3 - a - axis
+                pairs.append((_planes(deg, a, b), _planes(xs, a, b)))  # the degraded axis runs down the rows
+                if n == 0:
+                    columns.append(b)
     if not pairs:
         raise MedILError("the input's in-plane voxels are not fine enough, compared with its slices, to learn from; use --method fast")
     draw = _patch_sampler(pairs, rng)
@@ -261,11 +266,12 @@ def apply_adapter(
     cancel=None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    mirrors: bool = True,
 ) -> np.ndarray:
     """``y`` (on ``grid``) B-spline-upsampled onto ``fine`` (``grid`` refined along ``slice_axis``), then ``net``
     applied to the planes that contain ``slice_axis`` (as rows), averaged over orientations: those whose columns
     run along an axis in ``columns`` (the axes that ran along the columns of the planes it was trained on: the
-    network knows their spacing), or both."""
+    network knows their spacing), or both; ``mirrors``: also average the network's mirror images (4 passes)."""
     u = _bspline(y, grid, fine)
     out = np.zeros_like(u)
     device = torch.device(device) if device is not None else next(net.parameters()).device
@@ -280,7 +286,8 @@ def apply_adapter(
             for i in range(0, planes.shape[0], 8):
                 check_cancel(cancel)
                 with autocast(device, dtype):
-                    pred[i : i + 8] = _mirrored(net, torch.from_numpy(planes[i : i + 8]).to(device)).float().cpu().numpy()
+                    batch = torch.from_numpy(planes[i : i + 8]).to(device)
+                    pred[i : i + 8] = (_mirrored(net, batch) if mirrors else net(batch)).float().cpu().numpy()
             other = 3 - slice_axis - b
             order = np.argsort((other, slice_axis, b))
             out += np.transpose(pred[:, 0], order)

@@ -103,9 +103,9 @@ def run_superres(
     if isinstance(volume, (list, tuple)):
         if len(volume) > 1:
             return _run_multistack(
-                ctx, list(volume), request, method=method, samples=samples, uncertainty=uncertainty, slice_thickness=slice_thickness,
-                slice_profile=slice_profile, iterations=iterations, coverage=coverage, no_motion=no_motion, modality=modality,
-                background=background, dtype=dtype,
+                ctx, list(volume), request, method=method, samples=samples, uncertainty=uncertainty, time_budget=time_budget, seed=seed,
+                slice_thickness=slice_thickness, slice_profile=slice_profile, iterations=iterations, coverage=coverage,
+                no_motion=no_motion, modality=modality, background=background, dtype=dtype,
             )  # fmt: skip
         volume = volume[0]
     if coverage or no_motion:
@@ -175,6 +175,8 @@ def _run_multistack(
     method: str,
     samples: int,
     uncertainty,
+    time_budget: float,
+    seed: int,
     slice_thickness,
     slice_profile: str,
     iterations: int,
@@ -184,15 +186,14 @@ def _run_multistack(
     background,
     dtype: str,
 ) -> TaskResult:
-    """Several stacks into one volume: registered (unless ``no_motion``), then jointly data-consistent."""
+    """Several stacks into one volume: registered (unless ``no_motion``), then jointly data-consistent, from
+    the stacks' learned upsampling (adapt) or their B-spline mean (fast)."""
     from .multistack import check_stacks, common_grid, multistack_superres
 
     if method in ("inverse", "cycles"):
         raise MedILError(
             f"the {method} method takes one stack; several stacks run the joint reconstruction (method adapt or fast)", options=("method",)
         )
-    if samples > 1 or uncertainty:
-        raise MedILError("several stacks give one deterministic reconstruction: drop --samples and --uncertainty", options=("samples",))
     guesses = []
     for i, v in enumerate(volumes, start=1):
         v.meta.setdefault("name", _input_name(v) if v.meta.get("path") else f"stack {i}")
@@ -206,10 +207,6 @@ def _run_multistack(
         target = output_grid(base, spacing=request.spacing or list(base.spacing), orientation=request.orientation, fov=request.fov)
     else:
         target = None
-    if method == "adapt":
-        logging.getLogger("medil").warning(
-            "with several stacks the joint reconstruction runs (adapt's learned detail is for one stack); say --method fast to silence this"
-        )
     result = multistack_superres(
         volumes,
         target,
@@ -222,29 +219,41 @@ def _run_multistack(
         cancel=ctx.cancel,
         device=ctx.device,
         background=background,
+        method=method,
+        time_budget_min=time_budget,
+        samples=samples,
+        seed=seed,
+        precision=ctx.precision,
     )
     meta = result.meta
     count = meta.pop("coverage")
+    unc = meta.pop("uncertainty", None)
+    runs = meta.pop("adaptation", None)
     provenance = Provenance(
         task="superres",
-        models=[],
+        models=[ModelRef(*m) for m in meta.pop("models", [])],
         grid=result.grid,
         device=str(meta.get("device", ctx.device)),
-        precision="float32",
+        precision=str(meta.get("precision", "float32")),
+        seeds=[seed + k for k in range(samples)] if method == "adapt" else [],
         plan={"memory": meta.pop("memory")},
         settings={"inputs": [v.meta["name"] for v in volumes], "modality": result.modality, "method": dict(meta)},
     )
     outputs = [Output(result, "output", dtype=_out_dtype(volumes[0], dtype))]
+    if unc is not None and uncertainty:
+        outputs.append(Output(unc, "uncertainty", record={"map": "per-voxel standard deviation over samples"}))
     if coverage:
         outputs.append(Output(count, "coverage", record={"map": "number of stacks that constrain each voxel"}))
     summary = {
-        "method": "multistack",
+        "method": meta["method"],
         "stacks": len(volumes),
         "motions": [{k: m[k] for k in ("translation_mm", "rotation_deg")} for m in meta["motions"]],
         "residuals": meta["residuals"],
         "modality": result.modality,
         "modality_guess": "; ".join(dict.fromkeys(guesses)) or None,
     }
+    if runs:
+        summary["adaptation_steps"] = [r["steps"] for r in runs]
     return TaskResult(outputs, provenance, summary)
 
 
