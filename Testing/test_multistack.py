@@ -162,6 +162,7 @@ def _one_error(code, err, fragment):
         ("apart", "do not overlap"),
         ("isotropic", "no thick slices"),
         ("ct", "not all of one modality"),
+        ("contrast", "same contrast"),
         ("eleven", f"at most {MAX_STACKS}"),
         ("coverage-one", "for several stacks"),
         ("inverse", "takes one stack"),
@@ -187,6 +188,12 @@ def test_bad_stacks_are_refused_in_one_line_and_nothing_is_written(stack_files, 
         v.array = (v.array / v.array.max() * 1500 - 1024).astype(np.float32)
         write_volume(v, tmp_path / "ct.nii.gz")
         files[1] = str(tmp_path / "ct.nii.gz")
+    elif case == "contrast":  # the tissues' order reversed inside the head: a T2-like stack of the same anatomy
+        v = read_volume(stack_files[2])
+        inside = v.array > 0.1 * np.percentile(v.array, 99)
+        v.array = np.where(inside, v.array.max() - v.array, 0).astype(np.float32)
+        write_volume(v, tmp_path / "t2.nii.gz")
+        files[2] = str(tmp_path / "t2.nii.gz")
     elif case == "eleven":
         files = files * 4  # 12
     elif case == "coverage-one":

@@ -547,7 +547,7 @@ def _evaluate_multistack(args: argparse.Namespace) -> int:
         truth = read_volume(path)
         if args.modality != "auto":
             truth.modality = args.modality
-        cases = [simulated(truth, t, adapt=True) for t in args.thick]
+        cases = [simulated(truth, t, adapt=True, budget_min=args.superres_time_budget) for t in args.thick]
         result["volumes"].append({"name": Path(path).name.split(".")[0], "shape": list(truth.array.shape), "cases": cases})
     table = markdown(result)
     if args.json:
