@@ -256,7 +256,15 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         # super-resolution adapts to the scan itself, except its generative methods, which take a diffusion model
         self.ui.modelComboBox.enabled = catalog().uses_model(key, {"method": self.ui.superresMethodComboBox.currentText})
+        # several stacks of one anatomy, where the backend's super-resolution takes them
+        several = key == "superres" and task_by_key("superres").max_inputs > 1
+        self.ui.extraStacksSelector.visible = self.ui.extraStacksSelectorLabel.visible = several
         self._checkCanApply()
+
+    def checkedStacks(self) -> list:
+        """The other stacks checked under "More stacks" (the input volume itself left out)."""
+        p = self._parameterNode
+        return [n for n in self.ui.extraStacksSelector.checkedNodes() if n is not None and (p is None or n != p.inputVolume)]
 
     def updateGeometryOptions(self, *args) -> None:
         self.ui.customSpacingWidget.visible = self.ui.spacingPresetComboBox.currentText == "custom"
@@ -413,6 +421,10 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._timer.start()
                 return
             superres = dict(method=p.superresMethod, samples=p.superresSamples, timeBudgetMin=p.superresTimeBudgetMin)
+            stacks = self.checkedStacks() if task_by_key(task).max_inputs > 1 else []
+            if stacks:
+                superres["stackNodes"] = stacks
+                self.log(f"combining {1 + len(stacks)} stacks: " + ", ".join(n.GetName() for n in [p.inputVolume] + stacks))
             self._job = self.logic.process(
                 p.inputVolume,
                 space,

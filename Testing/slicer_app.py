@@ -94,6 +94,36 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
             self.setCurrentIndex(index)
 
 
+class qMRMLCheckableNodeComboBox(qMRMLNodeComboBox):
+    """Slicer's selector of several nodes: each item has a check box; ``checkedNodes()``, ``setCheckState(node, state)``."""
+
+    checkedNodesChanged = Signal()
+
+    def _refresh(self) -> None:
+        checked = {n.GetID() for n in self.checkedNodes()} if self.count() else set()
+        super()._refresh()
+        model = self.model()
+        for i in range(self.count()):
+            item = model.item(i)
+            item.setFlags(item.flags() | QtCore.Qt.ItemIsUserCheckable)
+            item.setCheckState(QtCore.Qt.Checked if self.itemData(i) in checked else QtCore.Qt.Unchecked)
+
+    def checkedNodes(self):
+        model = self.model()
+        ids = [self.itemData(i) for i in range(self.count()) if model.item(i).checkState() == QtCore.Qt.Checked]
+        return [self._scene.GetNodeByID(i) for i in ids if i and self._scene]
+
+    def checkState(self, node):
+        index = self.findData(node.GetID())
+        return self.model().item(index).checkState() if index >= 0 else QtCore.Qt.Unchecked
+
+    def setCheckState(self, node, state) -> None:
+        index = self.findData(node.GetID())
+        if index >= 0:
+            self.model().item(index).setCheckState(state)
+            self.checkedNodesChanged.emit()
+
+
 class PythonQtObject:
     """A Qt object as PythonQt (Slicer's binding) shows it: Qt properties are attributes (``button.enabled = False``,
     ``combo.currentText``); everything else (methods, signals) is the object's own. ``raw`` is the PySide6 object."""
@@ -120,7 +150,7 @@ def raw(obj):
 
 def load_ui(path) -> QtWidgets.QWidget:
     loader = QUiLoader()
-    for cls in (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox):
+    for cls in (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, qMRMLCheckableNodeComboBox):
         loader.registerCustomWidget(cls)
     f = QFile(str(path))
     assert f.open(QFile.ReadOnly)

@@ -18,12 +18,12 @@ ARTIFACTS = REPO / "test-artifacts"
 
 
 def ui_node_types():
-    """objectName -> nodeTypes of every qMRMLNodeComboBox in the .ui (Qt properties Slicer reads)."""
+    """objectName -> nodeTypes of every node selector (one node or several) in the .ui (Qt properties Slicer reads)."""
     import xml.etree.ElementTree as ET
 
     out = {}
     for w in ET.parse(UI).iter("widget"):
-        if w.get("class") == "qMRMLNodeComboBox":
+        if w.get("class") in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox"):
             prop = [p for p in w.findall("property") if p.get("name") == "nodeTypes"][0]
             out[w.get("name")] = [s.text for s in prop.iter("string")]
     return out
@@ -123,6 +123,7 @@ def test_defaults_are_sane(panel):
     node_types = ui_node_types()
     assert node_types["inputSelector"] == ["vtkMRMLScalarVolumeNode"]
     assert node_types["fovRoiSelector"] == ["vtkMRMLMarkupsROINode"]
+    assert node_types["extraStacksSelector"] == ["vtkMRMLScalarVolumeNode"]
     assert set(node_types) == {w.objectName() for w in panel.findChildren(qMRMLNodeComboBox)}
     apply = panel.findChild(QtWidgets.QPushButton, "applyButton")
     assert apply.text() == "Apply" and not apply.isEnabled()  # enabled once an input is chosen

@@ -163,6 +163,58 @@ def test_apply_runs_the_backend_and_adds_a_new_node_each_time(panel):
     assert "holds an earlier MedIL result" in dialogs.questions[-1] and ui.applyButton.text() == "Apply"
 
 
+def test_several_stacks_checked_in_the_panel_become_one_volume_its_uncertainty_and_coverage(panel, tmp_path):
+    """Super-resolve with "More stacks" checked: the input volume and the checked stacks (real MRML nodes of one
+    real head, moved between stacks) go to the backend together; the result, its uncertainty (two networks)
+    and its coverage map come back as nodes."""
+    from conftest import shared
+
+    from medil_backend.geometry import Volume
+    from medil_backend.io import read_volume, write_volume
+    from medil_backend.simulate_stacks import orthogonal_stacks, rigid
+
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    head = read_volume(shared("mri/pydeface_mean_head_t1.nii.gz"))
+    s = [(n - 48) // 2 for n in head.array.shape]
+    head = Volume(
+        np.ascontiguousarray(head.array[s[0] : s[0] + 48, s[1] : s[1] + 48, s[2] : s[2] + 48]).astype(np.float32),
+        head.grid.sub_grid(s, [a + 48 for a in s]).affine,
+        modality="mri",
+    )
+    c = head.grid.voxel_to_world(np.array([[23.5, 23.5, 23.5]]))[0]
+    stacks = []
+    for k, v in enumerate(orthogonal_stacks(head, 4, [np.eye(4), rigid([2, 0, -1], [1, -1, 0], c), rigid([0, -2, 1], [0, 1, 1], c)])):
+        write_volume(v, tmp_path / f"stack{k}.nrrd")
+        stacks.append(load_node(scene, tmp_path / f"stack{k}.nrrd"))
+    ui.inputSelector.setCurrentNode(stacks[0])
+    assert ui.taskComboBox.currentText() == "Super-resolve" and ui.extraStacksSelector.isVisibleTo(widget.parent)
+    for n in (stacks[0], stacks[1], stacks[2]):  # the input itself, checked too, is not counted twice
+        ui.extraStacksSelector.setCheckState(n, slicer_app.QtCore.Qt.Checked)
+    assert [n.GetName() for n in widget.checkedStacks()] == ["stack1", "stack2"]
+    ui.superresMethodComboBox.setCurrentText("adapt")
+    ui.superresSamplesSpinBox.setValue(2)
+    ui.superresTimeBudgetSpinBox.setValue(0.1)
+    before = len(volumes(scene))
+    ui.applyButton.click()
+    pump(app, lambda: ui.applyButton.text() == "Apply", widget=widget)
+    assert not dialogs.errors, dialogs.errors
+    assert "combining 3 stacks: stack0, stack1, stack2" in ui.logTextEdit.toPlainText()
+    new = volumes(scene)[before:]
+    assert len(new) == 3, [n.GetName() for n in new]
+    out = next(n for n in new if n.GetAttribute("MedIL.task") == "superres")
+    cov = scene.GetNodeByID(out.GetAttribute("MedIL.coverageNodeID"))
+    unc = scene.GetNodeByID(out.GetAttribute("MedIL.uncertaintyNodeID"))
+    assert cov is not None and unc is not None and cov.GetName().endswith("_coverage")
+    import json
+
+    params = json.loads(out.GetAttribute("MedIL.parameters"))
+    assert params["stacks"] == ["stack0", "stack1", "stack2"] and params["samples"] == 2  # adapt: the default method
+    assert "--coverage" in params["arguments"] and "--uncertainty" in params["arguments"]
+    ui.taskComboBox.setCurrentText("Reconstruct / resample")  # one input only: the stack selector goes
+    assert not ui.extraStacksSelector.isVisibleTo(widget.parent)
+
+
 def test_cancel_stops_the_backend_and_leaves_nothing(panel):
     app, widget, scene, node, dialogs, views = panel
     ui = raw_ui(widget)

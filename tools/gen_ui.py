@@ -60,6 +60,19 @@ def node_combo(name, types, param, none=False, none_text=None, add=False):
     return widget("qMRMLNodeComboBox", name, *props, param=param)
 
 
+def checkable_node_combo(name, types, tooltip):
+    """Several nodes at once (Slicer's checkable node selector), read by the module's code (no parameter)."""
+    props = [
+        prop("nodeTypes", "stringlist", types),
+        prop("addEnabled", "bool", "false"),
+        prop("removeEnabled", "bool", "false"),
+        prop("noneEnabled", "bool", "false"),
+        prop("renameEnabled", "bool", "false"),
+        prop("toolTip", "string", tooltip),
+    ]
+    return widget("qMRMLCheckableNodeComboBox", name, *props)
+
+
 def form(rows):
     items = []
     for r, (label, w) in enumerate(rows):
@@ -197,6 +210,15 @@ def build() -> str:
                     "Time budget:",
                     spin("superresTimeBudgetSpinBox", "superresTimeBudgetMin", 0.0, 120, 3.0, suffix=" min", step=0.5),
                 ),
+                (
+                    "More stacks:",
+                    checkable_node_combo(
+                        "extraStacksSelector",
+                        ["vtkMRMLScalarVolumeNode"],
+                        "Other thick-slice stacks of the same anatomy and contrast, in any orientation: the checked ones are "
+                        "registered to the input volume and combined with it into one volume, with a coverage map",
+                    ),
+                ),
             ],
         ),
         collapsible(
@@ -244,7 +266,14 @@ def build() -> str:
     ]
     items = "".join(f"<item>{s}</item>" for s in sections)
     items += '<item><spacer name="verticalSpacer"><property name="orientation"><enum>Qt::Vertical</enum></property></spacer></item>'
-    selectors = ["inputSelector", "orientationReferenceSelector", "fovRoiSelector", "fovReferenceSelector", "outputSelector"]
+    selectors = [
+        "inputSelector",
+        "extraStacksSelector",
+        "orientationReferenceSelector",
+        "fovRoiSelector",
+        "fovReferenceSelector",
+        "outputSelector",
+    ]
     connections = "".join(
         f"<connection><sender>MedILSlicer</sender><signal>mrmlSceneChanged(vtkMRMLScene*)</signal><receiver>{s}</receiver>"
         f"<slot>setMRMLScene(vtkMRMLScene*)</slot></connection>"
@@ -255,6 +284,7 @@ def build() -> str:
         for c, e, h, cont in [
             ("ctkCollapsibleButton", "QWidget", "ctkCollapsibleButton.h", True),
             ("qMRMLNodeComboBox", "QWidget", "qMRMLNodeComboBox.h", False),
+            ("qMRMLCheckableNodeComboBox", "qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox.h", False),
             ("qMRMLWidget", "QWidget", "qMRMLWidget.h", True),
         ]
     )
