@@ -75,6 +75,37 @@ def test_a_known_rigid_motion_is_recovered_and_the_stacks_beat_each_one_alone(he
     assert cover.max() == 3 and cover.min() >= 0 and out.grid.same_as(head.grid, atol=0)
 
 
+def test_slice_motion_recovers_a_patient_who_moved_between_interleaved_packages(head):
+    """One stack's odd slices imaged the head 3 degrees / 2 mm away from its even ones: each slice registered on its
+    own finds its motion, and the volume is better than with one motion per stack."""
+    from medil_backend.evaluate_multistack import motion_error
+    from medil_backend.simulate_stacks import stack_of
+
+    c = _centre(head)
+    even, odd = rigid([3, -2, 4], [2, -3, 1.5], c), rigid([5, -4, 2], [3.5, -1.5, 0.5], c)
+    stacks = [
+        stack_of(head, 0, 4, np.eye(4), 0.01, 0),
+        stack_of(head, 1, 4, even, 0.01, 1, slice_motions=[even if i % 2 == 0 else odd for i in range(16)]),
+        stack_of(head, 2, 4, rigid([-4, 3, -2], [-2.5, 2, -3], c), 0.01, 2),
+    ]
+    mask = foreground_mask(head.array)
+    scale = float(np.percentile(head.array[mask], 99))
+    stackwise = multistack_superres(stacks, head.grid, device="cpu")
+    slicewise = multistack_superres(stacks, head.grid, device="cpu", slice_motion=True)
+    gain = psnr(slicewise.array / scale, head.array / scale, mask) - psnr(stackwise.array / scale, head.array / scale, mask)
+    assert gain > 0.5, gain
+    moved = slicewise.meta["slice_motion"][1]
+    assert moved["slices"] == 16 and moved["moved"] >= 12, moved
+    base = np.array(slicewise.meta["motions"][1]["matrix_ras"])
+    errors = [
+        motion_error(base @ np.array(d["matrix_ras"]), even if d["slice"] % 2 == 0 else odd, c)
+        for d in moved["per_slice"]
+        if 0 < d["slice"] < 15  # the end slices see the least anatomy
+    ]
+    # a 64 mm slice gives rotation little leverage: here the median is about 0.55 degrees (about 0.2 on a 112 mm crop)
+    assert np.median([e["rotation_deg"] for e in errors]) <= 1.0 and np.median([e["translation_mm"] for e in errors]) <= 0.5, errors
+
+
 def test_leave_one_stack_out_scores_every_stack(head):
     from medil_backend.evaluate_multistack import leave_one_stack_out
 
@@ -165,6 +196,8 @@ def _one_error(code, err, fragment):
         ("contrast", "same contrast"),
         ("eleven", f"at most {MAX_STACKS}"),
         ("coverage-one", "for several stacks"),
+        ("slice-motion-one", "for several stacks"),
+        ("slice-and-no-motion", "contradict"),
         ("inverse", "takes one stack"),
         ("samples-fast", "deterministic"),
     ],
@@ -199,6 +232,11 @@ def test_bad_stacks_are_refused_in_one_line_and_nothing_is_written(stack_files, 
     elif case == "coverage-one":
         files = files[:1]
         extra = ["--coverage", str(tmp_path / "cov.nii.gz")]
+    elif case == "slice-motion-one":
+        files = files[:1]
+        extra = ["--slice-motion"]
+    elif case == "slice-and-no-motion":
+        extra = ["--slice-motion", "--no-motion"]
     elif case == "inverse":
         extra = ["--method", "inverse"]
     elif case == "samples-fast":
@@ -213,4 +251,4 @@ def test_a_batch_takes_one_input_per_scan_and_no_stack_options(capsys):
     with pytest.raises(SystemExit):
         main(["batch", "superres", "--help"])
     text = capsys.readouterr().out
-    assert "--coverage" not in text and "--no-motion" not in text and "--uncertainty" in text
+    assert "--coverage" not in text and "--no-motion" not in text and "--slice-motion" not in text and "--uncertainty" in text

@@ -21,8 +21,17 @@ def rigid(angles_deg, translation_mm, centre) -> np.ndarray:
     return m
 
 
-def stack_of(truth: Volume, axis: int, factor: int, motion: np.ndarray, noise: float = 0.0, seed: int = 0) -> Volume:
-    """``truth`` acquired in slices ``factor`` voxels thick along its ``axis``, the anatomy moved by ``motion``."""
+def stack_of(
+    truth: Volume,
+    axis: int,
+    factor: int,
+    motion: np.ndarray,
+    noise: float = 0.0,
+    seed: int = 0,
+    slice_motions: list[np.ndarray] | None = None,
+) -> Volume:
+    """``truth`` acquired in slices ``factor`` voxels thick along its ``axis``, the anatomy moved by ``motion``
+    (``slice_motions``: one per slice instead, e.g. a patient who moved between interleaved packages)."""
     from .ops.interpolate import resample_sitk
 
     g = truth.grid
@@ -31,8 +40,17 @@ def stack_of(truth: Volume, axis: int, factor: int, motion: np.ndarray, noise: f
     shape[axis] = n * factor
     fine = Grid(tuple(shape), g.affine)
     # where the moved anatomy is read: the stack's fine sampling points, carried by the motion
-    moved = Volume(np.zeros(1), motion @ fine.affine)
-    seen = resample_sitk(truth, Grid(fine.shape, moved.affine), "bspline").array
+    if slice_motions is None:
+        seen = resample_sitk(truth, Grid(fine.shape, motion @ fine.affine), "bspline").array
+    else:
+        parts = []
+        for i, m in enumerate(slice_motions[:n]):
+            start = [0, 0, 0]
+            stop = list(fine.shape)
+            start[axis], stop[axis] = i * factor, (i + 1) * factor
+            part = fine.sub_grid(start, stop)
+            parts.append(resample_sitk(truth, Grid(part.shape, m @ part.affine), "bspline").array)
+        seen = np.concatenate(parts, axis=axis)
     seen = seen.reshape(*shape[:axis], n, factor, *shape[axis + 1 :]).mean(axis=axis + 1)
     spacing = g.spacing.copy()
     spacing[axis] *= factor

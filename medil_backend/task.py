@@ -475,6 +475,15 @@ TASKS: dict[str, TaskSpec] = {
                     flag_only=True,
                     stacks_only=True,
                 ),
+                Option(
+                    "slice_motion",
+                    bool,
+                    False,
+                    "several stacks: also register every slice on its own to the volume (the patient moved during a "
+                    "stack, e.g. between interleaved packages); slower",
+                    flag_only=True,
+                    stacks_only=True,
+                ),
                 _MODALITY,
                 _BACKGROUND,
                 _DTYPE,

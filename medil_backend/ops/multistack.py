@@ -44,6 +44,10 @@ CONTRAST_STEP_MM = 2.0
 MIN_COMMON_FRACTION = 0.01
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: rounds of slice-to-volume registration and joint steps with ``slice_motion``
+SLICE_ROUNDS = 2
+#: the least share of a slice's voxels above a tenth of its stack's peak for it to be registered on its own
+SLICE_MIN_SIGNAL = 0.1
 #: the share of voxels the rigid registration samples (at random, from a fixed seed) at each resolution
 REGISTRATION_SAMPLING = 0.5
 
@@ -174,11 +178,17 @@ def _blur_along(x: np.ndarray, target: Grid, stack: Stack) -> np.ndarray:
 
 
 def register_rigid(
-    fixed: Volume, moving: Volume, initial: np.ndarray | None = None, seed: int = 0, moving_mask: np.ndarray | None = None
+    fixed: Volume,
+    moving: Volume,
+    initial: np.ndarray | None = None,
+    seed: int = 0,
+    moving_mask: np.ndarray | None = None,
+    one_slice: bool = False,
 ) -> np.ndarray:
     """The rigid world RAS transform ``T`` (4x4) that maps points of ``fixed`` onto the same anatomy in
     ``moving`` (SimpleITK, correlation, three resolutions); ``initial``: a starting ``T``;
-    ``moving_mask``: where ``moving`` holds data (elsewhere it is not compared)."""
+    ``moving_mask``: where ``moving`` holds data (elsewhere it is not compared); ``one_slice``: ``fixed`` is a
+    single slice (two resolutions, no smoothing: ITK cannot smooth across one voxel)."""
     import SimpleITK as sitk
 
     from ..io import to_sitk
@@ -200,8 +210,8 @@ def register_rigid(
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    reg.SetShrinkFactorsPerLevel([2, 1] if one_slice else [4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([0.0, 0.0] if one_slice else [2.0, 1.0, 0.0])
     reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(True)
     reg.SetInitialTransform(tx, inPlace=True)
     if moving_mask is not None:
@@ -212,6 +222,47 @@ def register_rigid(
     c = np.array(tx.GetCenter())
     lps[:3, 3] = np.array(tx.GetTranslation()) + c - lps[:3, :3] @ c
     return _LPS @ lps @ _LPS
+
+
+def slices_of(stack: Stack, y: np.ndarray) -> list[tuple[Stack, np.ndarray]]:
+    """Each slice of ``stack`` as a stack of its own (same motion, to start with) with its voxels."""
+    out = []
+    for i in range(stack.volume.array.shape[stack.axis]):
+        start, stop = [0, 0, 0], list(stack.volume.array.shape)
+        start[stack.axis], stop[stack.axis] = i, i + 1
+        grid = stack.volume.grid.sub_grid(start, stop)
+        part = np.take(y, [i], axis=stack.axis)
+        out.append((Stack(Volume(part, grid.affine, modality=stack.volume.modality), stack.axis, stack.thickness, stack.motion.copy()), part))
+    return out
+
+
+def register_slices(
+    stack: Stack, y: np.ndarray, seen: Volume, seed: int = 0, start: list[np.ndarray] | None = None
+) -> tuple[list[tuple[Stack, np.ndarray]], int]:
+    """Slice-to-volume registration: each slice of ``stack`` (voxels ``y``) registered on its own to ``seen`` (the
+    volume as this stack sees it), from the stack's motion (or ``start``: each slice's from an earlier round).
+    A slice keeps its new motion only where it matches ``seen`` better (correlation) than with the one it
+    started from; slices with too little signal keep that.
+    Returns the slices as stacks and how many moved."""
+    from .interpolate import resample_sitk
+
+    def match(s: Stack, part: np.ndarray) -> float:
+        a = resample_sitk(seen, s.grid, "trilinear").array.ravel()
+        b = part.ravel()
+        return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else -1.0
+
+    out, moved = [], 0
+    peak = float(np.abs(y).max()) or 1.0
+    for i, (s, part) in enumerate(slices_of(stack, y)):
+        if start is not None:
+            s.motion = np.asarray(start[i], dtype=np.float64)
+        if float((np.abs(part) > 0.1 * peak).mean()) >= SLICE_MIN_SIGNAL:
+            before = match(s, part)
+            candidate = Stack(s.volume, s.axis, s.thickness, register_rigid(s.volume, seen, initial=s.motion, seed=seed + i, one_slice=True))
+            if match(candidate, part) > before:
+                s, moved = candidate, moved + 1
+        out.append((s, part))
+    return out, moved
 
 
 def motion_summary(motion: np.ndarray) -> dict:
@@ -362,6 +413,7 @@ def multistack_superres(
     samples: int = 1,
     seed: int = 0,
     precision: str = "auto",
+    slice_motion: bool = False,
 ) -> Volume:
     """Super-resolve several stacks into one volume on ``target`` (default: :func:`common_grid`).
 
@@ -370,7 +422,9 @@ def multistack_superres(
     ``adapt`` from their learned upsampling (:func:`learned_start`): one network, from the bundled prior, trained
     for ``time_budget_min`` minutes on every stack's sharp in-plane slices (0: the prior alone), applied to each
     stack through-plane. With ``samples`` > 1 each seed trains its own network, the output starts from their
-    mean and ``meta["uncertainty"]`` is their per-voxel standard deviation.
+    mean and ``meta["uncertainty"]`` is their per-voxel standard deviation. ``slice_motion``: then every slice
+    is registered on its own to the volume (:func:`register_slices`: a patient who moved during a stack) and
+    the joint steps run again with each slice's own motion.
     Returns the volume (in the first stack's intensity units, background outside every stack) with
     ``meta``: each stack's motion (``motions``), the per-stack relative residuals, and ``coverage``: a
     :class:`Volume` counting the stacks that constrain each voxel.
@@ -435,8 +489,9 @@ def multistack_superres(
     x = torch.from_numpy(interpolants())[None, None].to(dev)
     residuals: list[float] = []
     std, runs = None, []
+    share = 0.7 if slice_motion else 0.9  # of the progress bar, for the rounds (the rest: per-slice motion)
     for r in range(int(rounds)):
-        span = (0.05 + 0.9 * r / rounds, 0.05 + 0.9 * (r + 1) / rounds)
+        span = (0.05 + share * r / rounds, 0.05 + share * (r + 1) / rounds)
         if register and len(stacks) > 1:
             current = Volume(reference if r == 0 else x[0, 0].cpu().numpy(), target.affine)
             for k, (s, y) in enumerate(zip(stacks, ys)):
@@ -457,6 +512,34 @@ def multistack_superres(
         ops = _operators(stacks, target, slice_profile)
         weights = [torch.from_numpy(footprint_inside(s, target).astype(np.float32))[None, None].to(dev) for s in stacks]
         x, residuals = _sirt(x, ys, ops, weights, STEPS_PER_ROUND, alpha, cancel, progress, (span[0] + 0.3 * (span[1] - span[0]), span[1]))
+    slice_moves, previous = None, {}
+    for r in range(SLICE_ROUNDS if slice_motion else 0):
+        current = x[0, 0].cpu().numpy()
+        pieces, slice_moves = [], []
+        lo, hi = 0.75 + 0.23 * r / SLICE_ROUNDS, 0.75 + 0.23 * (r + 1) / SLICE_ROUNDS
+        for k, (s, y) in enumerate(zip(stacks, ys)):
+            check_cancel(cancel)
+            report(progress, lo + 0.7 * (hi - lo) * k / len(stacks), f"registering each slice of stack {k + 1}/{len(stacks)} (round {r + 1})")
+            seen = Volume(_blur_along(current, target, s), target.affine)
+            parts, moved = register_slices(s, y[0, 0].cpu().numpy(), seen, seed=1000 * k, start=previous.get(k))
+            previous[k] = [p.motion for p, _ in parts]
+            rel = [np.linalg.inv(s.motion) @ p.motion for p, _ in parts]
+            slice_moves.append(
+                {
+                    "slices": len(parts),
+                    "moved": moved,
+                    "max_rotation_deg": round(max(motion_summary(m)["rotation_deg"] for m in rel), 3),
+                    "max_translation_mm": round(max(float(np.linalg.norm(m[:3, 3])) for m in rel), 3),
+                    "per_slice": [motion_summary(m) | {"slice": i} for i, m in enumerate(rel) if not np.allclose(m, np.eye(4))],
+                }
+            )
+            pieces += [(p, part, k) for p, part in parts]
+        ops = _operators([p for p, _, _ in pieces], target, slice_profile)
+        weights = [torch.from_numpy(footprint_inside(p, target).astype(np.float32))[None, None].to(dev) for p, _, _ in pieces]
+        parts_y = [torch.from_numpy(np.ascontiguousarray(part))[None, None].to(dev) for _, part, _ in pieces]
+        x, per_slice = _sirt(x, parts_y, ops, weights, STEPS_PER_ROUND, alpha, cancel, progress, (lo + 0.7 * (hi - lo), hi))
+        owners = np.array([k for _, _, k in pieces])
+        residuals = [float(np.sqrt(np.mean(np.square(np.array(per_slice)[owners == k])))) for k in range(len(stacks))]
     report(progress, 1.0, "done")
     count = coverage(stacks, target)
     ref = norms[0]
@@ -476,6 +559,7 @@ def multistack_superres(
         "contrast_agreement": [None if r is None else round(r, 3) for r in agreement],
         "smoothness": round(alpha, 5),
         "rounds": int(rounds),
+        **({"slice_motion": slice_moves} if slice_moves is not None else {}),
         "seconds": round(time.perf_counter() - t0, 2),
         "memory": memory.summary(),
         "device": str(dev),
@@ -505,4 +589,5 @@ __all__ = [
     "motion_summary",
     "multistack_superres",
     "register_rigid",
+    "register_slices",
 ]

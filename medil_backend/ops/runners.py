@@ -94,6 +94,7 @@ def run_superres(
     iterations: int,
     coverage,
     no_motion: bool,
+    slice_motion: bool,
     modality: str,
     background,
     dtype: str,
@@ -105,13 +106,13 @@ def run_superres(
             return _run_multistack(
                 ctx, list(volume), request, method=method, samples=samples, uncertainty=uncertainty, time_budget=time_budget, seed=seed,
                 slice_thickness=slice_thickness, slice_profile=slice_profile, iterations=iterations, coverage=coverage,
-                no_motion=no_motion, modality=modality, background=background, dtype=dtype,
+                no_motion=no_motion, slice_motion=slice_motion, modality=modality, background=background, dtype=dtype,
             )  # fmt: skip
         volume = volume[0]
-    if coverage or no_motion:
+    if coverage or no_motion or slice_motion:
         raise MedILError(
-            "the coverage map and --no-motion are for several stacks; give two or more thick-slice stacks of one anatomy",
-            options=("coverage",) if coverage else ("no_motion",),
+            "the coverage map, --no-motion and --slice-motion are for several stacks; give two or more thick-slice stacks of one anatomy",
+            options=("coverage",) if coverage else ("no_motion",) if no_motion else ("slice_motion",),
         )
     if uncertainty and samples < 2:
         raise MedILError("an uncertainty map needs several samples: set samples to 2 or more", options=("samples",))
@@ -182,6 +183,7 @@ def _run_multistack(
     iterations: int,
     coverage,
     no_motion: bool,
+    slice_motion: bool,
     modality: str,
     background,
     dtype: str,
@@ -194,6 +196,8 @@ def _run_multistack(
         raise MedILError(
             f"the {method} method takes one stack; several stacks run the joint reconstruction (method adapt or fast)", options=("method",)
         )
+    if no_motion and slice_motion:
+        raise MedILError("--no-motion and --slice-motion contradict each other: give one", options=("slice_motion",))
     guesses = []
     for i, v in enumerate(volumes, start=1):
         v.meta.setdefault("name", _input_name(v) if v.meta.get("path") else f"stack {i}")
@@ -224,6 +228,7 @@ def _run_multistack(
         samples=samples,
         seed=seed,
         precision=ctx.precision,
+        slice_motion=slice_motion,
     )
     meta = result.meta
     count = meta.pop("coverage")
@@ -254,6 +259,8 @@ def _run_multistack(
     }
     if runs:
         summary["adaptation_steps"] = [r["steps"] for r in runs]
+    if "slice_motion" in meta:
+        summary["slices_moved"] = [d["moved"] for d in meta["slice_motion"]]
     return TaskResult(outputs, provenance, summary)
 
 
