@@ -187,7 +187,8 @@ def test_adapt_prior_pretrains_exports_and_is_checked_on_load(tmp_path, monkeypa
     fresh = adapt.ResidualCNN2d()
     fresh.load_state_dict(state)
     assert all(np.array_equal(a.numpy(), b.detach().numpy()) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
-    assert json.loads((tmp_path / "prior" / "prior-mri.json").read_text())["modality"] == "mri"
+    card = json.loads((tmp_path / "prior" / "prior-mri.json").read_text())
+    assert card["modality"] == "mri" and set(card["use"]) == {"one_stack", "several_stacks"}  # how they are used, on the card
     weights = tmp_path / "prior" / "prior-mri.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(MedILError, match="sha256"):

@@ -318,14 +318,18 @@ def multistack(name: str) -> str:
     for v in d["volumes"]:
         for case in v["cases"]:
             m = case["methods"]
-            gain = m["multistack"]["psnr"] - m["bspline_best_single"]["psnr"]
-            text = f"{v['name']}, 3 x {case['thick_mm']:g} mm: multi-stack {gain:+.2f} dB over B-spline of the best single stack"
-            if "adapt_quick_best_single" in m:
-                text += f", {m['multistack']['psnr'] - m['adapt_quick_best_single']['psnr']:+.2f} dB over single-stack adapt (quick)"
+            best = m.get("multistack_adapt", m["multistack"])
+            label = "multi-stack adapt" if "multistack_adapt" in m else "multi-stack"
+            text = f"{v['name']}, 3 x {case['thick_mm']:g} mm: {label} {best['psnr'] - m['bspline_best_single']['psnr']:+.2f} dB over B-spline of the best single stack"
+            for key, what in (("adapt_best_single", "single-stack adapt"), ("adapt_quick_best_single", "single-stack adapt (quick)")):
+                if key in m:
+                    text += f", {best['psnr'] - m[key]['psnr']:+.2f} dB over {what}"
+            if "multistack_adapt" in m:
+                text += f" ({m['multistack_adapt']['psnr'] - m['multistack']['psnr']:+.2f} dB from adapt's learned detail over the fast joint reconstruction)"
             worst = max(max(e["rotation_deg"] for e in case["motion_error"]), 0)
             shift = max(e["translation_mm"] for e in case["motion_error"])
             rows.append(
-                f"- {text}; motion recovered to {worst:.2f} degrees / {shift:.2f} mm; {m['multistack']['seconds']:.0f} s on 2 CPU cores shared with other jobs (the speed table below is measured alone)."
+                f"- {text}; motion recovered to {worst:.2f} degrees / {shift:.2f} mm; seconds measured on 2 CPU cores shared with other jobs (the speed table below is measured alone)."
             )
     rows.append(f"\n`{d['command']}`")
     return "\n".join(rows)
@@ -334,13 +338,41 @@ def multistack(name: str) -> str:
 def multistack_speed() -> str:
     d = json.loads((RESULTS / "bench_multistack.json").read_text())
     shape = "x".join(map(str, d["output_shape"]))
-    return (
-        "| job | output | seconds | peak memory (GB) |\n|---|---|---|---|\n"
-        f"| SimpleITK B-spline of one stack | {shape} | {d['bspline_one_stack_seconds']} | - |\n"
-        f"| `medil superres` of {len(d['stacks'])} stacks ({d['rounds']} rounds; reading, registration, reconstruction, writing) "
-        f"| {shape} | {d['medil_superres_seconds']} | {d['peak_memory_gb']} |\n\n"
-        f"{d['machine']['cpus']} CPU cores, device {d['device']}; `python benchmarks/bench_multistack.py`."
-    )
+    what = {"fast": "fast: joint reconstruction", "adapt": "adapt (default): learned upsampling, 3-minute budget, then joint"}
+    rows = [
+        "| job | output | seconds | peak memory (GB) |",
+        "|---|---|---|---|",
+        f"| SimpleITK B-spline of one stack | {shape} | {d['bspline_one_stack_seconds']} | - |",
+    ]
+    for method, m in d["methods"].items():
+        rows.append(
+            f"| `medil superres` of {len(d['stacks'])} stacks, {what.get(method, method)} ({m['rounds']} rounds; reading, registration, "
+            f"reconstruction, writing) | {shape} | {m['medil_superres_seconds']} | {m['peak_memory_gb']} |"
+        )
+    rows += ["", f"{d['machine']['cpus']} CPU cores, device {d['device']}; `python benchmarks/bench_multistack.py`."]
+    return "\n".join(rows)
+
+
+def slice_motion() -> str:
+    """docs/superres.md's per-slice motion table (``bench_slice_motion.json``)."""
+    d = json.loads((RESULTS / "bench_slice_motion.json").read_text())
+    names = {
+        "bspline_best_single": "B-spline, best single stack",
+        "one_motion_per_stack": "multi-stack, one motion per stack",
+        "slice_motion": "**multi-stack, `--slice-motion`**",
+    }
+    rows = ["| method | PSNR (dB) | SSIM | seconds |", "|---|---|---|---|"]
+    for key, m in d["methods"].items():
+        rows.append(f"| {names.get(key, key)} | {m['psnr']} | {m['ssim']} | {m.get('seconds', '')} |")
+    e = d["slice_motion_error"]
+    rows += [
+        "",
+        f"Per-slice motion of the moved stack ({e['slices_scored']} slices, its end slices aside; {e['slices_moved']} moved): "
+        f"rotation error median {e['rotation_deg_median']} degrees (90th percentile {e['rotation_deg_p90']}), displacement "
+        f"median {e['translation_mm_median']} mm (90th percentile {e['translation_mm_p90']}). {d['volume']}, three {d['thick_mm']} mm "
+        f"stacks; {d['machine']['cpus']} CPU cores shared with other jobs; `python benchmarks/bench_slice_motion.py`.",
+    ]
+    return "\n".join(rows)
 
 
 #: the documents whose marked sections this script writes (README.md, SECURITY.md and docs/)
@@ -378,6 +410,8 @@ def main() -> None:
             sections.append((f"multistack-{name}", multistack(name)))
     if (RESULTS / "bench_multistack.json").exists():
         sections.append(("multistack-speed", multistack_speed()))
+    if (RESULTS / "bench_slice_motion.json").exists():
+        sections.append(("slice-motion", slice_motion()))
     if (RESULTS / "bench_batch.json").exists():
         sections.append(("batch_speed", batch_speed()))
     texts = {doc: doc.read_text() for doc in DOCUMENTS if doc.exists()}

@@ -123,6 +123,16 @@ def pretrain(
     return net, card
 
 
+#: how the starting weights are used, written into every card
+USE = {
+    "one_stack": "superres --method adapt: trained further for --time-budget minutes on the scan's own in-plane slices, "
+    "applied through-plane, then data consistency with the scan",
+    "several_stacks": "superres STACK1 STACK2 ... (adapt): one network trained further on every stack's in-plane slices "
+    "(each degraded as that stack was acquired), applied to each stack through-plane; their average starts the joint "
+    "data-consistency steps with every stack, which keep the detail no stack measures",
+}
+
+
 def export_prior(net: ResidualCNN2d, card: dict, folder: Path = PRIOR_DIR) -> Path:
     """Write ``prior-MODALITY.safetensors`` and its card (with the weights' sha256), each renamed into place."""
     from safetensors.torch import save_file
@@ -133,7 +143,8 @@ def export_prior(net: ResidualCNN2d, card: dict, folder: Path = PRIOR_DIR) -> Pa
     name = f"prior-{card['modality']}"
     wtmp, ctmp = folder / f".{name}.safetensors.part", folder / f".{name}.json.part"
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(wtmp))
-    ctmp.write_text(json.dumps(card | {"weights": f"{name}.safetensors", "sha256": sha256_file(wtmp)}, indent=2, sort_keys=True) + "\n")
+    card = card | {"weights": f"{name}.safetensors", "sha256": sha256_file(wtmp), "use": USE}
+    ctmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     os.replace(wtmp, folder / f"{name}.safetensors")
     os.replace(ctmp, folder / f"{name}.json")
     return folder / f"{name}.json"
