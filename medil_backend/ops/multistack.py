@@ -232,7 +232,9 @@ def slices_of(stack: Stack, y: np.ndarray) -> list[tuple[Stack, np.ndarray]]:
         start[stack.axis], stop[stack.axis] = i, i + 1
         grid = stack.volume.grid.sub_grid(start, stop)
         part = np.take(y, [i], axis=stack.axis)
-        out.append((Stack(Volume(part, grid.affine, modality=stack.volume.modality), stack.axis, stack.thickness, stack.motion.copy()), part))
+        out.append(
+            (Stack(Volume(part, grid.affine, modality=stack.volume.modality), stack.axis, stack.thickness, stack.motion.copy()), part)
+        )
     return out
 
 
@@ -258,7 +260,9 @@ def register_slices(
             s.motion = np.asarray(start[i], dtype=np.float64)
         if float((np.abs(part) > 0.1 * peak).mean()) >= SLICE_MIN_SIGNAL:
             before = match(s, part)
-            candidate = Stack(s.volume, s.axis, s.thickness, register_rigid(s.volume, seen, initial=s.motion, seed=seed + i, one_slice=True))
+            candidate = Stack(
+                s.volume, s.axis, s.thickness, register_rigid(s.volume, seen, initial=s.motion, seed=seed + i, one_slice=True)
+            )
             if match(candidate, part) > before:
                 s, moved = candidate, moved + 1
         out.append((s, part))
@@ -375,8 +379,9 @@ def learned_start(
     for k in range(samples):
         lo = span[0] + (span[1] - span[0]) * k / samples
         mid = lo + 0.7 * (span[1] - span[0]) / samples
+        first, grid, axis, thickness = sources[0]
         net, info = train_adapter(
-            *sources[0][:2], sources[0][2], sources[0][3], profile, seconds, seed + k, progress, (lo, mid), cancel, prior,
+            first, grid, axis, thickness, profile, seconds, seed + k, progress, (lo, mid), cancel, prior,
             max_steps=0 if time_budget_min == 0 else None, device=device, dtype=dtype, more=sources[1:],
         )  # fmt: skip
         report(progress, mid, "applying the adapted network to each stack through-plane")
@@ -442,14 +447,18 @@ def multistack_superres(
     if samples > 1 and method != "adapt":
         raise MedILError("the joint reconstruction is deterministic: several samples need --method adapt", options=("samples", "method"))
     if method == "adapt" and time_budget_min == 0 and samples > 1:
-        raise MedILError("with a time budget of 0 the pre-trained network alone runs: it is deterministic, one sample", options=("samples",))
+        raise MedILError(
+            "with a time budget of 0 the pre-trained network alone runs: it is deterministic, one sample", options=("samples",)
+        )
     stacks = check_stacks(volumes, slice_thickness, allow_mixed)
     if motions is not None:  # known motions (e.g. from an earlier registration): the starting point, or fixed without `register`
         for s, m in zip(stacks, motions):
             s.motion = np.asarray(m, dtype=np.float64)
     target = (target or common_grid(stacks)).validate("the output grid")
     memory = MemoryPlan.start(max_memory_gb, spill_allowed=False)
-    memory.hold("volumes", (4 + len(stacks) + (2 if samples > 1 else 0)) * 4.0 * target.num_voxels)
+    # the volume, its step, the preconditioner and a copy; the stacks' interpolants; adapt: each seed's estimate,
+    # their sum, one stack's refined estimate and its resampling
+    memory.hold("volumes", (4 + len(stacks) + (samples + 3 if method == "adapt" else 0)) * 4.0 * target.num_voxels)
     memory.hold("stacks", sum(8.0 * s.volume.array.size for s in stacks))
     memory.working_bytes(f"the volumes of a {len(stacks)}-stack reconstruction onto {target.shape} alone")
     dev = resolve_device(device)
@@ -519,7 +528,9 @@ def multistack_superres(
         lo, hi = 0.75 + 0.23 * r / SLICE_ROUNDS, 0.75 + 0.23 * (r + 1) / SLICE_ROUNDS
         for k, (s, y) in enumerate(zip(stacks, ys)):
             check_cancel(cancel)
-            report(progress, lo + 0.7 * (hi - lo) * k / len(stacks), f"registering each slice of stack {k + 1}/{len(stacks)} (round {r + 1})")
+            report(
+                progress, lo + 0.7 * (hi - lo) * k / len(stacks), f"registering each slice of stack {k + 1}/{len(stacks)} (round {r + 1})"
+            )
             seen = Volume(_blur_along(current, target, s), target.affine)
             parts, moved = register_slices(s, y[0, 0].cpu().numpy(), seen, seed=1000 * k, start=previous.get(k))
             previous[k] = [p.motion for p, _ in parts]
@@ -570,7 +581,9 @@ def multistack_superres(
         from .runtime import resolve_precision
 
         net_dtype = resolve_precision(precision, dev) if dev.type == "cuda" else torch.float32
-        meta.update(samples=samples, seed=seed, time_budget_min=time_budget_min, adaptation=runs, precision=str(net_dtype).replace("torch.", ""))
+        meta.update(
+            samples=samples, seed=seed, time_budget_min=time_budget_min, adaptation=runs, precision=str(net_dtype).replace("torch.", "")
+        )
         prior = prior_ref(ref.modality)
         meta["models"] = [prior] if prior else []
     if std is not None:
