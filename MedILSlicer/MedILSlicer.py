@@ -6,7 +6,6 @@ computing happens in ``medil_backend``, run as a separate process by
 without the application).
 """
 
-import json
 import os
 import sys
 from typing import Annotated
@@ -112,6 +111,26 @@ class MedILSlicerParameterNode:
     sampleSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
     sampleCount: Annotated[int, WithinRange(1, 100)] = 1
     sampleSteps: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the model's own step count (its card)
+
+
+def describeDone(event: dict) -> str:
+    """The backend's closing summary (``medil ... --progress json``) as a line or two for the panel's log."""
+    parts = []
+    if event.get("shape"):
+        spacing = event.get("spacing") or []
+        parts.append(
+            "x".join(str(n) for n in event["shape"]) + (" voxels of " + " x ".join(f"{v:.3g}" for v in spacing) + " mm" if spacing else "")
+        )
+    if isinstance(event.get("seconds"), (int, float)):
+        parts.append(f"{event['seconds']:.0f} s")
+    if event.get("method"):
+        parts.append(f"method {event['method']}")
+    if event.get("stacks"):
+        parts.append(f"{event['stacks']} stacks")
+    lines = ["done: " + ", ".join(parts) if parts else "done"]
+    if event.get("modality_guess"):
+        lines.append(str(event["modality_guess"]))
+    return "\n".join(lines)
 
 
 def outputSpaceFromParameters(p) -> OutputSpace:
@@ -375,7 +394,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif "log" in event:
             self.log(event["log"])
         elif event.get("done"):
-            self.log(f"done: {json.dumps(event)}")
+            self.log(describeDone(event))
 
     def onApplyButton(self) -> None:
         if self._job is not None:

@@ -107,6 +107,14 @@ class qMRMLCheckableNodeComboBox(qMRMLNodeComboBox):
             item = model.item(i)
             item.setFlags(item.flags() | QtCore.Qt.ItemIsUserCheckable)
             item.setCheckState(QtCore.Qt.Checked if self.itemData(i) in checked else QtCore.Qt.Unchecked)
+        self._show_checked()
+
+    def _show_checked(self) -> None:
+        """As Slicer shows it: the checked nodes' names (none: empty), not a current item."""
+        self.blockSignals(True)
+        self.setCurrentIndex(-1)
+        self.blockSignals(False)
+        self.setPlaceholderText(", ".join(n.GetName() for n in self.checkedNodes()))
 
     def checkedNodes(self):
         model = self.model()
@@ -121,6 +129,7 @@ class qMRMLCheckableNodeComboBox(qMRMLNodeComboBox):
         index = self.findData(node.GetID())
         if index >= 0:
             self.model().item(index).setCheckState(state)
+            self._show_checked()
             self.checkedNodesChanged.emit()
 
 

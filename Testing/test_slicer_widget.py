@@ -150,7 +150,9 @@ def test_apply_runs_the_backend_and_adds_a_new_node_each_time(panel):
     out = volumes(scene)[-1]
     assert len(volumes(scene)) == before + 1 and out is not node and out.GetAttribute("MedIL.task") == "reconstruct"
     np.testing.assert_allclose(out.GetSpacing(), 4.0, atol=1e-5)
-    assert progress and max(progress) == 100 and "wrote" in ui.logTextEdit.toPlainText()
+    log = ui.logTextEdit.toPlainText()
+    assert progress and max(progress) == 100 and "wrote" in log
+    assert "done: " in log and " mm" in log and '"done"' not in log  # the backend's summary in words, not its JSON
     assert widget._parameterNode.outputVolume is None and ui.outputSelector.currentNode() is None  # next Apply: a new node
     assert views[0][0] == "layers" and views[0][1]["foreground"] is out
     ui.applyButton.click()

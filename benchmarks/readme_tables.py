@@ -335,6 +335,39 @@ def multistack(name: str) -> str:
     return "\n".join(rows)
 
 
+def multistack_summary() -> str:
+    """README.md's few lines on several stacks: each evaluated case's gains (eval-multistack-*.json) and the
+    whole-head seconds (bench_multistack.json), with the commands."""
+    rows = []
+    for name in ("brain", "ct"):
+        path = RESULTS / f"eval-multistack-{name}.json"
+        if not path.exists():
+            continue
+        d = json.loads(path.read_text())
+        for v in d["volumes"]:
+            for case in v["cases"]:
+                m = case["methods"]
+                best = m.get("multistack_adapt", m["multistack"])
+                parts = [f"{best['psnr'] - m['bspline_best_single']['psnr']:+.2f} dB over B-spline of the best single stack"]
+                if "adapt_best_single" in m:
+                    parts.append(f"{best['psnr'] - m['adapt_best_single']['psnr']:+.2f} dB over single-stack adapt")
+                worst = max(e["rotation_deg"] for e in case["motion_error"])
+                shift = max(e["translation_mm"] for e in case["motion_error"])
+                rows.append(
+                    f"- {v['name']} (held out), three {case['thick_mm']:g} mm stacks with about 5 degrees / 4-5 mm of motion: "
+                    f"{', '.join(parts)}; motion recovered to {worst:.2f} degrees / {shift:.2f} mm."
+                )
+        rows.append(f"  (`{d['command'].split(' --json')[0]}`)")
+    bench = RESULTS / "bench_multistack.json"
+    if bench.exists():
+        d = json.loads(bench.read_text())
+        times = ", ".join(f"{k} {m['medil_superres_seconds'] / 60:.1f} min" for k, m in d.get("methods", {}).items())
+        rows.append(
+            f"- A whole head ({'x'.join(map(str, d['output_shape']))} at 1 mm) from three 4 mm stacks on {d['machine']['cpus']} CPU cores: {times} (`python benchmarks/bench_multistack.py`)."
+        )
+    return "\n".join(rows)
+
+
 def multistack_speed() -> str:
     d = json.loads((RESULTS / "bench_multistack.json").read_text())
     shape = "x".join(map(str, d["output_shape"]))
@@ -410,6 +443,8 @@ def main() -> None:
             sections.append((f"multistack-{name}", multistack(name)))
     if (RESULTS / "bench_multistack.json").exists():
         sections.append(("multistack-speed", multistack_speed()))
+    if any((RESULTS / f"eval-multistack-{n}.json").exists() for n in ("brain", "ct")):
+        sections.append(("multistack-summary", multistack_summary()))
     if (RESULTS / "bench_slice_motion.json").exists():
         sections.append(("slice-motion", slice_motion()))
     if (RESULTS / "bench_batch.json").exists():
