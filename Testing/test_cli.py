@@ -277,3 +277,13 @@ def test_outputs_say_they_are_ai_generated(small_mri, tmp_path, model_dir, capsy
     (tmp_path / "p.json").write_text("mine")
     rc, _, err = run(["reconstruct", small_mri, tmp_path / "p.nii.gz", "--model", "tiny", "--progress", "none"], capsys)
     assert rc == 1 and "p.json already exists" in err and (tmp_path / "p.json").read_text() == "mine"
+
+
+def test_every_measured_table_in_the_documents_is_what_the_results_render():
+    """README.md, SECURITY.md and docs/: each marked section equals what benchmarks/readme_tables.py renders from
+    benchmarks/results/*.json (no figure typed in by hand, no result left unrendered)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "readme_tables.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

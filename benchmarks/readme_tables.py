@@ -1,19 +1,23 @@
 """Write the README's measured tables from the JSON results in benchmarks/results/.
 
     python benchmarks/readme_tables.py          # rewrites the marked sections of README.md, SECURITY.md and docs/*.md
+    python benchmarks/readme_tables.py --check  # writes nothing; exit 1 if a document differs from what the results render
 
 Sections: ``quality-brain`` / ``quality-ct`` (``medil evaluate`` mean tables and the
 targets, from ``eval-brain.json`` / ``eval-ct.json``), ``superres-brain`` / ``superres-ct``
 (``eval-superres-*.json``), ``superres-speed`` (``bench_superres.json``), ``speed``
 (``bench_reconstruct.json``), ``generative-brain`` (``eval-generative-brain.json``, and
 ``eval-generative-brain-previous.json`` for the model it replaced) and
-``sample-speed`` (``bench_sample.json``); in SECURITY.md, ``fuzz-outcomes`` (``fuzz_inputs.json``).
+``sample-speed`` (``bench_sample.json``); ``multistack-*``, ``multistack-speed``, ``multistack-summary``
+(``eval-multistack-*.json``, ``bench_multistack.json``), ``slice-motion`` (``bench_slice_motion.json``),
+``batch_speed`` (``bench_batch.json``); in SECURITY.md, ``fuzz-outcomes`` (``fuzz_inputs.json``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -417,7 +421,10 @@ DOCUMENTS = [
 ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Render every marked section; ``--check``: write nothing, exit 1 naming the documents that differ from
+    what the results render (a figure edited by hand, or results newer than the documents)."""
+    check = "--check" in (sys.argv[1:] if argv is None else argv)
     sections = [("quality-brain", quality("brain")), ("quality-ct", quality("ct")), ("speed", speed())]
     for name in ("brain", "ct", "generative-brain", "quick-brain", "quick-ct"):
         if (RESULTS / f"eval-superres-{name}.json").exists():
@@ -457,10 +464,15 @@ def main() -> None:
             raise SystemExit(f"no document has a <!-- {name}:start --> ... <!-- {name}:end --> section")
         for doc in found:
             texts[doc] = pattern.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), texts[doc])
-    for doc, body in texts.items():
-        if doc.read_text() != body:
-            doc.write_text(body)
+    stale = [doc for doc, body in texts.items() if doc.read_text() != body]
+    if check:
+        for doc in stale:
+            print(f"{doc.relative_to(REPO)} differs from what benchmarks/results renders: run python benchmarks/readme_tables.py")
+        return 1 if stale else 0
+    for doc in stale:
+        doc.write_text(texts[doc])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
