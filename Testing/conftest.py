@@ -164,6 +164,28 @@ def _utf8_locale():
                 continue
 
 
+def head_stack_files(folder: Path, size: int = 48) -> list[Path]:
+    """Three orthogonal 4 mm stacks (NRRD) of a ``size`` mm cube of a real 1 mm T1 head (the centre of the pydeface
+    mean head), the second and third moved by 2-3 degrees and about 1.5 mm."""
+    from medil_backend.geometry import Volume
+    from medil_backend.io import read_volume, write_volume
+    from medil_backend.simulate_stacks import orthogonal_stacks, rigid
+
+    head = read_volume(shared("mri/pydeface_mean_head_t1.nii.gz"))
+    s = [(n - size) // 2 for n in head.array.shape]
+    head = Volume(
+        np.ascontiguousarray(head.array[s[0] : s[0] + size, s[1] : s[1] + size, s[2] : s[2] + size]).astype(np.float32),
+        head.grid.sub_grid(s, [a + size for a in s]).affine,
+        modality="mri",
+    )
+    c = head.grid.voxel_to_world(np.array([[(size - 1) / 2.0] * 3]))[0]
+    paths = []
+    for k, v in enumerate(orthogonal_stacks(head, 4, [np.eye(4), rigid([2, 0, -1], [1, -1, 0], c), rigid([0, -2, 1], [0, 1, 1], c)])):
+        paths.append(folder / f"stack{k}.nrrd")
+        write_volume(v, paths[-1])
+    return paths
+
+
 def load_node(scene, path):
     """A real vtkMRMLScalarVolumeNode read from ``path`` by a real storage node (needs the slicer-core wheel)."""
     import slicer

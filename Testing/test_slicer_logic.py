@@ -112,20 +112,9 @@ def test_superres_samples_give_an_uncertainty_node(scene, tmp_path):
 def test_superres_of_several_stack_nodes_matches_cli_and_adds_a_coverage_node(scene, tmp_path):
     """Three thick-slice stacks as real MRML nodes (from a real 1 mm head, moved between stacks): one
     super-resolved node, as `medil superres STACK1 STACK2 STACK3` makes it, and a coverage node."""
-    from medil_backend.simulate_stacks import orthogonal_stacks, rigid
+    from conftest import head_stack_files
 
-    head = read_volume(shared("mri/pydeface_mean_head_t1.nii.gz"))
-    s = [(n - 48) // 2 for n in head.array.shape]
-    head = Volume(
-        np.ascontiguousarray(head.array[s[0] : s[0] + 48, s[1] : s[1] + 48, s[2] : s[2] + 48]).astype(np.float32),
-        head.grid.sub_grid(s, [a + 48 for a in s]).affine,
-        modality="mri",
-    )
-    c = head.grid.voxel_to_world(np.array([[23.5, 23.5, 23.5]]))[0]
-    paths = []
-    for k, v in enumerate(orthogonal_stacks(head, 4, [np.eye(4), rigid([2, 0, -1], [1, -1, 0], c), rigid([0, -2, 1], [0, 1, 1], c)])):
-        paths.append(tmp_path / f"stack{k}.nrrd")
-        write_volume(v, paths[-1])
+    paths = head_stack_files(tmp_path)
     nodes = [load_node(scene, p) for p in paths]
     before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     out = MedILLogicCore().process(nodes[0], OutputSpace(), task="superres", method="fast", stackNodes=nodes[1:])

@@ -169,26 +169,11 @@ def test_several_stacks_checked_in_the_panel_become_one_volume_its_uncertainty_a
     """Super-resolve with "More stacks" checked: the input volume and the checked stacks (real MRML nodes of one
     real head, moved between stacks) go to the backend together; the result, its uncertainty (two networks)
     and its coverage map come back as nodes."""
-    from conftest import shared
-
-    from medil_backend.geometry import Volume
-    from medil_backend.io import read_volume, write_volume
-    from medil_backend.simulate_stacks import orthogonal_stacks, rigid
+    from conftest import head_stack_files
 
     app, widget, scene, node, dialogs, views = panel
     ui = raw_ui(widget)
-    head = read_volume(shared("mri/pydeface_mean_head_t1.nii.gz"))
-    s = [(n - 48) // 2 for n in head.array.shape]
-    head = Volume(
-        np.ascontiguousarray(head.array[s[0] : s[0] + 48, s[1] : s[1] + 48, s[2] : s[2] + 48]).astype(np.float32),
-        head.grid.sub_grid(s, [a + 48 for a in s]).affine,
-        modality="mri",
-    )
-    c = head.grid.voxel_to_world(np.array([[23.5, 23.5, 23.5]]))[0]
-    stacks = []
-    for k, v in enumerate(orthogonal_stacks(head, 4, [np.eye(4), rigid([2, 0, -1], [1, -1, 0], c), rigid([0, -2, 1], [0, 1, 1], c)])):
-        write_volume(v, tmp_path / f"stack{k}.nrrd")
-        stacks.append(load_node(scene, tmp_path / f"stack{k}.nrrd"))
+    stacks = [load_node(scene, p) for p in head_stack_files(tmp_path)]
     ui.inputSelector.setCurrentNode(stacks[0])
     assert ui.taskComboBox.currentText() == "Super-resolve" and ui.extraStacksSelector.isVisibleTo(widget.parent)
     for n in (stacks[0], stacks[1], stacks[2]):  # the input itself, checked too, is not counted twice
