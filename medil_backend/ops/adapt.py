@@ -239,6 +239,17 @@ def load_prior(modality: str) -> dict[str, torch.Tensor] | None:
     return read_weights(PRIOR_DIR / name, str(card["sha256"]), f"prior-{modality}")
 
 
+def starting_weights(modality: str, time_budget_min: float) -> dict[str, torch.Tensor] | None:
+    """:func:`load_prior`, refusing a time budget of 0 (the pre-trained network alone) when there is none."""
+    prior = load_prior(modality)
+    if prior is None and time_budget_min == 0:
+        raise MedILError(
+            f"there is no pre-trained {modality.upper()} network to run without test-time training; give a time budget",
+            options=("time_budget",),
+        )
+    return prior
+
+
 def prior_ref(modality: str) -> tuple[str, str, str] | None:
     """(name, sha256, "prior") of the bundled starting weights for ``modality``, for provenance."""
     card_path = PRIOR_DIR / f"prior-{modality}.json"

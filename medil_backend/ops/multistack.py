@@ -24,7 +24,7 @@ from ..acquisition import AcquisitionOperator
 from ..errors import MedILError
 from ..geometry import Grid, Volume, inside_mask
 from .adapt import prior_ref
-from .runtime import Progress, check_cancel, report, resolve_device
+from .runtime import Progress, check_cancel, report, resolve_device, resolve_precision
 
 #: the most stacks one reconstruction takes
 MAX_STACKS = 10
@@ -40,8 +40,6 @@ SMOOTHNESS_PER_NOISE = 4.0
 MIN_CONTRAST_AGREEMENT = 0.25
 #: the grid step (mm, at least) on which that correlation is measured
 CONTRAST_STEP_MM = 2.0
-#: the fraction of the output grid that must be inside every stack
-MIN_COMMON_FRACTION = 0.01
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: rounds of slice-to-volume registration and joint steps with ``slice_motion``
@@ -65,7 +63,7 @@ class Stack:
         return Grid(self.volume.array.shape, self.motion @ self.volume.affine)
 
 
-def check_stacks(volumes: list[Volume], slice_thickness: float | None = None, allow_mixed: bool = False) -> list[Stack]:
+def check_stacks(volumes: list[Volume], slice_thickness: float | None = None) -> list[Stack]:
     """Stacks from volumes: 2 to :data:`MAX_STACKS`, each with a thick axis, one modality; refuses in one line."""
     from .superres import MAX_THICKNESS_RATIO, slice_axis
 
@@ -81,7 +79,7 @@ def check_stacks(volumes: list[Volume], slice_thickness: float | None = None, al
             raise MedILError(f"slice thickness {thickness:.4g} mm does not fit {name}'s slices", options=("slice_thickness",))
         stacks.append(Stack(v, axis, thickness, np.eye(4)))
     modalities = {s.volume.modality for s in stacks}
-    if len(modalities) > 1 and not allow_mixed:
+    if len(modalities) > 1:
         listed = ", ".join(f"{s.volume.meta.get('name') or f'stack {i + 1}'}: {s.volume.modality.upper()}" for i, s in enumerate(stacks))
         raise MedILError(
             f"the stacks are not all of one modality ({listed}); combine stacks of one modality and contrast "
@@ -182,12 +180,10 @@ def register_rigid(
     moving: Volume,
     initial: np.ndarray | None = None,
     seed: int = 0,
-    moving_mask: np.ndarray | None = None,
     one_slice: bool = False,
 ) -> np.ndarray:
     """The rigid world RAS transform ``T`` (4x4) that maps points of ``fixed`` onto the same anatomy in
-    ``moving`` (SimpleITK, correlation, three resolutions); ``initial``: a starting ``T``;
-    ``moving_mask``: where ``moving`` holds data (elsewhere it is not compared); ``one_slice``: ``fixed`` is a
+    ``moving`` (SimpleITK, correlation, three resolutions); ``initial``: a starting ``T``; ``one_slice``: ``fixed`` is a
     single slice (two resolutions, no smoothing: ITK cannot smooth across one voxel)."""
     import SimpleITK as sitk
 
@@ -214,8 +210,6 @@ def register_rigid(
     reg.SetSmoothingSigmasPerLevel([0.0, 0.0] if one_slice else [2.0, 1.0, 0.0])
     reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(True)
     reg.SetInitialTransform(tx, inPlace=True)
-    if moving_mask is not None:
-        reg.SetMetricMovingMask(to_sitk(np.asarray(moving_mask, np.uint8), moving.affine))
     reg.Execute(f, m)
     lps = np.eye(4)
     lps[:3, :3] = np.array(tx.GetMatrix()).reshape(3, 3)
@@ -340,7 +334,7 @@ def _sirt(x, ys, ops, weights, steps: int, alpha: float, cancel, progress, span)
 
 def learned_start(
     stacks: list[Stack],
-    ys: list[torch.Tensor],
+    arrays: list[np.ndarray],
     target: Grid,
     profile: str,
     time_budget_min: float,
@@ -350,26 +344,17 @@ def learned_start(
     span: tuple[float, float],
     cancel,
     device: torch.device,
-    precision: str,
+    dtype: torch.dtype,
 ) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
     """``adapt`` on several stacks: for each seed, one network (from the bundled prior) trained on every stack's
     in-plane slices degraded as that stack's slices were acquired, applied to each stack through-plane (on its
     own grid refined along its slice axis to the output's step, in the reference frame), the results put on
     ``target`` (B-spline) and averaged where each stack holds data. Returns the mean over seeds (normalised
     intensities), their standard deviation (None for one seed) and each network's training record."""
-    from .adapt import apply_adapter, load_prior, refined_along, train_adapter
+    from .adapt import apply_adapter, refined_along, starting_weights, train_adapter
     from .interpolate import resample_sitk
-    from .runtime import resolve_precision
 
-    modality = stacks[0].volume.modality
-    prior = load_prior(modality)
-    if prior is None and time_budget_min == 0:
-        raise MedILError(
-            f"there is no pre-trained {modality.upper()} network to run without test-time training; give a time budget",
-            options=("time_budget",),
-        )
-    dtype = resolve_precision(precision, device) if device.type == "cuda" else torch.float32
-    arrays = [y[0, 0].cpu().numpy() for y in ys]
+    prior = starting_weights(stacks[0].volume.modality, time_budget_min)
     sources = [(a, s.volume.grid, s.axis, s.thickness) for a, s in zip(arrays, stacks)]
     inside = [inside_mask(s.grid, target).astype(np.float32) for s in stacks]
     weight = np.maximum(sum(inside), 1.0)
@@ -407,7 +392,6 @@ def multistack_superres(
     slice_profile: str = "rect",
     register: bool = True,
     motions: list[np.ndarray] | None = None,
-    allow_mixed: bool = False,
     max_memory_gb: float | None = None,
     progress: Progress | None = None,
     cancel=None,
@@ -444,13 +428,10 @@ def multistack_superres(
         raise MedILError(f"rounds of registration and reconstruction must be 1 to 20, not {rounds}", options=("iterations",))
     if method not in ("fast", "adapt"):
         raise MedILError(f"several stacks are combined by the fast or adapt method, not {method!r}", options=("method",))
-    if samples > 1 and method != "adapt":
-        raise MedILError("the joint reconstruction is deterministic: several samples need --method adapt", options=("samples", "method"))
-    if method == "adapt" and time_budget_min == 0 and samples > 1:
-        raise MedILError(
-            "with a time budget of 0 the pre-trained network alone runs: it is deterministic, one sample", options=("samples",)
-        )
-    stacks = check_stacks(volumes, slice_thickness, allow_mixed)
+    from .superres import check_sampling
+
+    check_sampling(method, samples, time_budget_min)
+    stacks = check_stacks(volumes, slice_thickness)
     if motions is not None:  # known motions (e.g. from an earlier registration): the starting point, or fixed without `register`
         for s, m in zip(stacks, motions):
             s.motion = np.asarray(m, dtype=np.float64)
@@ -463,13 +444,13 @@ def multistack_superres(
     memory.working_bytes(f"the volumes of a {len(stacks)}-stack reconstruction onto {target.shape} alone")
     dev = resolve_device(device)
     norms = [fit_normalizer(np.asarray(s.volume.array, np.float32), s.volume.modality) for s in stacks]
-    ys = [
-        torch.from_numpy(np.ascontiguousarray(n.forward(np.asarray(s.volume.array, np.float32))))[None, None].to(dev)
-        for n, s in zip(norms, stacks)
-    ]
+    # each stack's normalised voxels: on the host (registration, interpolants) and on the device (the joint steps)
+    host = [np.ascontiguousarray(n.forward(np.asarray(s.volume.array, np.float32))) for n, s in zip(norms, stacks)]
+    ys = [torch.from_numpy(a)[None, None].to(dev) for a in host]
+    net_dtype = resolve_precision(precision, dev) if dev.type == "cuda" else torch.float32  # adapt's network
     t0 = time.perf_counter()
     report(progress, 0.0, "comparing the stacks' contrast")
-    agreement = contrast_agreement(stacks, [y[0, 0].cpu().numpy() for y in ys], target)
+    agreement = contrast_agreement(stacks, host, target)
     for k, r in enumerate(agreement, start=2):
         if r is not None and r < MIN_CONTRAST_AGREEMENT:
             name = stacks[k - 1].volume.meta.get("name") or f"stack {k}"
@@ -484,16 +465,16 @@ def multistack_superres(
     def interpolants() -> np.ndarray:
         acc = np.zeros(target.shape, np.float32)
         weight = np.zeros(target.shape, np.float32)
-        for s, y in zip(stacks, ys):
+        for s, a in zip(stacks, host):
             inside = inside_mask(s.grid, target).astype(np.float32)
-            acc += resample_sitk(Volume(y[0, 0].cpu().numpy(), s.grid.affine), target, "bspline").array * inside
+            acc += resample_sitk(Volume(a, s.grid.affine), target, "bspline").array * inside
             weight += inside
         return acc / np.maximum(weight, 1.0)
 
     # the first round registers every stack to the reference stack's own interpolant (the mean of
     # unregistered stacks would blur the very misalignment being measured); later rounds, to the volume
     reference = resample_sitk(Volume(ys[0][0, 0].cpu().numpy(), stacks[0].grid.affine), target, "bspline").array
-    noise = [noise_level(y[0, 0].cpu().numpy(), s.axis) for s, y in zip(stacks, ys)]
+    noise = [noise_level(a, s.axis) for s, a in zip(stacks, host)]
     alpha = SMOOTHNESS_PER_NOISE * float(np.mean(noise))
     x = torch.from_numpy(interpolants())[None, None].to(dev)
     residuals: list[float] = []
@@ -503,19 +484,19 @@ def multistack_superres(
         span = (0.05 + share * r / rounds, 0.05 + share * (r + 1) / rounds)
         if register and len(stacks) > 1:
             current = Volume(reference if r == 0 else x[0, 0].cpu().numpy(), target.affine)
-            for k, (s, y) in enumerate(zip(stacks, ys)):
+            for k, (s, a) in enumerate(zip(stacks, host)):
                 check_cancel(cancel)
                 if k == 0:
                     continue  # the first stack is the reference frame
                 report(progress, span[0], f"registering stack {k + 1}/{len(stacks)} (round {r + 1}/{rounds})")
                 # the reference stack's interpolant is already blurred along its own slices; the volume is sharp
                 seen = current if r == 0 else Volume(_blur_along(current.array, target, s), target.affine)
-                s.motion = register_rigid(Volume(y[0, 0].cpu().numpy(), s.volume.affine), seen, initial=s.motion, seed=k)
+                s.motion = register_rigid(Volume(a, s.volume.affine), seen, initial=s.motion, seed=k)
             x = torch.from_numpy(interpolants())[None, None].to(dev)  # each round starts from its registered stacks
         if method == "adapt" and r == int(rounds) - 1:  # the last round starts from the stacks' learned upsampling
             start, std, runs = learned_start(
-                stacks, ys, target, slice_profile, time_budget_min, samples, seed, progress, (span[0], span[0] + 0.3 * (span[1] - span[0])),
-                cancel, dev, precision,
+                stacks, host, target, slice_profile, time_budget_min, samples, seed, progress, (span[0], span[0] + 0.3 * (span[1] - span[0])),
+                cancel, dev, net_dtype,
             )  # fmt: skip
             x = torch.from_numpy(start)[None, None].to(dev)
         ops = _operators(stacks, target, slice_profile)
@@ -526,13 +507,13 @@ def multistack_superres(
         current = x[0, 0].cpu().numpy()
         pieces, slice_moves = [], []
         lo, hi = 0.75 + 0.23 * r / SLICE_ROUNDS, 0.75 + 0.23 * (r + 1) / SLICE_ROUNDS
-        for k, (s, y) in enumerate(zip(stacks, ys)):
+        for k, (s, a) in enumerate(zip(stacks, host)):
             check_cancel(cancel)
             report(
                 progress, lo + 0.7 * (hi - lo) * k / len(stacks), f"registering each slice of stack {k + 1}/{len(stacks)} (round {r + 1})"
             )
             seen = Volume(_blur_along(current, target, s), target.affine)
-            parts, moved = register_slices(s, y[0, 0].cpu().numpy(), seen, seed=1000 * k, start=previous.get(k))
+            parts, moved = register_slices(s, a, seen, seed=1000 * k, start=previous.get(k))
             previous[k] = [p.motion for p, _ in parts]
             rel = [np.linalg.inv(s.motion) @ p.motion for p, _ in parts]
             slice_moves.append(
@@ -578,9 +559,6 @@ def multistack_superres(
         "coverage": Volume(count, target.affine, modality=ref.modality),
     }
     if method == "adapt":
-        from .runtime import resolve_precision
-
-        net_dtype = resolve_precision(precision, dev) if dev.type == "cuda" else torch.float32
         meta.update(
             samples=samples, seed=seed, time_budget_min=time_budget_min, adaptation=runs, precision=str(net_dtype).replace("torch.", "")
         )

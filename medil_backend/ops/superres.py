@@ -99,6 +99,24 @@ def _consistent(
     return xt[0, 0].cpu().numpy(), before, after
 
 
+def check_sampling(method: str, samples: int, time_budget_min: float) -> None:
+    """The rules on samples and the time budget shared by one stack and several: 1 to 50 samples, several only for
+    a method that draws; a budget of 0 to 1440 minutes, 0 (the pre-trained network alone: one deterministic
+    sample) only for ``adapt``."""
+    if not (isinstance(samples, int) and 1 <= samples <= 50):
+        raise MedILError(f"samples must be a whole number from 1 to 50, got {samples!r}", options=("samples",))
+    if samples > 1 and method == "fast":
+        raise MedILError("the fast method is deterministic: several samples need --method adapt or cycles", options=("samples", "method"))
+    if not (np.isfinite(time_budget_min) and 0 <= time_budget_min <= 24 * 60):
+        raise MedILError(f"the time budget must be 0 to 1440 minutes, got {time_budget_min!r}", options=("time_budget",))
+    if time_budget_min == 0 and method != "adapt":
+        raise MedILError("a time budget of 0 (no test-time training) is a setting of the adapt method", options=("time_budget", "method"))
+    if time_budget_min == 0 and samples > 1:
+        raise MedILError(
+            "with a time budget of 0 the pre-trained network alone runs: it is deterministic, one sample", options=("samples",)
+        )
+
+
 def superres(
     volume: Volume,
     target: Grid | None = None,
@@ -153,8 +171,7 @@ def superres(
         raise MedILError(f"super-resolution method {method!r} is not available; choose one of {', '.join(METHODS)}", options=("method",))
     if not (isinstance(iterations, int) and 0 <= iterations <= 100):
         raise MedILError(f"iterations must be a whole number from 0 to 100, got {iterations!r}", options=("iterations",))
-    if not (isinstance(samples, int) and 1 <= samples <= 50):
-        raise MedILError(f"samples must be a whole number from 1 to 50, got {samples!r}", options=("samples",))
+    check_sampling(method, samples, time_budget_min)
     if not (isinstance(max_iterations, int) and 1 <= max_iterations <= 100000):
         raise MedILError(f"max_iterations must be a whole number from 1, got {max_iterations!r}", options=("iterations",))
     from .runtime import check_seed
@@ -162,18 +179,8 @@ def superres(
     seed = check_seed(seed, samples)
     if slice_thickness is not None and not (np.isfinite(slice_thickness) and slice_thickness > 0):
         raise MedILError(f"the slice thickness must be a positive number of mm, got {slice_thickness!r}", options=("slice_thickness",))
-    if samples > 1 and method == "fast":
-        raise MedILError("the fast method is deterministic: several samples need --method adapt or cycles", options=("samples", "method"))
     if method == "cycles" and not (0 < strength <= 1 and isinstance(steps, int) and 1 <= steps <= 1000):
         raise MedILError(f"cycles need 0 < strength <= 1 and 1 <= steps <= 1000, got {strength!r} and {steps!r}", options=("steps",))
-    if not (np.isfinite(time_budget_min) and 0 <= time_budget_min <= 24 * 60):
-        raise MedILError(f"the time budget must be 0 to 1440 minutes, got {time_budget_min!r}", options=("time_budget",))
-    if time_budget_min == 0 and method != "adapt":
-        raise MedILError("a time budget of 0 (no test-time training) is a setting of the adapt method", options=("time_budget", "method"))
-    if time_budget_min == 0 and samples > 1:
-        raise MedILError(
-            "with a time budget of 0 the pre-trained network alone runs: it is deterministic, one sample", options=("samples",)
-        )
     from .runtime import resolve_device, resolve_precision
 
     dev = resolve_device(device)
@@ -294,18 +301,13 @@ def superres(
             meta.update(time_budget_min=time_budget_min)
     else:
         from ..intensity import fit_normalizer
-        from .adapt import apply_adapter, load_prior, prior_ref, train_adapter
+        from .adapt import apply_adapter, prior_ref, starting_weights, train_adapter
 
         norm = fit_normalizer(y, volume.modality)
         yn = norm.forward(y)
-        prior = load_prior(norm.modality)
+        prior = starting_weights(norm.modality, time_budget_min)
         if prior is not None:
             meta["models"] = [prior_ref(norm.modality)]
-        elif time_budget_min == 0:
-            raise MedILError(
-                f"there is no pre-trained {norm.modality.upper()} network to run without test-time training; give a time budget",
-                options=("time_budget",),
-            )
         estimates, runs = [], []
         seconds = time_budget_min * 60 * 0.8 / samples
         quick = time_budget_min == 0  # the pre-trained network alone: no test-time steps
