@@ -165,6 +165,15 @@ def test_adapt_on_several_stacks_learns_from_all_of_them_and_maps_its_uncertaint
     assert record["method"]["method"] == "multistack-adapt" and record["seeds"] == [0, 1]
     assert [m["name"] for m in record["models"]] == ["prior-mri"]  # the bundled starting weights, by sha256
     assert record["method"]["samples"] == 2 and len(record["method"]["motions"]) == 3
+    import SimpleITK as sitk
+
+    from medil_backend.io import from_sitk
+
+    for path, ours in ((out, v), (unc, u), (cov, c)):  # what Slicer reads (SimpleITK): the same voxels on the same grid
+        arr, aff = from_sitk(sitk.ReadImage(str(path)))
+        assert arr.shape == ours.array.shape and np.array_equal(arr, ours.array), path.name
+        assert np.max(np.abs(aff - ours.affine)) < 1e-5 and np.max(np.abs(aff - v.affine)) < 1e-5, path.name
+        assert sidecar_path(path).exists(), path.name
 
 
 def test_adapt_adds_learned_detail_to_the_joint_reconstruction(head):
