@@ -10,6 +10,7 @@ targets, from ``eval-brain.json`` / ``eval-ct.json``), ``superres-brain`` / ``su
 ``eval-generative-brain-previous.json`` for the model it replaced) and
 ``sample-speed`` (``bench_sample.json``); ``multistack-*``, ``multistack-speed``, ``multistack-summary``
 (``eval-multistack-*.json``, ``bench_multistack.json``), ``slice-motion`` (``bench_slice_motion.json``),
+``contrast-agreement`` (``contrast_agreement.json``),
 ``batch_speed`` (``bench_batch.json``); in SECURITY.md, ``fuzz-outcomes`` (``fuzz_inputs.json``).
 """
 
@@ -390,6 +391,20 @@ def multistack_speed() -> str:
     return "\n".join(rows)
 
 
+def contrast() -> str:
+    """docs/superres.md's contrast-check evidence (``contrast_agreement.json``)."""
+    d = json.loads((RESULTS / "contrast_agreement.json").read_text())
+    rows = ["| stacks (first / others) | volume | slices | correlation with the first stack |", "|---|---|---|---|"]
+    for c in d["cases"]:
+        rows.append(f"| {c['pair']} | {c['volume']} | {c['thick_mm']} mm | {', '.join(f'{r:.2f}' for r in c['r'])} |")
+    rows += [
+        "",
+        f"One contrast: {d['one_contrast'][0]:.2f} to {d['one_contrast'][1]:.2f}; T1 against T2: {d['different_contrast'][0]:.2f} "
+        f"to {d['different_contrast'][1]:.2f}; refused below {d['threshold']:g}. `python benchmarks/contrast_agreement.py`.",
+    ]
+    return "\n".join(rows)
+
+
 def slice_motion() -> str:
     """docs/superres.md's per-slice motion table (``bench_slice_motion.json``)."""
     d = json.loads((RESULTS / "bench_slice_motion.json").read_text())
@@ -452,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(("multistack-speed", multistack_speed()))
     if any((RESULTS / f"eval-multistack-{n}.json").exists() for n in ("brain", "ct")):
         sections.append(("multistack-summary", multistack_summary()))
+    if (RESULTS / "contrast_agreement.json").exists():
+        sections.append(("contrast-agreement", contrast()))
     if (RESULTS / "bench_slice_motion.json").exists():
         sections.append(("slice-motion", slice_motion()))
     if (RESULTS / "bench_batch.json").exists():

@@ -34,9 +34,8 @@ STEPS_PER_ROUND = 4
 #: stacks with 0, 1 and 3 % noise, where it kept within about 0.5 dB of the best fixed weight for each level
 SMOOTHNESS_PER_NOISE = 4.0
 #: the least intensity correlation between a stack and the first, inside the anatomy both see (blurred to the
-#: slice thickness, away from its edges, before registration). Simulated 4 and 6 mm stacks with 5 degree / 4 mm
-#: motion measured 0.59 to 0.88 for stacks of one contrast (three T1 heads, a T2 brain made from the MNI tissue
-#: maps) and -0.47 to -0.34 for T1 against T2 (figures in docs/superres.md)
+#: slice thickness, away from its edges, before registration); between the ranges measured on simulated stacks
+#: of one contrast and of a T1 against a T2 brain (benchmarks/contrast_agreement.py)
 MIN_CONTRAST_AGREEMENT = 0.25
 #: the grid step (mm, at least) on which that correlation is measured
 CONTRAST_STEP_MM = 2.0
