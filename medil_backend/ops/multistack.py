@@ -253,10 +253,12 @@ def register_slices(
             s.motion = np.asarray(start[i], dtype=np.float64)
         if float((np.abs(part) > 0.1 * peak).mean()) >= SLICE_MIN_SIGNAL:
             before = match(s, part)
-            candidate = Stack(
-                s.volume, s.axis, s.thickness, register_rigid(s.volume, seen, initial=s.motion, seed=seed + i, one_slice=True)
-            )
-            if match(candidate, part) > before:
+            try:
+                found = register_rigid(s.volume, seen, initial=s.motion, seed=seed + i, one_slice=True)
+            except RuntimeError:  # ITK gives up on a slice (too small, or too little overlap): it keeps its motion
+                found = None
+            candidate = None if found is None else Stack(s.volume, s.axis, s.thickness, found)
+            if candidate is not None and match(candidate, part) > before:
                 s, moved = candidate, moved + 1
         out.append((s, part))
     return out, moved
