@@ -55,7 +55,9 @@ def _case(net):
     return x, z_grid, out_grid
 
 
-@pytest.mark.parametrize("changes", [{}, {"guide_decoder": True}, {"kl": True}])
+@pytest.mark.parametrize(
+    "changes", [{}, {"guide_decoder": True}, {"kl": True}, {"kl": True, "global_skip": False, "latent_base": True, "latent_spacing": 3.0}]
+)
 def test_tiled_encode_and_decode_equal_whole(tiny_config, changes):
     net = _net(tiny_config, **changes)
     x, z_grid, out_grid = _case(net)

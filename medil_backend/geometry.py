@@ -148,6 +148,12 @@ class Grid:
         aff[:3, 3] = self.voxel_to_world(start)
         return Grid(tuple(int(b) - int(a) for a, b in zip(start, stop)), aff)
 
+    def shifted(self, offset_voxels: Sequence[float]) -> Grid:
+        """The same grid moved by ``offset_voxels`` (in its own voxel units, may be fractional)."""
+        aff = self.affine.copy()
+        aff[:3, 3] = self.voxel_to_world(np.asarray(offset_voxels, dtype=np.float64))
+        return Grid(self.shape, aff)
+
     def coarsened(self, factor: int) -> Grid:
         """Grid whose voxels are ``factor``^3 blocks of this grid (the decoder's intermediate grid).
 

@@ -12,6 +12,11 @@
   plain MedIL latent (generative models keep it off).
 - ``kl``: the encoder predicts a mean and log-variance (a well-behaved latent for diffusion).
 - ``interp``: the MedIL-Interp ablation (LTEs replaced by trilinear interpolation).
+- ``latent_base`` (a coarse latent plus a detail decoder): latent channel 0 carries the input's
+  box average over each latent cell (plus what the encoder adds to it), and the decoder's output
+  is added to that channel's trilinear interpolation onto the output grid. A fresh network so
+  decodes the head at the latent's resolution, and training spends itself on the detail. The
+  other channels stay free; generative models use it (the compact latent of the diffusion model).
 
 Grids are :class:`~medil_backend.geometry.Grid` objects (pure geometry, no I/O); a batch may
 carry one grid per sample as long as the shapes agree.
@@ -54,6 +59,7 @@ class MedILConfig:
     kl: bool = False
     global_skip: bool = False
     guide_decoder: bool = False
+    latent_base: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -124,6 +130,12 @@ class MedILAutoencoder(nn.Module):
             nn.init.zeros_(self.decoder.head.bias)
         # A guided decoder keeps the default init: a zero (or small) head starves the layers below
         # it of gradient, and the learned residual collapsed to zero in CPU training runs.
+        if c.latent_base:  # start as the base: the decoder's detail and the encoder's change to channel 0 start at zero
+            with torch.no_grad():
+                self.decoder.head.weight.zero_()
+                self.decoder.head.bias.zero_()
+                self.encoder_lte.skip.weight[0].zero_()
+                self.encoder_lte.skip.bias[0].zero_()
 
     def latent_sha256(self) -> str:
         """sha256 of what defines the latent space: the config and the encoder side's weights (encoder
@@ -155,8 +167,33 @@ class MedILAutoencoder(nn.Module):
         return math.ceil(self.decoder.receptive_radius() / self.factor) + 1
 
     def encoder_halo(self) -> int:
-        """Input voxels each side that an encoding tile needs to match whole-volume encoding."""
-        return self.encoder.receptive_radius()
+        """Input voxels each side that an encoding tile needs to match whole-volume encoding.
+
+        The latent base reads half a latent cell and one input voxel around each latent voxel;
+        the encoder's receptive field is wider for every input coarser than a tenth of that cell."""
+        r = self.encoder.receptive_radius()
+        if self.config.latent_base:
+            r = max(r, math.ceil(self.config.latent_spacing / 2) + 2)
+        return r
+
+    #: sample points per axis of a latent cell in the base's box average
+    BASE_POINTS = 4
+
+    def latent_base(self, x: torch.Tensor, x_grids: Sequence[Grid], z_grids: Sequence[Grid]) -> torch.Tensor:
+        """The input's average over each latent voxel's cell (a box of the latent spacing), (B, in, *z_grids[0].shape):
+        the mean of trilinear samples at ``BASE_POINTS``^3 points spread evenly inside the cell."""
+        k = self.BASE_POINTS
+        offsets = (np.arange(k) + 0.5) / k - 0.5
+        total = None
+        for o in [(a, b, c) for a in offsets for b in offsets for c in offsets]:
+            moved = [g.shifted(np.array(o)) for g in z_grids]
+            s = sample_on_grids(x, x_grids, moved)
+            total = s if total is None else total + s
+        return total / k**3
+
+    def base_on(self, z: torch.Tensor, z_grids: Sequence[Grid], grids: Sequence[Grid]) -> torch.Tensor:
+        """Latent channel 0 interpolated trilinearly onto ``grids``: the coarse head the decoder adds its detail to."""
+        return sample_on_grids(z[:, :1], z_grids, grids)
 
     # -- memory model (bytes), used by the tiling engine ------------------------------------------
     def lte_query_bytes(self, lte: LTE3d, queries: float) -> float:
@@ -217,7 +254,12 @@ class MedILAutoencoder(nn.Module):
             feats = self.encoder(x)
         fg = [self.feature_grid(g, feats.shape[2:]) for g in xg]
         with record_function("medil.encoder_lte"):
-            return lte_resample(self.encoder_lte, feats, fg, zg)
+            out = lte_resample(self.encoder_lte, feats, fg, zg)
+        if not self.config.latent_base:
+            return out
+        with record_function("medil.latent_base"):
+            base = self.latent_base(x, xg, zg)
+        return torch.cat([out[:, :1] + base[:, :1], out[:, 1:]], dim=1)
 
     def decode_block(
         self,
@@ -237,7 +279,17 @@ class MedILAutoencoder(nn.Module):
             h = lte_resample(self.decoder_lte, z, zg, ig)
         if not self.config.global_skip:
             with record_function("medil.decoder"):
-                return self.decoder(h)
+                y = self.decoder(h)
+            if not self.config.latent_base:
+                return y
+            with record_function("medil.latent_base"):
+                base = self.base_on(z, zg, [g.refined(self.factor) for g in ig])
+            if torch.is_grad_enabled():
+                return y + base
+            base += y
+            return base
+        if self.config.latent_base:
+            raise ValueError("latent_base and global_skip exclude each other: the decoder adds its detail to one base")
         if skip is None:
             raise ValueError("this model has a global skip: pass skip=(input, input_grid)")
         x, x_grid = skip
