@@ -293,12 +293,23 @@ def main(argv: list[str] | None = None) -> int:
 
         DiffusionCLI(DiffusionLitModule, LatentDataModule, args=argv, save_config_kwargs={"overwrite": True}, seed_everything_default=0)
         return 0
+    if recipe_data_has(argv, "heads"):
+        from .heads import HeadDataModule
+
+        MedILCLI(MedILLitModule, HeadDataModule, args=argv, save_config_kwargs={"overwrite": True}, seed_everything_default=0)
+        return 0
     MedILCLI(MedILLitModule, VolumeDataModule, args=argv, save_config_kwargs={"overwrite": True}, seed_everything_default=0)
     return 0
 
 
 def is_diffusion_recipe(argv: list[str]) -> bool:
     """A recipe whose ``data`` names an ``autoencoder`` trains a latent diffusion model (on that autoencoder's latents)."""
+    return recipe_data_has(argv, "autoencoder")
+
+
+def recipe_data_has(argv: list[str], key: str) -> bool:
+    """Whether the recipe given by ``--config`` has ``key`` in its ``data`` block: ``autoencoder`` (a latent diffusion
+    recipe) or ``heads`` (an autoencoder trained on heads made on the fly, :mod:`.heads`)."""
     import yaml
 
     for i, arg in enumerate(argv):
@@ -308,7 +319,7 @@ def is_diffusion_recipe(argv: list[str]) -> bool:
                 conf = yaml.safe_load(Path(path).read_text()) or {}
             except yaml.YAMLError:
                 return False
-            if isinstance(conf, dict) and isinstance(conf.get("data"), dict) and "autoencoder" in conf["data"]:
+            if isinstance(conf, dict) and isinstance(conf.get("data"), dict) and key in conf["data"]:
                 return True
     return False
 
