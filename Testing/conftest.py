@@ -198,3 +198,32 @@ def load_node(scene, path):
     assert storage.ReadData(node) == 1
     node.SetName(Path(path).name.split(".")[0])
     return node
+
+
+def write_dicom_series(
+    folder: Path, array: np.ndarray, grid, modality: str = "MR", series_uid: str = "1.2.826.0.1.3680043.2.1125.1.999"
+) -> Path:
+    """``array`` (int16, on the RAS ``grid``) written by SimpleITK as a DICOM series, one file per slice of the last axis."""
+    import SimpleITK as sitk
+
+    from medil_backend.geometry import Grid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lg = Grid(array.shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ grid.affine)
+    img = sitk.GetImageFromArray(np.asarray(array, np.int16).transpose(2, 1, 0))
+    img.SetSpacing(lg.spacing.tolist())
+    img.SetDirection(lg.direction.ravel().tolist())
+    img.SetOrigin(lg.origin.tolist())
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = img.GetDirection()
+    tags = {"0020|000e": series_uid, "0020|0037": "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7]))), "0008|0060": modality}
+    for k in range(img.GetDepth()):
+        s = img[:, :, k]
+        for tag, value in tags.items():
+            s.SetMetaData(tag, value)
+        s.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
+        s.SetMetaData("0020|0013", str(k))
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(s)
+    return folder

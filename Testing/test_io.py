@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared
+from conftest import shared, write_dicom_series
 
 from medil_backend.errors import MedILError
 from medil_backend.geometry import Grid, Volume
@@ -60,30 +60,7 @@ def test_dicom_series_round_trip(tmp_path):
     v = read_volume(shared("mri/itk_t1_2x2x3mm.nii.gz"))
     arr = v.array[::2, ::2, ::2].astype(np.int16)
     grid = Grid(arr.shape, v.affine @ np.diag([2.0, 2.0, 2.0, 1.0]))
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ grid.affine
-    lg = Grid(arr.shape, lps)
-    img = sitk.GetImageFromArray(arr.transpose(2, 1, 0))
-    img.SetSpacing(lg.spacing.tolist())
-    img.SetDirection(lg.direction.ravel().tolist())
-    img.SetOrigin(lg.origin.tolist())
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = img.GetDirection()
-    series_tags = {
-        "0020|000e": "1.2.826.0.1.3680043.2.1125.1.999",
-        "0020|0037": "\\".join(map(str, (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7]))),
-        "0008|0060": "MR",
-    }
-    for k in range(img.GetDepth()):
-        s = img[:, :, k]
-        for tag, value in series_tags.items():
-            s.SetMetaData(tag, value)
-        s.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
-        s.SetMetaData("0020|0013", str(k))
-        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
-        writer.Execute(s)
+    folder = write_dicom_series(tmp_path / "dicom", arr, grid)
     back = read_volume(folder)
     assert back.grid.same_as(grid, atol=1e-4), (back.grid, grid)
     np.testing.assert_array_equal(back.array, arr)
@@ -118,13 +95,12 @@ def test_2d_and_4d_refused(tmp_path):
         read_volume(tmp_path / "series.nii")
 
 
-def test_nan_voxels_refused(tmp_path):
+def test_a_volume_of_nan_is_refused(tmp_path):
+    """NaN outside a field of view is background (Testing/test_real_files.py); a volume with no finite voxel is refused."""
     import nibabel as nib
 
-    a = np.ones((4, 4, 4), np.float32)
-    a[1, 2, 3] = np.nan
-    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "nan.nii")
-    with pytest.raises(MedILError, match="non-finite"):
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), np.inf, np.float32), np.eye(4)), tmp_path / "nan.nii")
+    with pytest.raises(MedILError, match="no finite voxel"):
         read_volume(tmp_path / "nan.nii")
 
 

@@ -90,6 +90,8 @@ def _add_task_parser(sub, spec, batch: bool = False) -> argparse.ArgumentParser:
     c = p.add_argument_group("run")
     for o in CONTEXT_OPTIONS:
         c.add_argument(o.flag, type=o.type, default=o.default, choices=list(o.choices) or None, metavar=o.metavar, help=o.help)
+    if not batch:
+        _add_nifti_geometry(c)
     if batch:
         _add_batch_options(p)
     else:
@@ -98,6 +100,16 @@ def _add_task_parser(sub, spec, batch: bool = False) -> argparse.ArgumentParser:
         "--progress", default="bar", choices=["bar", "json", "none"], help="progress display (json: one JSON object a line on stdout)"
     )
     return p
+
+
+def _add_nifti_geometry(group) -> None:
+    group.add_argument(
+        "--nifti-geometry",
+        choices=["sform", "qform"],
+        default=None,
+        help="a NIfTI input (or --like reference) whose qform and sform disagree is placed by its sform (default, the NIfTI-1 "
+        "standard) or by its qform (where Slicer shows it so)",
+    )
 
 
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
@@ -222,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
     i.add_argument("--max-memory", type=float, default=None, metavar="GB", help="read the voxels only if they fit (default 3 GB)")
+    _add_nifti_geometry(i)
     return ap
 
 
@@ -503,7 +516,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .intensity import guess_modality
+    from .intensity import explain_modality
     from .io import read_grid, read_volume
 
     g = read_grid(args.file)
@@ -516,6 +529,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "oblique": bool(not np.allclose(np.abs(g.direction), np.round(np.abs(g.direction)), atol=1e-4)),
         "origin_ras_mm": [round(float(o), 4) for o in g.origin],
         "extent_ras_mm": [[round(float(a), 3), round(float(b), 3)] for a, b in zip(lo, hi)],
+        "affine_ras": [[round(float(x), 6) for x in row] for row in g.affine],
     }
     try:  # the voxels, when they fit the memory limit (a header can declare any size)
         v = read_volume(args.file, max_memory_gb=args.max_memory)
@@ -524,11 +538,16 @@ def cmd_info(args: argparse.Namespace) -> int:
             raise
         info.update(dtype=None, intensity_range=None, modality_guess=None, voxels_not_read=str(exc))
     else:
+        modality, why = explain_modality(v.array, v.meta.get("dicom_modality"))
         info.update(
             dtype=str(v.array.dtype),
             intensity_range=[float(v.array.min()), float(v.array.max())],
-            modality_guess=guess_modality(v.array),
+            modality_guess=modality,
+            modality_reason=why,
         )
+        for key in ("non_finite_voxels", "read_as"):
+            if key in v.meta:
+                info[key] = v.meta[key]
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -720,8 +739,11 @@ def _main(argv: Sequence[str] | None) -> int:
         "export": cmd_export,
         "batch": cmd_batch,
     }
+    from .io import nifti_geometry
+
     try:
-        return handlers[args.command](args)
+        with nifti_geometry(getattr(args, "nifti_geometry", None)):
+            return handlers[args.command](args)
     except Cancelled as exc:
         print(f"medil: {exc}", file=sys.stderr)
         return 130

@@ -223,6 +223,18 @@ def parse_metaio(path: Path) -> MetaHeader:
         csize = _whole(fields["CompressedDataSize"], "CompressedDataSize", path, 0, 1 << 62)
     spacing = _number_list(fields.get("ElementSpacing", fields.get("ElementSize", " ".join(["1"] * ndims))), ndims, "ElementSpacing", path)
     origin = _number_list(fields.get("Offset", " ".join(["0"] * ndims)), ndims, "Offset", path)
+    # fields MedIL does not use but ITK's MetaIO parses as NDims numbers: with fewer values, MetaIO reads on into the next
+    # lines (so ITK, and Slicer, take another spacing or origin than the header shows); refuse what would read two ways
+    for key in ("CenterOfRotation",):
+        if key in fields:
+            try:
+                _number_list(fields[key], ndims, key, path)
+            except MedILError:
+                raise MedILError(
+                    f"cannot read {path}: header field {key} = {fields[key].strip()[:40]!r} does not hold {ndims} numbers; ITK (and "
+                    f"Slicer) would read the next header lines as its values and so another geometry than MedIL: fix the field "
+                    f"(e.g. {key} = {' '.join(['0'] * ndims)}) or remove it"
+                ) from None
     eye = np.eye(ndims).T.ravel()
     tm = _number_list(fields.get("TransformMatrix", " ".join(str(v) for v in eye)), ndims * ndims, "TransformMatrix", path)
     # TransformMatrix lists the direction of voxel axis 0, then of axis 1, ... (ITK's MetaImageIO)

@@ -24,7 +24,8 @@ def explain_modality(array: np.ndarray, dicom_modality: str | None = None) -> tu
     A DICOM Modality tag (CT, MR) decides. Otherwise Hounsfield units are recognised by more than
     the air around a body (a CT cropped tight to the body has none): voxels at or near -1000 HU
     (air, lungs), or a bulk of clearly negative voxels (fat is about -100 HU), never below -3100;
-    an MR magnitude image has neither (at most a little negative noise).
+    an MR magnitude image has neither (at most a little negative noise). A tight crop of a CT with
+    neither still has its floor: a voxel at -1000 HU (air) or -1024 (the usual padding) is CT.
     """
     tag = (dicom_modality or "").strip().upper()
     if tag in ("CT", "MR"):
@@ -41,6 +42,12 @@ def explain_modality(array: np.ndarray, dicom_modality: str | None = None) -> tu
         return "ct", f"{100 * frac_air:.0f} % of voxels at air-like values (below -500), as in Hounsfield units"
     if frac_negative >= 0.01:
         return "ct", f"{100 * frac_negative:.0f} % of voxels below -50 (fat-like Hounsfield units), down to {lowest:.0f}"
+    lowest_all = float(np.min(array))  # the floor, counted over every voxel (a crop's few air or padding voxels)
+    if -1100 <= lowest_all <= -900:
+        return "ct", (
+            f"values down to {lowest_all:.0f}, the Hounsfield unit of air or of a CT's padding (an MR image has nothing there), "
+            f"up to {float(np.max(array)):.0f}"
+        )
     return "mri", "no air at -1000 HU and no bulk of negative voxels"
 
 

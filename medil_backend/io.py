@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,18 @@ _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+MGH_SUFFIXES = (".mgh", ".mgz")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM`` (the files of a DICOMDIR tree have no suffix)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
 
 
 def _suffix(path: Path) -> str:
@@ -85,15 +98,19 @@ def _format(path: Path) -> str:
     if path.is_dir():
         return "dicom"
     s = _suffix(path)
+    if s in DICOM_SUFFIXES or (s not in NIFTI_SUFFIXES + ITK_SUFFIXES + MGH_SUFFIXES and _has_dicom_preamble(path)):
+        return "dicom-file"
     if s in NIFTI_SUFFIXES or s in (".hdr", ".img") or path.name.lower().endswith((".hdr.gz", ".img.gz")):
         return "nifti"
     if s in (".mha", ".mhd"):
         return "metaio"
     if s in (".nrrd", ".nhdr"):
         return "nrrd"
+    if s in MGH_SUFFIXES:
+        return "mgh"
     raise MedILError(
-        f"{path.name}: MedIL reads NIfTI (.nii, .nii.gz, .hdr/.img), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) and DICOM "
-        "series folders; convert the file to one of these (e.g. in Slicer: Save as .nrrd)"
+        f"{path.name}: MedIL reads NIfTI (.nii, .nii.gz), Analyze 7.5 (.hdr/.img), FreeSurfer (.mgh, .mgz), NRRD (.nrrd, .nhdr), "
+        "MetaImage (.mha, .mhd) and DICOM (a series folder, or a file); convert the file to one of these (e.g. in Slicer: Save as .nrrd)"
     )
 
 
@@ -101,8 +118,8 @@ def _declared(path: Path) -> tuple[tuple[int, ...], int]:
     """(shape, bytes per voxel) as a file's header declares them, without reading the voxels; every
     header is parsed and validated here (:mod:`medil_backend.headers`) before a C library sees it."""
     kind = _format(path)
-    if kind == "dicom":
-        return (), 0  # a DICOM series: each slice is checked as it is read
+    if kind in ("dicom", "dicom-file"):
+        return (), 0  # DICOM: each file is checked as it is read
     if kind == "nifti":
         img = _nifti_image(path)
         shape = tuple(int(n) for n in img.header.get_data_shape())
@@ -122,6 +139,9 @@ def _declared(path: Path) -> tuple[tuple[int, ...], int]:
 
         header = parse_metaio(path)
         return header.shape, header.dtype.itemsize
+    if kind == "mgh":
+        img = _mgh_image(path)
+        return tuple(int(n) for n in img.header.get_data_shape()), int(img.header.get_data_dtype().itemsize)
     from .headers import parse_nrrd
 
     header = parse_nrrd(path)
@@ -154,6 +174,46 @@ def check_declared_size(path: Path, max_bytes: float | None) -> None:
 #: how far (mm, anywhere in the volume) the qform and the sform of one NIfTI header may disagree
 #: before MedIL says which one it used
 QFORM_SFORM_TOLERANCE_MM = 1e-3
+#: which NIfTI transform places a volume whose qform and sform disagree: ``None`` or ``"sform"`` (the NIfTI-1
+#: standard's choice, nibabel's) or ``"qform"`` (``--nifti-geometry qform``); set for a run with :func:`nifti_geometry`
+NIFTI_GEOMETRY: ContextVar[str | None] = ContextVar("medil_nifti_geometry", default=None)
+NIFTI_GEOMETRIES = ("sform", "qform")
+
+
+@contextlib.contextmanager
+def nifti_geometry(choice: str | None):
+    """Within the block, NIfTI files whose qform and sform disagree are placed by ``choice`` (``sform``, ``qform``, or None)."""
+    if choice not in (None, *NIFTI_GEOMETRIES):
+        raise MedILError(f"the NIfTI geometry is sform or qform, not {choice!r}")
+    token = NIFTI_GEOMETRY.set(choice)
+    try:
+        yield
+    finally:
+        NIFTI_GEOMETRY.reset(token)
+
+
+def _corner_gap(a: np.ndarray, b: np.ndarray, shape) -> float:
+    """The largest distance (mm) between the positions two affines give a volume's corner voxels."""
+    corners = np.array(np.meshgrid(*[[0.0, max(float(n) - 1.0, 0.0)] for n in shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    return float(np.max(np.linalg.norm((np.asarray(a) - np.asarray(b))[:3] @ corners, axis=0)))
+
+
+def _itk_nifti_choice(path: Path, sform: np.ndarray, qform: np.ndarray, shape) -> str | None:
+    """Which of the two transforms ITK (and so Slicer) places this NIfTI file by, asked of SimpleITK (the header was
+    validated before): ``sform``, ``qform`` or None (neither, or ITK cannot tell)."""
+    try:
+        reader = _sitk().ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        itk = _ras_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin())
+    except Exception:
+        return None
+    gaps = {"sform": _corner_gap(itk, sform, shape), "qform": _corner_gap(itk, qform, shape)}
+    best = min(gaps, key=gaps.get)
+    return best if gaps[best] <= 1e-2 else None
+
+
 #: NIfTI-1 spatial unit codes (``xyzt_units & 7``) -> millimetres; 0 ("unknown") is read as mm, as every reader does
 _NIFTI_UNIT_MM = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 1e-3}
 _NIFTI_UNIT_NAME = {1: "metres", 3: "micrometres"}
@@ -161,14 +221,28 @@ _NIFTI_UNIT_NAME = {1: "metres", 3: "micrometres"}
 _NIFTI_XFORM_CODES = (0, 1, 2, 3, 4, 5)
 
 
+#: ``sizeof_hdr`` of each header nibabel may read a .nii / .hdr file as (NIfTI-1 and Analyze 7.5: 348; NIfTI-2: 540)
+_SIZEOF_HDR = {"Nifti2": 540}
+
+
 def _nifti_image(path: Path):
-    """The nibabel image of a .nii / .nii.gz file or a .hdr/.img pair, whose two files are checked to
-    be regular files side by side (an .img that links out of the folder is refused)."""
+    """The nibabel image of a .nii / .nii.gz file or a .hdr/.img pair (NIfTI-1, NIfTI-2 or Analyze 7.5), whose
+    two files are checked to be regular files side by side (an .img that links out of the folder is refused),
+    and whose ``sizeof_hdr`` is the one its format defines (ITK refuses any other; nibabel reads past it)."""
     import nibabel as nib
 
     from .headers import regular_file_beside
 
     img = nib.load(str(path))
+    if not isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair, nib.AnalyzeImage)):
+        raise MedILError(f"{path} is not a NIfTI or Analyze 7.5 file ({type(img).__name__}); convert it to NIfTI")
+    raw = _nifti_raw_header(path, img)
+    want = next((v for k, v in _SIZEOF_HDR.items() if type(img).__name__.startswith(k)), 348)
+    if int(raw["sizeof_hdr"]) != want:
+        raise MedILError(
+            f"{path} has sizeof_hdr {int(raw['sizeof_hdr'])} where its format requires {want}: the header is damaged, and ITK-based "
+            "tools such as Slicer refuse it; export the volume again"
+        )
     for role in ("header", "image"):
         fm = img.file_map.get(role)
         if fm is not None and fm.filename and os.path.abspath(fm.filename) != os.path.abspath(path):
@@ -202,9 +276,12 @@ def nifti_affine(img, path: Path) -> np.ndarray:
       the sform is used and a note says so (ITK-based readers may choose the qform);
     - ``xyzt_units`` in metres or micrometres scales the affine to millimetres.
     """
+    import nibabel as nib
     from nibabel.spatialimages import HeaderDataError
 
     hdr = img.header
+    if not isinstance(img, (nib.Nifti1Pair, nib.Nifti2Pair)):
+        return _analyze_affine(img, path)
     raw = _nifti_raw_header(path, img)
     exact = _exact_affine(hdr)
     sform_code, qform_code = int(raw["sform_code"]), int(raw["qform_code"])
@@ -213,6 +290,7 @@ def nifti_affine(img, path: Path) -> np.ndarray:
             raise MedILError(f"{path} has {name} {code}, not a NIfTI-1 transform code (0 to 5); fix the header")
     pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
     log = logging.getLogger("medil")
+    choice = NIFTI_GEOMETRY.get()
     if sform_code > 0:
         affine = np.asarray(hdr.get_sform(), dtype=np.float64)
         if exact is not None and np.max(np.abs(exact - affine)) <= EXACT_AFFINE_MATCH_MM:
@@ -222,17 +300,31 @@ def nifti_affine(img, path: Path) -> np.ndarray:
                 qform = np.asarray(hdr.get_qform(), dtype=np.float64)
             except Exception:  # an invalid qform (nibabel raises several types): the sform alone counts
                 qform = None
-            if qform is not None:
-                shape = np.asarray(hdr.get_data_shape()[:3], dtype=np.float64)
-                corners = np.array(np.meshgrid(*[[0.0, max(n - 1.0, 0.0)] for n in shape], indexing="ij")).reshape(3, -1)
-                corners = np.vstack([corners, np.ones(corners.shape[1])])
-                gap = float(np.max(np.linalg.norm((affine - qform)[:3] @ corners, axis=0)))
-                if not np.isfinite(gap) or gap > QFORM_SFORM_TOLERANCE_MM:
-                    log.warning(
-                        "%s: its NIfTI qform and sform disagree by up to %.3g mm; MedIL used the sform (NIfTI-1 standard); "
-                        "tools that use the qform will place the volume elsewhere",
+            shape = hdr.get_data_shape()[:3]
+            gap = _corner_gap(affine, qform, shape) if qform is not None else 0.0
+            if qform is not None and (not np.isfinite(gap) or gap > QFORM_SFORM_TOLERANCE_MM):
+                if choice == "qform":
+                    _check_spacing(pixdim, path)
+                    log.info(
+                        "%s: placed by its NIfTI qform, as asked (--nifti-geometry qform); its sform differs by up to %.3g mm",
                         path.name,
                         gap,
+                    )
+                    return _in_mm(qform, raw, path)
+                if choice is None:
+                    itk = _itk_nifti_choice(path, affine, qform, shape)
+                    seen = (
+                        "Slicer and other ITK-based tools place this file by its qform, so there the input and MedIL's output will "
+                        "not overlay; pass --nifti-geometry qform to work on the grid Slicer shows"
+                        if itk == "qform"
+                        else "Slicer (ITK) uses the sform too; tools that use the qform place the volume elsewhere "
+                        "(--nifti-geometry qform uses the qform)"
+                    )
+                    log.warning(
+                        "%s: its NIfTI qform and sform disagree by up to %.3g mm; MedIL used the sform (the NIfTI-1 standard); %s",
+                        path.name,
+                        gap,
+                        seen,
                     )
     else:
         _check_spacing(pixdim, path)
@@ -246,6 +338,12 @@ def nifti_affine(img, path: Path) -> np.ndarray:
             affine = np.asarray(hdr.get_qform() if qform_code > 0 else hdr.get_base_affine(), dtype=np.float64)
         except (HeaderDataError, ValueError, ArithmeticError) as exc:
             raise MedILError(f"{path} has an invalid qform ({str(exc)[:120]}); fix the header") from None
+    return _in_mm(affine, raw, path)
+
+
+def _in_mm(affine: np.ndarray, raw, path: Path) -> np.ndarray:
+    """A NIfTI affine scaled to millimetres by the header's ``xyzt_units``."""
+    log = logging.getLogger("medil")
     units = int(raw["xyzt_units"]) & 0x07
     if units not in _NIFTI_UNIT_MM:
         raise MedILError(f"{path} declares spatial unit code {units} in xyzt_units, not one of the NIfTI-1 units; fix the header")
@@ -254,6 +352,43 @@ def nifti_affine(img, path: Path) -> np.ndarray:
         affine[:3, :] *= _NIFTI_UNIT_MM[units]
         log.info("%s: its header gives lengths in %s; converted to millimetres", path.name, _NIFTI_UNIT_NAME[units])
     return affine
+
+
+def _analyze_affine(img, path: Path) -> np.ndarray:
+    """An Analyze 7.5 pair's affine as nibabel (and SPM) read it: the voxel sizes, the SPM origin field where it is set
+    (else the centre), an SPM ``.mat`` beside the header where there is one, and the first axis stored right to left
+    (radiological), the Analyze convention. The format itself has no orientation: a note says so."""
+    _check_spacing(np.asarray(img.header.get_zooms()[:3], dtype=np.float64), path)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    logging.getLogger("medil").warning(
+        "%s is an Analyze 7.5 file, which stores no orientation: read as nibabel and SPM read it (first axis right to left%s); "
+        "check left and right against a landmark, or convert the file to NIfTI with its true orientation",
+        path.name,
+        ", with the SPM .mat beside it" if Path(path).with_suffix(".mat").is_file() else "",
+    )
+    return affine
+
+
+def _mgh_image(path: Path):
+    """The nibabel image of a FreeSurfer .mgh / .mgz file (its header is parsed by nibabel in Python)."""
+    import nibabel as nib
+
+    img = nib.MGHImage.from_filename(str(path))
+    shape = tuple(int(n) for n in img.header.get_data_shape())
+    if path.name.lower().endswith(".mgh"):
+        need = 284 + int(np.prod(shape, dtype=np.float64)) * int(img.header.get_data_dtype().itemsize)
+        have = path.stat().st_size
+        if have < need:
+            raise MedILError(f"{path} is truncated: its header declares {need} bytes, the file has {have}; copy the file again")
+    return img
+
+
+def _read_mgh(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A FreeSurfer volume and its vox2ras (RAS, mm), as nibabel and Slicer read it."""
+    img = _mgh_image(path)
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    _check_spacing(zooms, path)
+    return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
 
 
 #: the float64 affine MedIL keeps in a NIfTI-1 header extension is used only while the file's sform is
@@ -335,7 +470,7 @@ def read_grid(path: str | os.PathLike, *, name: str | None = None) -> Grid:
     path = Path(path)
     name = name or str(path)
     _check_input_path(path)
-    if path.is_dir():
+    if path.is_dir() or _format(path) == "dicom-file":
         return read_volume(path, name=name).grid
     try:
         shape, _ = _declared(path)
@@ -346,6 +481,8 @@ def read_grid(path: str | os.PathLike, *, name: str | None = None) -> Grid:
             from .headers import parse_metaio
 
             affine = parse_metaio(path).affine
+        elif kind == "mgh":
+            affine = np.asarray(_mgh_image(path).affine, dtype=np.float64)
         else:
             reader = _sitk().ImageFileReader()
             reader.SetFileName(str(path))
@@ -375,12 +512,43 @@ def _dicom_series(path: Path) -> list[str]:
     sitk = _sitk()
 
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(path))
+    series = _gdcm_series_ids(path)
     if not series:
         raise MedILError(f"{path} is a folder with no DICOM series; point at a DICOM series folder or a volume file")
     if len(series) > 1:
         raise MedILError(f"{path} holds {len(series)} DICOM series; put each series in its own folder")
     files = list(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+    _check_folder_members(path, files)
+    return _checked_series(path, files)
+
+
+def _gdcm_series_ids(folder: Path) -> tuple[str, ...]:
+    """GDCM's series of a folder, or a message naming the file GDCM cannot parse (instead of GDCM's internal text)."""
+    sitk = _sitk()
+    try:
+        return tuple(sitk.ImageSeriesReader().GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as exc:
+        bad = []
+        info = sitk.ImageFileReader()
+        for e in sorted(os.scandir(folder), key=lambda e: e.name):
+            if not e.is_file() or e.name.startswith("."):
+                continue
+            info.SetFileName(e.path)
+            try:
+                info.ReadImageInformation()
+            except RuntimeError:
+                bad.append(e.name)
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        cause = (
+            f"{shown} cannot be parsed as DICOM images (damaged, or a DICOM object that is not an image)"
+            if bad
+            else (f"GDCM cannot sort its files into series ({library_message(exc)[:80]})")
+        )
+        raise MedILError(f"{folder}: {cause}; move such files out of the folder, or give one DICOM file of the series") from None
+
+
+def _check_folder_members(path: Path, files: list[str]) -> None:
+    """Every file of a series folder is a slice of its series."""
     members = {os.path.realpath(f) for f in files}
     others = sorted(
         e.name
@@ -393,6 +561,18 @@ def _dicom_series(path: Path) -> list[str]:
             f"{path}: {len(others)} file(s) are not readable slices of its DICOM series ({shown}): they are truncated, "
             "damaged or not DICOM; restore them from the source, or move them out of the folder"
         )
+
+
+def _checked_series(path: Path, files: list[str]) -> list[str]:
+    """``files`` of one series (in folder ``path``), checked to lie on one evenly spaced grid of single-frame slices."""
+    sitk = _sitk()
+    if len(files) > 1:
+        tags = _dicom_tags(Path(files[0]))
+        if "MOSAIC" in tags.get("0008|0008", "").upper():
+            raise MedILError(
+                f"{path}: its {len(files)} files are Siemens mosaics, each a whole volume (one time point or direction of an fMRI or "
+                "diffusion series), not the slices of one; give one of the files"
+            )
     if len(files) < 2:
         return files
     positions, first = [], None
@@ -403,6 +583,12 @@ def _dicom_series(path: Path) -> list[str]:
             info.ReadImageInformation()
         except RuntimeError:
             raise MedILError(f"{path}: the slice {os.path.basename(f)} cannot be read; restore it from the source") from None
+        frames = info.GetMetaData("0028|0008").strip() if info.HasMetaDataKey("0028|0008") else "1"
+        if frames not in ("", "1"):
+            raise MedILError(
+                f"{path}: {os.path.basename(f)} is a multi-frame DICOM file (a whole volume, {frames} frames) beside {len(files) - 1} "
+                "other file(s) of its series; give the multi-frame file itself, or move it to its own folder"
+            )
         direction = np.array(info.GetDirection(), dtype=np.float64).reshape(3, 3)
         spacing = np.array(info.GetSpacing(), dtype=np.float64)[:2]
         size = tuple(info.GetSize())[:2]
@@ -443,6 +629,13 @@ def _dicom_series(path: Path) -> list[str]:
             "Slicer's DICOM module (which applies the acquisition transform) or convert it with dcm2niix, then use that volume"
         )
     gaps = np.diff(along)
+    same = np.flatnonzero(np.abs(gaps) < 1e-6)
+    if same.size:
+        a, b = (os.path.basename(files[order[same[0]]]), os.path.basename(files[order[same[0] + 1]]))
+        raise MedILError(
+            f"{path}: {a} and {b} lie at the same position: the folder holds one slice twice (a copy, or a second acquisition of the "
+            "same place); keep one acquisition per folder"
+        )
     step = float(np.median(gaps))
     bad = np.flatnonzero(np.abs(gaps - step) > max(0.01, 0.01 * abs(step)))
     if abs(step) < 1e-6 or bad.size:
@@ -453,6 +646,83 @@ def _dicom_series(path: Path) -> list[str]:
             "a slice is missing or duplicated; restore the complete series"
         )
     return files
+
+
+def _dicom_tags(path: Path) -> dict[str, str]:
+    """A DICOM file's header tags as GDCM reads them (``"gggg|eeee"`` keys), or a message naming the file."""
+    info = _sitk().ImageFileReader()
+    info.SetFileName(str(path))
+    try:
+        info.ReadImageInformation()
+    except RuntimeError as exc:
+        raise MedILError(
+            f"{path.name} cannot be read as a DICOM image ({library_message(exc)[:100]}): it is damaged, or a DICOM object that is "
+            "not an image (a report, a structure set, a plan)"
+        ) from None
+    return {k: info.GetMetaData(k).strip() for k in info.GetMetaDataKeys()}
+
+
+def _frames(path: Path) -> int:
+    try:
+        return max(1, int(float(_dicom_tags(path).get("0028|0008", "1") or 1)))
+    except ValueError:
+        return 1
+
+
+def _dicom_file_series(path: Path, meta: dict | None) -> list[str] | None:
+    """The files to read for one DICOM file: itself if it holds a volume (multi-frame), its whole series if it is one slice
+    of one (found in its folder, with a note), ``None`` for a Siemens mosaic (unpacked by :func:`_read_mosaic`)."""
+    tags = _dicom_tags(path)
+    if "MOSAIC" in tags.get("0008|0008", "").upper():
+        return None
+    frames = _frames(path)
+    if frames > 1:
+        if meta is not None:
+            meta["read_as"] = f"one multi-frame DICOM file ({frames} frames)"
+        return [str(path)]
+    folder = path.parent if str(path.parent) else Path(".")
+    reader = _sitk().ImageSeriesReader()
+    files = None
+    for sid in _gdcm_series_ids(folder):
+        names = list(reader.GetGDCMSeriesFileNames(str(folder), sid))
+        if os.path.realpath(path) in {os.path.realpath(f) for f in names}:
+            files = names
+            break
+    if not files or len(files) < 2:
+        raise MedILError(
+            f"{path.name} is a single DICOM slice (a 2D image), and its folder holds no other slice of its series; give the folder "
+            "of the whole series (or a multi-frame file)"
+        )
+    files = _checked_series(folder, files)
+    note = f"one slice of a series: read its whole series, {len(files)} slices in {folder}"
+    logging.getLogger("medil").warning("%s is %s", path.name, note)
+    if meta is not None:
+        meta["read_as"] = note
+    return files
+
+
+def _read_mosaic(path: Path, meta: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """A Siemens mosaic (the slices of one volume tiled in one image) unpacked into its volume, as nibabel's ``nicom`` does."""
+    try:
+        import warnings
+
+        import pydicom
+        from nibabel.nicom.dicomreaders import mosaic_to_nii
+    except ImportError:
+        raise MedILError(f"{path.name} is a Siemens mosaic; unpacking it needs pydicom: pip install pydicom") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nibabel calls its DICOM readers experimental
+        try:
+            img = mosaic_to_nii(pydicom.dcmread(str(path)))
+        except Exception as exc:
+            raise MedILError(
+                f"{path.name} is a Siemens mosaic that cannot be unpacked ({library_message(exc)[:100]}); convert it with dcm2niix"
+            ) from None
+    if meta is not None:
+        meta["read_as"] = f"a Siemens mosaic unpacked into {img.shape[2]} slices"
+        meta["dicom_modality"] = "MR"
+    logging.getLogger("medil").warning("%s is a Siemens mosaic: unpacked into its %d slices", path.name, img.shape[2])
+    return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
 
 
 def _dicom_modality(files: list[str]) -> str | None:
@@ -472,9 +742,16 @@ def _read_itk(path: Path, meta: dict | None = None) -> tuple[np.ndarray, np.ndar
     Modality tag (``dicom_modality``)."""
     sitk = _sitk()
 
-    if path.is_dir():
+    if path.is_dir() or _format(path) == "dicom-file":
+        if path.is_dir():
+            files = _dicom_series(path)
+            if len(files) == 1 and "MOSAIC" in _dicom_tags(Path(files[0])).get("0008|0008", "").upper():
+                return _read_mosaic(Path(files[0]), meta)
+        else:
+            files = _dicom_file_series(path, meta)
+            if files is None:
+                return _read_mosaic(path, meta)
         reader = sitk.ImageSeriesReader()
-        files = _dicom_series(path)
         reader.SetFileNames(files)
         image = reader.Execute()
         if meta is not None:
@@ -521,7 +798,7 @@ def library_message(exc: BaseException) -> str:
 def read_volume(
     path: str | os.PathLike, modality: str = "unknown", *, max_memory_gb: float | None = None, name: str | None = None
 ) -> Volume:
-    """Read a 3D volume (NIfTI, NRRD, MHA/MHD, DICOM series folder) with its world RAS geometry.
+    """Read a 3D volume (NIfTI, Analyze 7.5, FreeSurfer MGH/MGZ, NRRD, MHA/MHD, DICOM) with its world RAS geometry.
 
     Every volume that enters the tool passes the same checks (and a :class:`MedILError` names what
     fails): a regular file or a complete, evenly spaced DICOM series; data files beside their
@@ -537,8 +814,11 @@ def read_volume(
     try:
         check_declared_size(path, check_memory_limit(max_memory_gb))
         extra: dict = {}
-        if _format(path) == "nifti":
+        kind = _format(path)
+        if kind == "nifti":
             array, affine = _read_nifti(path)
+        elif kind == "mgh":
+            array, affine = _read_mgh(path)
         else:
             array, affine = _read_itk(path, extra)
     except MedILError as exc:
@@ -552,8 +832,9 @@ def read_volume(
             "MHA/MHD file or a DICOM series folder"
         ) from None
     volume = checked_volume(np.asarray(array), affine, name, modality)
-    if extra.get("dicom_modality"):
-        volume.meta["dicom_modality"] = extra["dicom_modality"]
+    for key in ("dicom_modality", "read_as"):
+        if extra.get(key):
+            volume.meta[key] = extra[key]
     return volume
 
 
@@ -567,19 +848,39 @@ def checked_volume(array: np.ndarray, affine: np.ndarray, name: str, modality: s
     if not array.dtype.isnative:  # big-endian data on a little-endian machine: torch would misread it
         array = array.astype(array.dtype.newbyteorder("="))
     grid = Grid(array.shape, affine).validate(name)
+    meta: dict = {}
     if array.dtype.kind == "f":
         with np.errstate(all="ignore"):
             finite = np.isfinite(array)
             if not finite.all():
-                bad = int(np.count_nonzero(~finite))
-                raise MedILError(f"{name} has {bad} non-finite (NaN or infinite) voxels; replace them (e.g. with 0) and try again")
+                array, meta["non_finite_voxels"] = _non_finite_as_background(array, finite, name)
             peak = float(np.max(np.abs(array))) if array.size else 0.0
         if peak > MAX_ABS_VALUE:
             raise MedILError(
                 f"{name} has voxel values up to {peak:.3g}, beyond {MAX_ABS_VALUE:g}: no scan measures that; rescale the "
                 "image (e.g. to its physical units) and try again"
             )
-    return Volume(array, grid.affine, modality=modality, meta={"path": name, "dtype": str(array.dtype)})
+    return Volume(array, grid.affine, modality=modality, meta={"path": name, "dtype": str(array.dtype), **meta})
+
+
+def _non_finite_as_background(array: np.ndarray, finite: np.ndarray, name: str) -> tuple[np.ndarray, int]:
+    """NaN and infinite voxels set to the volume's background (0, or its lowest value where that is negative), with a note.
+
+    SPM, FSL and AFNI write NaN outside the field of view of a resampled volume, as a matter of course."""
+    bad = int(np.count_nonzero(~finite))
+    if bad == array.size:
+        raise MedILError(f"{name} has no finite voxel (every voxel is NaN or infinite); check that the right file was given")
+    background = min(0.0, float(np.min(array[finite])))  # no signal (0), or the floor of a signed image (air in a CT)
+    array = np.where(finite, array, np.asarray(background, dtype=array.dtype))
+    logging.getLogger("medil").warning(
+        "%s: %d voxel(s) (%.1f %%) are NaN or infinite (outside the field of view of a resampled volume, as SPM and FSL write it); "
+        "read as background (%g)",
+        os.path.basename(name.rstrip("/")) or name,
+        bad,
+        100.0 * bad / array.size,
+        background,
+    )
+    return array, bad
 
 
 def _check_target(path: Path, overwrite: bool, what: str) -> Path:

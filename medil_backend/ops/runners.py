@@ -25,6 +25,14 @@ def _modality(volume: Volume, choice: str) -> tuple[str, str | None]:
     return modality, f"modality guessed: {modality.upper()} ({why}); set the modality to {other.upper()} if that is wrong"
 
 
+def _read_notes(volume: Volume, guess: str | None) -> dict:
+    """What the sidecar records of how the input was read: why its modality is what it is, and voxels read as background."""
+    notes = {"modality_reason": guess or "given by the user"}
+    if volume.meta.get("non_finite_voxels"):
+        notes["non_finite_voxels_as_background"] = int(volume.meta["non_finite_voxels"])
+    return notes
+
+
 def _input_name(volume: Volume) -> str:
     import os
 
@@ -69,7 +77,12 @@ def run_reconstruct(
         device=str(meta.get("device", ctx.device)),
         precision=str(meta.get("precision", ctx.precision)),
         plan={k: meta[k] for k in ("tiles", "output_on_disk", "memory") if k in meta},
-        settings={"input": _input_name(volume), "modality": result.modality, "background": meta.get("background")},
+        settings={
+            "input": _input_name(volume),
+            "modality": result.modality,
+            "background": meta.get("background"),
+            **_read_notes(volume, guess),
+        },
     )
     out = Output(result, "output", dtype=_out_dtype(volume, dtype))
     summary = {"modality": result.modality, "modality_guess": guess, "overlap_fraction": meta.get("overlap_fraction")}
@@ -157,6 +170,7 @@ def run_superres(
         settings={
             "input": _input_name(volume),
             "modality": volume.modality,
+            **_read_notes(volume, guess),
             "method": {k: v for k, v in meta.items() if k not in ("adaptation", "models", "memory")},
         },
     )
@@ -242,7 +256,12 @@ def _run_multistack(
         precision=str(meta.get("precision", "float32")),
         seeds=[seed + k for k in range(samples)] if method == "adapt" else [],
         plan={"memory": meta.pop("memory")},
-        settings={"inputs": [v.meta["name"] for v in volumes], "modality": result.modality, "method": dict(meta)},
+        settings={
+            "inputs": [v.meta["name"] for v in volumes],
+            "modality": result.modality,
+            "modality_reason": "; ".join(dict.fromkeys(guesses)) or "given by the user",
+            "method": dict(meta),
+        },
     )
     outputs = [Output(result, "output", dtype=_out_dtype(volumes[0], dtype))]
     if unc is not None and uncertainty:
