@@ -364,3 +364,35 @@ def test_a_qform_that_disagrees_with_the_sform_says_what_slicer_shows_and_offers
     g = read_grid(out)
     lo = g.voxel_to_world(np.zeros(3))
     assert np.linalg.norm(lo - qform[:3, 3]) < 1.0  # the output lies where the qform puts the input
+
+
+# -- what is not a volume, refused by name ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("rtstruct.dcm", "DICOM RT Structure Set Storage object, not an image"),  # pydicom's test data
+        ("test-SR.dcm", "not an image"),
+        ("rtplan.dcm", "DICOM RT Plan Storage object, not an image"),
+    ],
+)
+def test_a_dicom_object_that_is_not_an_image_is_named(tmp_path, name, words, capsys):
+    from medil_backend.cli import main
+
+    path = Path(shutil.copy(_pydicom_file(name), tmp_path / name))
+    assert main(["info", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "ImageIO" not in err and str(tmp_path) not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [("T1.PAR", "Philips PAR/REC"), ("tiny.mnc", "a MINC file"), ("example4d+orig.HEAD", "an AFNI dataset")],  # nibabel's test data
+)
+def test_other_volume_formats_are_refused_by_name_with_the_converter(name, words, capsys):
+    from medil_backend.cli import main
+
+    assert main(["info", str(NIBABEL_DATA / name)]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "convert it to NIfTI" in err

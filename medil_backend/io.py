@@ -30,6 +30,17 @@ MGH_SUFFIXES = (".mgh", ".mgz")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
+#: volume formats of the field that MedIL does not read, named in the refusal with the usual converter
+_OTHER_FORMATS = (
+    ((".par", ".rec"), "a Philips PAR/REC file", "dcm2niix, or nibabel's parrec2nii"),
+    ((".mnc", ".mnc.gz"), "a MINC file", "mnc2nii, or nibabel"),
+    ((".head", ".brik", ".brik.gz"), "an AFNI dataset", "AFNI's 3dAFNItoNIFTI"),
+    ((".v",), "an ECAT file", "nibabel, or the scanner's export"),
+    ((".dcm.gz", ".ima.gz"), "a gzipped DICOM file", "gunzip it first"),
+    ((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"), "a 2D picture, not a volume", "save the scan itself, e.g. in Slicer"),
+)
+
+
 def _has_dicom_preamble(path: Path) -> bool:
     """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM`` (the files of a DICOMDIR tree have no suffix)."""
     try:
@@ -108,6 +119,10 @@ def _format(path: Path) -> str:
         return "nrrd"
     if s in MGH_SUFFIXES:
         return "mgh"
+    lower = path.name.lower()
+    for suffixes, what, how in _OTHER_FORMATS:
+        if lower.endswith(suffixes):
+            raise MedILError(f"{path.name} is {what}, which MedIL does not read; convert it to NIfTI ({how}) and give that file")
     raise MedILError(
         f"{path.name}: MedIL reads NIfTI (.nii, .nii.gz), Analyze 7.5 (.hdr/.img), FreeSurfer (.mgh, .mgz), NRRD (.nrrd, .nhdr), "
         "MetaImage (.mha, .mhd) and DICOM (a series folder, or a file); convert the file to one of these (e.g. in Slicer: Save as .nrrd)"
@@ -654,12 +669,26 @@ def _dicom_tags(path: Path) -> dict[str, str]:
     info.SetFileName(str(path))
     try:
         info.ReadImageInformation()
-    except RuntimeError as exc:
-        raise MedILError(
-            f"{path.name} cannot be read as a DICOM image ({library_message(exc)[:100]}): it is damaged, or a DICOM object that is "
-            "not an image (a report, a structure set, a plan)"
-        ) from None
+    except RuntimeError:
+        raise MedILError(_not_an_image(path)) from None
     return {k: info.GetMetaData(k).strip() for k in info.GetMetaDataKeys()}
+
+
+def _not_an_image(path: Path) -> str:
+    """Why GDCM reads no image from a DICOM file, by name: the object's kind (its SOP class, read by pydicom), or damage."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)  # force: old files have no preamble
+        kind = getattr(getattr(ds, "SOPClassUID", None), "name", None)
+        has_pixels = (0x0028, 0x0010) in ds  # Rows: an image's pixel description
+    except Exception:
+        kind, has_pixels = None, False
+    if kind is None and not has_pixels:
+        return f"{path.name} cannot be read as a DICOM image: it is damaged, truncated or not DICOM; restore it from the source"
+    if not has_pixels:
+        return f"{path.name} is a DICOM {kind} object, not an image; give the image series it refers to"
+    return f"{path.name} is a DICOM {kind} image that GDCM cannot decode (its encoding or header is damaged); convert it with dcm2niix"
 
 
 def _frames(path: Path) -> int:
