@@ -75,7 +75,8 @@ class ExportWeights(L.Callback):
         # what is exported: the module's ``export_attr`` (default ``net``; the diffusion model exports its moving average)
         net = getattr(pl_module, getattr(pl_module, "export_attr", "net"))
         prefix = getattr(pl_module, "export_prefix", "net.")
-        best = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.best_model_path), None)
+        # the checkpoint that follows a validation metric (a timed or step checkpoint has no monitor and no "best")
+        best = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path), None)
         best_score = None
         if best is not None:
             state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -221,7 +222,12 @@ def export_checkpoint(
     except (RuntimeError, TypeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise MedILError(f"{checkpoint} does not match the network of {config} ({first}); give the checkpoint of that run") from None
-    dm = VolumeDataModule(**{k: v for k, v in data.items() if k in ("train", "val", "modality", "synthetic", "tissue_maps")})
+    if isinstance(data, dict) and "heads" in data:
+        from .heads import HeadDataModule
+
+        dm = HeadDataModule(**{k: v for k, v in data.items() if k in ("heads", "tissue_maps", "val", "seed", "modality")})
+    else:
+        dm = VolumeDataModule(**{k: v for k, v in data.items() if k in ("train", "val", "modality", "synthetic", "tissue_maps")})
     dm.setup()
     card = training_card(
         **common, datamodule=dm, stage=lit.hparams.stage, steps_done=int(ckpt.get("global_step", 0)), minutes=minutes, val_l1_best=score
