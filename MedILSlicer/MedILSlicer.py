@@ -105,7 +105,7 @@ class MedILSlicerParameterNode:
     maxMemoryGB: Annotated[float, WithinRange(0.25, 512.0)] = 3.0
     outputVolume: vtkMRMLScalarVolumeNode
     showIn3D: bool = False
-    superresMethod: Annotated[str, Choice(SUPERRES_METHODS)] = "adapt"
+    superresMethod: str = "adapt"  # any method the backend publishes (not bound to the combo box by connectGui: see onMethodChanged)
     superresSamples: Annotated[int, WithinRange(1, 32)] = 1
     superresTimeBudgetMin: Annotated[float, WithinRange(0.0, 120.0)] = 3.0  # 0: adapt's pre-trained network alone
     sampleSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
@@ -185,7 +185,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showTaskHints()
         self.ui.taskComboBox.currentTextChanged.connect(self.updateTaskOptions)
         self.ui.inputSelector.currentNodeChanged.connect(self.onInputChanged)
-        self.ui.superresMethodComboBox.currentTextChanged.connect(self.updateTaskOptions)
+        self.ui.superresMethodComboBox.currentTextChanged.connect(self.onMethodChanged)
         self.ui.spacingPresetComboBox.currentTextChanged.connect(self.updateGeometryOptions)
         self.ui.orientationComboBox.currentTextChanged.connect(self.updateGeometryOptions)
         self.ui.fovComboBox.currentTextChanged.connect(self.updateGeometryOptions)
@@ -220,7 +220,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -239,17 +239,48 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            # Slicer's connectGui clears and refills every bound combo box from its Choice: the task tooltips set
+            # before are gone, so they are set again after it
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+            self.showTaskHints()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._showMethod()
+        self._checkCanApply()
+
+    def currentTask(self):
+        """The task the panel shows, or None while its list is refilled (Slicer's connector clears the combo box first,
+        and it reads '' until refilled)."""
+        try:
+            return task_by_label(self.ui.taskComboBox.currentText)
+        except KeyError:
+            return None
+
+    def onMethodChanged(self, text: str) -> None:
+        """The method combo box (filled from the backend's specs) writes the parameter itself."""
+        p = self._parameterNode
+        if text and p is not None and p.superresMethod != text:
+            p.superresMethod = text
+        self.updateTaskOptions()
+
+    def _showMethod(self) -> None:
+        """The parameter's method shown in the combo box, where the backend publishes it."""
+        combo, p = self.ui.superresMethodComboBox, self._parameterNode
+        if p is not None and combo.currentText != p.superresMethod and combo.findText(p.superresMethod) >= 0:
+            combo.setCurrentText(p.superresMethod)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self._job is not None:
             return
-        task = task_by_label(self._parameterNode.task) if self._parameterNode else None
+        try:
+            task = task_by_label(self._parameterNode.task) if self._parameterNode else None
+        except KeyError:  # a label the backend's specs no longer publish
+            task = None
         ok = bool(task and task.available and (self._parameterNode.inputVolume or not task.needs_input))
         self.ui.applyButton.enabled = ok
         self.ui.applyButton.toolTip = "Run MedIL" if ok else "Select an input volume (and an available task)"
@@ -257,13 +288,16 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInputChanged(self, *args) -> None:
         """A thick-slice input opens the panel on Super-resolve (adapt), an isotropic one on Reconstruct /
         resample; the Sample task, which takes no input, is left as it is."""
-        node = self.ui.inputSelector.currentNode()
-        if node is None or task_by_label(self.ui.taskComboBox.currentText).key == "sample":
+        node, task = self.ui.inputSelector.currentNode(), self.currentTask()
+        if node is None or task is None or task.key == "sample":
             return
         self.ui.taskComboBox.setCurrentText(task_by_key(suggested_task(node.GetSpacing())).label)
 
     def updateTaskOptions(self, *args) -> None:
-        key = task_by_label(self.ui.taskComboBox.currentText).key
+        task = self.currentTask()
+        if task is None:  # the task list is being refilled: its options follow when a task shows again
+            return
+        key = task.key
         self.ui.reconstructOptionsCollapsibleButton.visible = key in ("reconstruct", "superres")
         self.ui.superresOptionsCollapsibleButton.visible = key == "superres"
         self.ui.sampleOptionsCollapsibleButton.visible = key == "sample"
@@ -356,6 +390,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.addItem(m)
             combo.setCurrentText(current if current in methods else methods[0])
             combo.blockSignals(was)
+            self.onMethodChanged(combo.currentText)
         self.updateTaskOptions()
 
     def fillModels(self, models: list) -> None:

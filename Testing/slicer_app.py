@@ -1,10 +1,11 @@
 """Slicer's application layer, which the ``slicer-core`` wheel lacks, rebuilt on real parts so that
 the module's widget code (MedILSlicer.py) runs in a test: real Qt widgets (PySide6, offscreen), a
 real MRML scene and real MRML nodes (slicer-core), the real .ui. Rebuilt here, in a few lines each:
-PythonQt's view of Qt objects (Qt properties as attributes), the scripted-module base classes,
-``parameterNodeWrapper`` (parameters stored in a real ``vtkMRMLScriptedModuleNode``, bound to the
-widgets named by their ``SlicerParameterName``), ``loadUI``, the node selector, and the dialogs
-(recorded, answered by the test).
+PythonQt's view of Qt objects (Qt properties as attributes), the scripted-module base classes (the
+test class as Slicer's), ``parameterNodeWrapper`` (parameters stored in a real
+``vtkMRMLScriptedModuleNode``, bound to the widgets named by their ``SlicerParameterName`` through
+connectors that clear, refill, validate and signal as Slicer 5.10's do: see the section's notes),
+``loadUI``, the node selector, and the dialogs (recorded, answered by the test).
 """
 
 from __future__ import annotations
@@ -170,18 +171,148 @@ def load_ui(path) -> QtWidgets.QWidget:
 
 
 # -- parameterNodeWrapper ------------------------------------------------------------------------
-class Choice:
+# Behaves as Slicer's own (Slicer/Slicer, Base/Python/slicer/parameterNodeWrapper: wrapper.py at 07cbed6,
+# guiConnectors.py at 0e31bd8, validators.py at 01c2def; the Slicer 5.10 line), where the module touches it:
+#
+# - validators (Choice, WithinRange) run on every write and raise ValueError for a value outside them;
+# - connectGui binds every widget with a SlicerParameterName through a connector chosen by widget type:
+#   QCheckBox (stateChanged), QSpinBox/QSlider to int and QDoubleSpinBox to float (their range set from
+#   WithinRange, else unbounded), QComboBox to a str/int/float/bool with a Choice (required: RuntimeError
+#   without one; the combo box is CLEARED and REFILLED from the choices when the connector is made, read
+#   and written BY INDEX, a value outside the choices raises ValueError; signal currentIndexChanged), and
+#   qMRMLNodeComboBox to a node (its nodeTypes set from the annotation; signal currentNodeChanged);
+# - each connector first writes the parameter's value to its widget, then listens to it; a widget change
+#   sets the parameter unless the GUI is being updated from the parameter node;
+# - every ModifiedEvent of the parameter node writes every bound value back to its widget, with the
+#   widgets' signals NOT blocked (the module's own slots see them); disconnectGui drops the connectors of
+#   one tag, the observer stays (as in Slicer).
+class Validator:
+    def validate(self, value) -> None:
+        raise NotImplementedError
+
+
+class Choice(Validator):
     def __init__(self, choices) -> None:
-        self.choices = list(choices)
+        self.choices = choices
+
+    def validate(self, value) -> None:
+        if value not in self.choices:
+            raise ValueError(f"Value is {value}, but must be in one of the following: {self.choices}")
 
 
-class WithinRange:
-    def __init__(self, lo, hi) -> None:
-        self.lo, self.hi = lo, hi
+class WithinRange(Validator):
+    def __init__(self, minimum, maximum) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def validate(self, value) -> None:
+        if not self.minimum <= value <= self.maximum:
+            raise ValueError(f"Value must be within range [{self.minimum}, {self.maximum}], is {value}")
 
 
-def _base_type(annotation):
-    return getattr(annotation, "__origin__", annotation)
+def _split(annotation):
+    """(the bare type, its validators) of a possibly ``Annotated`` type."""
+    base = getattr(annotation, "__origin__", annotation)
+    extras = getattr(annotation, "__metadata__", ())
+    return base, [e for e in extras if isinstance(e, Validator)]
+
+
+def _first(validators, kind):
+    return next((v for v in validators if isinstance(v, kind)), None)
+
+
+class _Connector:
+    """One widget bound to one parameter (Slicer's GuiConnector): ``read``, ``write``, ``onChanged``."""
+
+    def __init__(self, widget, signal) -> None:
+        self.widget, self._signal, self._callback = widget, signal, None
+
+    def onChanged(self, callback) -> None:
+        if self._callback is not None:
+            self._signal.disconnect(self._changed)
+        self._callback = callback
+        if callback is not None:
+            self._signal.connect(self._changed)
+
+    def _changed(self, *_) -> None:
+        if self._callback:
+            self._callback()
+
+
+class _CheckBox(_Connector):
+    def __init__(self, w, kind, validators) -> None:
+        super().__init__(w, w.stateChanged)
+
+    def read(self):
+        return bool(self.widget.isChecked())
+
+    def write(self, value) -> None:
+        self.widget.setChecked(bool(value))
+
+
+class _SpinBox(_Connector):
+    def __init__(self, w, kind, validators) -> None:
+        super().__init__(w, w.valueChanged)
+        r = _first(validators, WithinRange)
+        if isinstance(w, QtWidgets.QDoubleSpinBox):
+            w.setMinimum(r.minimum if r else float("-inf"))
+            w.setMaximum(r.maximum if r else float("inf"))
+        else:
+            w.setRange(r.minimum if r else -(2**31), r.maximum if r else 2**31 - 1)
+
+    def read(self):
+        return self.widget.value()
+
+    def write(self, value) -> None:
+        self.widget.setValue(value)
+
+
+class _ComboBox(_Connector):
+    def __init__(self, w, kind, validators) -> None:
+        super().__init__(w, w.currentIndexChanged)
+        choice = _first(validators, Choice)
+        if choice is None:
+            raise RuntimeError("ComboBoxToStringableConnector requires the Choice annotation to be used.")
+        self._choices = choice.choices
+        w.clear()  # emits currentIndexChanged(-1) / currentTextChanged('') to every other slot, as in Slicer
+        for c in self._choices:
+            w.addItem(str(c))
+
+    def read(self):
+        return self._choices[self.widget.currentIndex()]
+
+    def write(self, value) -> None:
+        for index, c in enumerate(self._choices):
+            if c == value:
+                self.widget.setCurrentIndex(index)
+                return
+        raise ValueError(f"Unable to find value {value} in choices {self._choices}")
+
+
+class _NodeComboBox(_Connector):
+    def __init__(self, w, kind, validators) -> None:
+        super().__init__(w, w.currentNodeChanged)
+        w.nodeTypes = [kind.__name__]
+
+    def read(self):
+        return self.widget.currentNode()
+
+    def write(self, value) -> None:
+        self.widget.setCurrentNode(value)
+
+
+def _connector(widget, kind, validators) -> _Connector:
+    """The connector Slicer would choose for this widget and parameter type (by exact widget type, as Slicer does)."""
+    if isinstance(widget, qMRMLNodeComboBox) and hasattr(kind, "GetID"):
+        return _NodeComboBox(widget, kind, validators)
+    if type(widget) is QtWidgets.QCheckBox and kind is bool:
+        return _CheckBox(widget, kind, validators)
+    if type(widget) in (QtWidgets.QSpinBox, QtWidgets.QSlider) and kind is int:
+        return _SpinBox(widget, kind, validators)
+    if type(widget) is QtWidgets.QDoubleSpinBox and kind is float:
+        return _SpinBox(widget, kind, validators)
+    if type(widget) is QtWidgets.QComboBox and kind in (int, float, str, bool):
+        return _ComboBox(widget, kind, validators)
+    raise RuntimeError(f"Unable to create GUI connector from datatype '{kind}' to widget type '{type(widget)}'")
 
 
 def parameterNodeWrapper(cls):
@@ -189,7 +320,7 @@ def parameterNodeWrapper(cls):
     import typing
 
     hints = typing.get_type_hints(cls, include_extras=True)
-    fields = {name: (_base_type(hint), getattr(cls, name, None)) for name, hint in hints.items()}
+    fields = {name: (*_split(hint), getattr(cls, name, None)) for name, hint in hints.items()}
 
     class Wrapper:
         _fields = fields
@@ -197,13 +328,18 @@ def parameterNodeWrapper(cls):
         def __init__(self, node) -> None:
             object.__setattr__(self, "parameterNode", node)
             object.__setattr__(self, "_guis", {})
-            for name, (_, default) in fields.items():
+            object.__setattr__(self, "_next_tag", 0)
+            object.__setattr__(self, "_updating_gui", False)
+            for name, (_, _, default) in fields.items():
                 if not self._is_node(name) and not node.GetParameter(name):
                     node.SetParameter(name, json.dumps(default))
 
         def _is_node(self, name) -> bool:
             kind = fields[name][0]
             return isinstance(kind, type) and hasattr(kind, "GetID")
+
+        def dataType(self, name):
+            return fields[name][0]
 
         def __getattr__(self, name):
             if name not in fields:
@@ -215,14 +351,16 @@ def parameterNodeWrapper(cls):
         def __setattr__(self, name, value) -> None:
             if name not in fields:
                 raise AttributeError(f"no parameter {name}")
-            if self._is_node(name):
-                self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
-            else:
-                self.parameterNode.SetParameter(name, json.dumps(value))
-            for bindings in self._guis.values():
-                for widget, param, _ in bindings:
-                    if param == name:
-                        _to_widget(widget, value)
+            for v in fields[name][1]:
+                v.validate(value)
+            was = self.parameterNode.StartModify()
+            try:
+                if self._is_node(name):
+                    self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+                else:
+                    self.parameterNode.SetParameter(name, json.dumps(value))
+            finally:
+                self.parameterNode.EndModify(was)
 
         def AddObserver(self, event, callback, priority=0.0):
             return self.parameterNode.AddObserver(event, callback, priority)
@@ -230,57 +368,58 @@ def parameterNodeWrapper(cls):
         def RemoveObserver(self, tag):
             return self.parameterNode.RemoveObserver(tag)
 
+        def _update_gui(self, *_) -> None:
+            if self._updating_gui:
+                return
+            object.__setattr__(self, "_updating_gui", True)
+            was = self.parameterNode.StartModify()
+            try:
+                for mapping in list(self._guis.values()):
+                    for name, connector in mapping.items():
+                        connector.write(getattr(self, name))
+            finally:
+                self.parameterNode.EndModify(was)
+                object.__setattr__(self, "_updating_gui", False)
+
         def connectGui(self, ui):
-            bindings = []
+            widgets = {}
             for widget in map(raw, vars(ui).values()):
                 param = widget.property("SlicerParameterName") if isinstance(widget, QtWidgets.QWidget) else None
-                if not param:
-                    continue
-                _to_widget(widget, getattr(self, param))
-                signal, read = _widget_signal(widget)
+                if param:
+                    if param not in fields:
+                        raise ValueError(f"Cannot find a param with the given name: {param}")
+                    widgets[param] = widget
+            mapping = {name: _connector(w, fields[name][0], fields[name][1]) for name, w in widgets.items()}
+            tag = self._next_tag
+            object.__setattr__(self, "_next_tag", tag + 1)
+            self._guis[tag] = mapping
+            for name, connector in mapping.items():
+                connector.write(getattr(self, name))
 
-                def update(*_, p=param, r=read):
-                    value = r()
-                    if getattr(self, p) != value:
-                        setattr(self, p, value)
+                def callback(n=name, c=connector):
+                    was = self.parameterNode.StartModify()
+                    try:
+                        if not self._updating_gui:
+                            setattr(self, n, c.read())
+                    finally:
+                        self.parameterNode.EndModify(was)
 
-                signal.connect(update)
-                bindings.append((widget, param, (signal, update)))
-            tag = len(self._guis) + 1
-            self._guis[tag] = bindings
+                connector.onChanged(callback)
+            self.parameterNode.AddObserver(vtk_modified_event(), self._update_gui)
             return tag
 
         def disconnectGui(self, tag) -> None:
-            for _, _, (signal, update) in self._guis.pop(tag, []):
-                signal.disconnect(update)
+            for connector in self._guis.pop(tag, {}).values():
+                connector.onChanged(None)
 
     Wrapper.__name__ = cls.__name__
     return Wrapper
 
 
-def _to_widget(widget, value) -> None:
-    widget.blockSignals(True)
-    if isinstance(widget, qMRMLNodeComboBox):
-        widget.setCurrentNode(value)
-    elif isinstance(widget, QtWidgets.QComboBox):
-        widget.setCurrentText(str(value))
-    elif isinstance(widget, (QtWidgets.QSpinBox, QtWidgets.QDoubleSpinBox)):
-        widget.setValue(value)
-    elif isinstance(widget, QtWidgets.QCheckBox):
-        widget.setChecked(bool(value))
-    widget.blockSignals(False)
+def vtk_modified_event() -> int:
+    import vtk
 
-
-def _widget_signal(widget):
-    if isinstance(widget, qMRMLNodeComboBox):
-        return widget.currentNodeChanged, widget.currentNode
-    if isinstance(widget, QtWidgets.QComboBox):
-        return widget.currentTextChanged, widget.currentText
-    if isinstance(widget, (QtWidgets.QSpinBox, QtWidgets.QDoubleSpinBox)):
-        return widget.valueChanged, widget.value
-    if isinstance(widget, QtWidgets.QCheckBox):
-        return widget.toggled, widget.isChecked
-    raise TypeError(f"no binding for {type(widget).__name__}")
+    return vtk.vtkCommand.ModifiedEvent
 
 
 # -- the application -----------------------------------------------------------------------------
@@ -288,7 +427,7 @@ class Dialogs:
     """errorDisplay / confirmOkCancelDisplay / infoDisplay: recorded; confirmations answered by ``answer``."""
 
     def __init__(self) -> None:
-        self.errors, self.questions, self.infos, self.answer = [], [], [], True
+        self.errors, self.questions, self.infos, self.delayed, self.answer = [], [], [], [], True
 
     def error(self, text, *a, **k):
         self.errors.append(str(text))
@@ -331,6 +470,7 @@ def install(scene, module_dir: Path = REPO / "MedILSlicer"):
     )
     slicer.util.errorDisplay, slicer.util.confirmOkCancelDisplay, slicer.util.infoDisplay = dialogs.error, dialogs.confirm, dialogs.info
     slicer.util.setSliceViewerLayers = lambda **kw: views.append(("layers", kw))
+    slicer.util.delayDisplay = lambda message, autoCloseMsec=1000, **kw: dialogs.delayed.append(str(message))
     rendering = types.SimpleNamespace(
         logic=lambda: types.SimpleNamespace(
             CreateDefaultVolumeRenderingNodes=lambda node: types.SimpleNamespace(
@@ -370,8 +510,47 @@ def install(scene, module_dir: Path = REPO / "MedILSlicer"):
                 scene.AddNode(node)
             return node
 
-    class ScriptedLoadableModuleTest:
-        pass
+    import logging
+    import unittest
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        """As Slicer's (Base/Python/slicer/ScriptedLoadableModule.py): the test methods are the callables whose name
+        holds "test"; runTest runs setUpClass, then setUp, the test and tearDown for each, then tearDownClass;
+        delayDisplay goes to slicer.util.delayDisplay (recorded here: there is no window to show it in)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.moduleTestNames = []
+            super().__init__(*args, **kwargs)
+            self.enableScreenshots = False
+            self.screenshotScaleFactor = 1.0
+            if not self.moduleTestNames:
+                self.moduleTestNames = [m for m in dir(self) if "test" in m and callable(getattr(self, m))]
+
+        def delayDisplay(self, message, requestedDelay=None, msec=None) -> None:
+            if hasattr(self, "messageDelay"):
+                msec = self.messageDelay
+            if msec is None:
+                msec = requestedDelay
+            if msec is None:
+                msec = 100
+            slicer.util.delayDisplay(message, msec)
+
+        def setUp(self) -> None:
+            return
+
+        def tearDown(self) -> None:
+            return
+
+        def runTest(self) -> None:
+            if not self.moduleTestNames:
+                logging.warning("No test is defined in " + self.__class__.__name__)
+                return
+            self.setUpClass()
+            for name in self.moduleTestNames:
+                self.setUp()
+                getattr(self, name)()
+                self.tearDown()
+            self.tearDownClass()
 
     for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
         setattr(slm, cls.__name__, cls)

@@ -46,7 +46,15 @@ def backend_files():
 
 
 @pytest.fixture
-def panel(tmp_path):
+def slot_errors(monkeypatch):
+    """Exceptions raised in Qt slots (PySide6 hands them to sys.excepthook; Slicer prints them as tracebacks)."""
+    errors = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, exc, tb: errors.append(exc))
+    return errors
+
+
+@pytest.fixture
+def panel(tmp_path, slot_errors):
     scene = slicer.vtkMRMLScene()
     app, module, dialogs, views = slicer_app.install(scene)
     node = load_node(scene, EXAMPLE)
@@ -61,6 +69,31 @@ def panel(tmp_path):
 
 def volumes(scene):
     return [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+
+
+def test_opening_the_panel_raises_nothing_in_its_slots(panel, slot_errors):
+    """Slicer's connectGui clears the task combo box (currentTextChanged('')) before refilling it: the panel's slots
+    must take the empty text (they raised KeyError: '' on every open)."""
+    app, widget, scene, node, dialogs, views = panel
+    widget.exit()
+    widget.enter()  # each time the module is entered, connectGui runs again
+    app.processEvents()
+    assert slot_errors == [], [repr(e) for e in slot_errors]
+    tips = [raw_ui(widget).taskComboBox.itemData(i, slicer_app.QtCore.Qt.ToolTipRole) for i in range(raw_ui(widget).taskComboBox.count())]
+    assert all(tips), tips  # the tooltips survive the refill
+
+
+def test_the_modules_own_self_test_runs(panel, slot_errors):
+    """MedILSlicerTest, as Slicer's Reload and Test runs it (runTest), on the real scene and the real backend."""
+    app, widget, scene, node, dialogs, views = panel
+    module = sys.modules["MedILSlicer"]
+    import slicer as slicer_module
+
+    before = slicer_module.mrmlScene
+    tester = module.MedILSlicerTest()
+    tester.runTest()
+    assert dialogs.delayed.count("Test passed") == 2, dialogs.delayed
+    assert slicer_module.mrmlScene is before and slot_errors == []
 
 
 def test_the_panel_opens_on_the_task_that_suits_the_input(panel):
@@ -126,6 +159,9 @@ def test_the_panel_takes_its_tasks_and_methods_from_the_backends_specs(panel):
         assert not ui.modelComboBox.isEnabled()
         ui.superresMethodComboBox.setCurrentText("newmethod")
         assert ui.modelComboBox.isEnabled()
+        assert widget._parameterNode.superresMethod == "newmethod"  # the parameter the logic is given follows the backend's list
+        widget._parameterNode.superresMethod = "fast"  # and the combo box follows the parameter (a scene loaded, a script)
+        assert ui.superresMethodComboBox.currentText() == "fast"
     finally:
         widget.applyTaskSpecs(panel_tasks.read_specs())
     assert [ui.superresMethodComboBox.itemText(i) for i in range(ui.superresMethodComboBox.count())] == list(

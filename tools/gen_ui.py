@@ -194,7 +194,9 @@ def build() -> str:
             "superresOptionsCollapsibleButton",
             "Super-resolution options",
             [
-                ("Method:", combo("superresMethodComboBox", SUPERRES_METHODS, "superresMethod")),
+                # not bound by parameterNodeWrapper: its Choice is fixed when the module loads, and the backend may publish
+                # other methods (the widget keeps the parameter and the combo box in step itself)
+                ("Method:", combo("superresMethodComboBox", SUPERRES_METHODS)),
                 (
                     "Samples:",
                     ispin(
