@@ -37,7 +37,7 @@ from MedILSlicerLib.logic import (  # noqa: E402
     modelLabel,
 )
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
-from MedILSlicerLib.tasks import OPTION_WIDGETS, SUPERRES_METHODS, catalog, suggested_task, task_by_key, task_by_label, use_specs  # noqa: E402
+from MedILSlicerLib.tasks import OPTION_WIDGETS, catalog, suggested_task, task_by_key, task_by_label, use_specs  # noqa: E402
 
 #: Choices shown in the panel (parameter values; the .ui lists the same texts).
 SPACING_PRESETS = ["input", "finest isotropic", "1 mm", "custom"]

@@ -62,9 +62,7 @@ def module_constant(name):
         from MedILSlicerLib import tasks
 
         assert "from MedILSlicerLib.tasks import LABELS as TASKS" in MODULE.read_text()
-        imported = " ".join(re.findall(r"from MedILSlicerLib.tasks import (\([^)]*\)|[^\n]*)", MODULE.read_text()))
-        assert "SUPERRES_METHODS" in imported
-        return tasks.LABELS if name == "TASKS" else tasks.SUPERRES_METHODS
+        return tasks.LABELS if name == "TASKS" else tasks.SUPERRES_METHODS  # the .ui's method items: the bundled specs
     for node in module_ast().body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
             return ast.literal_eval(node.value)
