@@ -96,6 +96,22 @@ def test_the_modules_own_self_test_runs(panel, slot_errors):
     assert slicer_module.mrmlScene is before and slot_errors == []
 
 
+def test_the_self_test_without_torch_logs_one_line_and_runs_nothing(panel, monkeypatch, caplog):
+    import importlib.util
+    import logging
+
+    app, widget, scene, node, dialogs, views = panel
+    module = sys.modules["MedILSlicer"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    before = len(volumes(scene))
+    with caplog.at_level(logging.INFO):
+        module.MedILSlicerTest().runTest()
+    lines = [r.getMessage() for r in caplog.records if "MedIL self-test" in r.getMessage()]
+    assert len(lines) == 1 and "PyTorch is not installed" in lines[0]
+    assert len(volumes(scene)) == before and "Test passed" not in dialogs.delayed
+
+
 def test_the_panel_opens_on_the_task_that_suits_the_input(panel):
     app, widget, scene, node, dialogs, views = panel
     ui = raw_ui(widget)

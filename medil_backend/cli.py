@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model with Lightning: medil train --config CONFIG.yaml [overrides] (see training/configs)", add_help=False
     )
     sub.add_parser("models", help="list bundled and installed models").add_argument("--json", action="store_true")
+    sub.add_parser("device", help="the compute devices this backend's PyTorch sees (what --device auto picks)").add_argument(
+        "--json", action="store_true"
+    )
 
     e = sub.add_parser("evaluate", help="metrics of models vs trilinear and B-spline on reconstruction and thick-slice super-resolution")
     e.add_argument("volumes", nargs="+", help="ground-truth volumes (held out from training)")
@@ -473,6 +476,23 @@ def card_essentials(card: dict) -> dict:
     }
 
 
+def cmd_device(args: argparse.Namespace) -> int:
+    """What ``--device auto`` would use, asked of this interpreter's PyTorch (a frontend asks this instead of importing torch)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    info = {
+        "torch": torch.__version__,
+        "cuda": cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "auto": "cuda" if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+    info["label"] = f"CUDA GPU ({info['cuda_device']})" if cuda else f"CPU only ({info['threads']} threads)"
+    print(json.dumps(info, indent=2) if args.json else info["label"])
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import DEFAULT_MODELS, list_models
 
@@ -733,6 +753,7 @@ def _main(argv: Sequence[str] | None) -> int:
         **dict.fromkeys(TASKS, cmd_task),  # every task has the one handler
         "tasks": cmd_tasks,
         "models": cmd_models,
+        "device": cmd_device,
         "info": cmd_info,
         "evaluate": cmd_evaluate,
         "evaluate-generative": cmd_evaluate_generative,

@@ -11,7 +11,7 @@ python3 -m pip download --no-deps -q -d "$WORK/wheel" slicer-core-sdk || { echo 
 python3 -m zipfile -e "$WORK"/wheel/slicer_core_sdk-*.whl "$WORK/sdk"
 SDK="$WORK/sdk/slicer_core_sdk"
 echo "== what a scripted Slicer extension needs, and whether the SDK defines it"
-for name in Slicer_USE_FILE slicerMacroBuildScriptedModule Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR SlicerExtensionCPack; do
+for name in Slicer_USE_FILE slicerMacroBuildScriptedModule Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR Slicer_EXTENSION_CPACK; do
   if grep -rqs "$name" "$SDK"; then echo "  $name: found"; else echo "  $name: MISSING"; fi
 done
 echo "== vtk-sdk (the VTK CMake package the SDK finds):"

@@ -12,24 +12,61 @@ import importlib.util
 import os
 from pathlib import Path
 
-#: (pip requirement, import name)
-BACKEND_REQUIREMENTS: tuple[tuple[str, str], ...] = (
-    ("numpy>=1.24", "numpy"),
-    ("scipy>=1.10", "scipy"),
-    ("nibabel>=5.0", "nibabel"),
-    ("SimpleITK>=2.3", "SimpleITK"),
-    ("safetensors>=0.4", "safetensors"),
-    ("tqdm>=4.60", "tqdm"),
-    ("distributed>=2024.1", "distributed"),  # medil batch (Dask)
+#: (pip requirement, import name, distribution name)
+BACKEND_REQUIREMENTS: tuple[tuple[str, str, str], ...] = (
+    ("numpy>=1.24", "numpy", "numpy"),
+    ("scipy>=1.10", "scipy", "scipy"),
+    ("nibabel>=5.0", "nibabel", "nibabel"),
+    ("SimpleITK>=2.3", "SimpleITK", "SimpleITK"),
+    ("safetensors>=0.4", "safetensors", "safetensors"),
+    ("tqdm>=4.60", "tqdm", "tqdm"),
+    ("pydicom>=2.4", "pydicom", "pydicom"),  # Siemens mosaics
 )
+#: what only a batch run needs (``medil batch`` on Dask): installed when a batch is started, not before
+BATCH_REQUIREMENTS: tuple[tuple[str, str, str], ...] = (("distributed>=2024.1", "distributed", "distributed"),)
+#: the PyTorch the backend needs (installed through the PyTorch extension, which picks the build for the machine)
+TORCH_REQUIREMENT = ">=2.4"
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """The leading numbers of a version (``2.13.0+cpu`` -> (2, 13, 0))."""
+    import re
+
+    out = []
+    for part in text.split("."):
+        m = re.match(r"\d+", part)
+        if not m:
+            break
+        out.append(int(m.group()))
+    return tuple(out)
+
+
+def satisfied(requirement: str, installed: str | None) -> bool:
+    """Whether an installed version meets a ``>=X.Y`` requirement (the only form these requirements take)."""
+    if installed is None:
+        return False
+    minimum = requirement.split(">=", 1)[1] if ">=" in requirement else "0"
+    return version_tuple(installed) >= version_tuple(minimum)
+
+
+def installed_version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def missing_requirements(requirements=BACKEND_REQUIREMENTS) -> list[str]:
+    """The requirements that cannot be imported here, or whose installed version is older than they ask."""
+    return [
+        req for req, name, dist in requirements if importlib.util.find_spec(name) is None or not satisfied(req, installed_version(dist))
+    ]
+
 
 #: the folder the extension installs medil_backend into: the module's own (see the top-level CMakeLists.txt)
 MODULE_DIR = Path(__file__).resolve().parents[1]
-
-
-def missing_requirements() -> list[str]:
-    """The requirements whose package cannot be imported here."""
-    return [req for req, name in BACKEND_REQUIREMENTS if importlib.util.find_spec(name) is None]
 
 
 def shipped_backend() -> Path | None:

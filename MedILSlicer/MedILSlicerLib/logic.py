@@ -469,11 +469,14 @@ def modelLabel(m: dict) -> str:
     return f"{m['name']} (comparison only)" if m.get("role") == "comparison" else m["name"]
 
 
-class ModelListJob:
-    """``medil models --json`` in a background process: :meth:`poll` returns ``None`` while it runs, then the
-    list (or raises :class:`MedILSlicerError`). The panel polls it from a timer, so Slicer never waits on it."""
+class BackendQueryJob:
+    """``medil ARGS`` (a command that prints JSON) in a background process: :meth:`poll` returns ``None`` while it runs,
+    then the parsed answer (or raises :class:`MedILSlicerError`). The panel polls it from a timer, so Slicer never waits."""
 
-    def __init__(self, python: str | None = None, timeout_s: float = 120.0) -> None:
+    #: what the query is, for its messages
+    what = "asking the MedIL backend"
+
+    def __init__(self, args: list[str], python: str | None = None, timeout_s: float = 120.0) -> None:
         import subprocess
         import time
 
@@ -481,14 +484,14 @@ class ModelListJob:
         from .deps import backend_env
 
         self.process = subprocess.Popen(
-            [python or sys.executable, "-m", "medil_backend", "models", "--json"],
+            [python or sys.executable, "-m", "medil_backend", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=backend_env(),
         )
 
-    def poll(self) -> list[dict] | None:
+    def poll(self):
         import subprocess
         import time
 
@@ -497,19 +500,37 @@ class ModelListJob:
                 return None
             self.process.kill()
             self.process.communicate()
-            raise MedILSlicerError("listing the MedIL models took too long; press Refresh to try again")
+            raise MedILSlicerError(f"{self.what} took too long; press Refresh to try again")
         try:
             out, err = self.process.communicate(timeout=5)
         except subprocess.TimeoutExpired:
             return None
         if self.process.returncode != 0:
-            raise MedILSlicerError(err.strip().splitlines()[-1] if err.strip() else "could not list MedIL models")
+            raise MedILSlicerError(err.strip().splitlines()[-1] if err.strip() else f"{self.what} failed")
         return json.loads(out)
 
     def cancel(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.communicate()
+
+
+class ModelListJob(BackendQueryJob):
+    """``medil models --json`` in the background: the models the panel lists."""
+
+    what = "listing the MedIL models"
+
+    def __init__(self, python: str | None = None, timeout_s: float = 120.0) -> None:
+        super().__init__(["models", "--json"], python, timeout_s)
+
+
+class DeviceJob(BackendQueryJob):
+    """``medil device --json`` in the background: what the backend's PyTorch sees (the panel never imports torch itself)."""
+
+    what = "asking the backend for its device"
+
+    def __init__(self, python: str | None = None, timeout_s: float = 120.0) -> None:
+        super().__init__(["device", "--json"], python, timeout_s)
 
 
 def listTasks(python: str | None = None) -> list[dict]:
@@ -523,16 +544,4 @@ def listTasks(python: str | None = None) -> list[dict]:
     )
     if proc.returncode != 0:
         raise MedILSlicerError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "could not list the MedIL tasks")
-    return json.loads(proc.stdout)
-
-
-def listModels(python: str | None = None) -> list[dict]:
-    """The backend's model registry (``medil models --json``), asked of the backend's interpreter."""
-    import subprocess
-
-    proc = subprocess.run(
-        [python or sys.executable, "-m", "medil_backend", "models", "--json"], capture_output=True, text=True, timeout=120
-    )
-    if proc.returncode != 0:
-        raise MedILSlicerError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "could not list MedIL models")
     return json.loads(proc.stdout)

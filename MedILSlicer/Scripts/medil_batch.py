@@ -60,9 +60,14 @@ def run_dataset(args) -> int:
     """Hand a dataset to the backend's ``medil batch`` (the same command a researcher runs), in the backend's interpreter."""
     import subprocess
 
-    from MedILSlicerLib.deps import backend_env
+    from MedILSlicerLib.deps import BATCH_REQUIREMENTS, backend_env, missing_requirements
     from MedILSlicerLib.logic import MedILLogicCore
 
+    for req in missing_requirements(BATCH_REQUIREMENTS):  # only a batch needs Dask: installed when one is started
+        print(f"MedIL batch: installing {req} (Dask, which runs the scans in parallel)", flush=True)
+        import slicer
+
+        slicer.util.pip_install(f'"{req}"')
     cmd = [MedILLogicCore().python, "-m", "medil_backend", "batch", args.task, args.input, args.output, "--device", args.device]
     cmd += ["--modality", args.modality]
     if args.spacing:
