@@ -96,7 +96,7 @@ def test_like_conflicts_with_spacing():
     # the core names the settings, not a frontend's flags; the CLI adds its flags
     assert "--" not in str(err.value) and "like" in err.value.options
 
-    from medil_backend.cli import user_message
+    from medil_backend.frontend import user_message
 
     assert user_message(err.value).endswith("(--like, --spacing, --orientation, --fov)")
 

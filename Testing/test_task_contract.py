@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from medil_backend.cli import build_parser, main, option_flags
+from medil_backend.cli import build_parser, main
 from medil_backend.errors import MedILError
+from medil_backend.frontend import option_flags
 from medil_backend.io import read_volume
 from medil_backend.task import CONTEXT_OPTIONS, TASKS, GridRequest, RunContext, option_names, run_task, tasks_json
 

@@ -25,6 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
+def portable(command: str) -> str:
+    """A recorded command as a reader runs it: the shared data as ``../shared/data``, not the machine's absolute path."""
+    return re.sub(r"(?<![\w.])/\S*?/shared/data/", "../shared/data/", command)
+
+
 def quality(name: str) -> str:
     from medil_backend.evaluate import markdown_table, target_table
 
@@ -336,7 +341,7 @@ def multistack(name: str) -> str:
             rows.append(
                 f"- {text}; motion recovered to {worst:.2f} degrees / {shift:.2f} mm; seconds measured on 2 CPU cores shared with other jobs (the speed table below is measured alone)."
             )
-    rows.append(f"\n`{d['command']}`")
+    rows.append(f"\n`{portable(d['command'])}`")
     return "\n".join(rows)
 
 
@@ -362,7 +367,7 @@ def multistack_summary() -> str:
                     f"- {v['name']} (held out), three {case['thick_mm']:g} mm stacks with about 5 degrees / 4-5 mm of motion: "
                     f"{', '.join(parts)}; motion recovered to {worst:.2f} degrees / {shift:.2f} mm."
                 )
-        rows.append(f"  (`{d['command'].split(' --json')[0]}`)")
+        rows.append(f"  (`{portable(d['command'].split(' --json')[0])}`)")
     bench = RESULTS / "bench_multistack.json"
     if bench.exists():
         d = json.loads(bench.read_text())

@@ -1,4 +1,5 @@
-"""The ``medil`` command: reconstruct onto any grid, list models, describe a file.
+"""The ``medil`` command: every task (reconstruct, superres, sample), batch, evaluate, train and export, and the
+helpers that describe files, models, tasks and the device.
 
 User mistakes end in one line on stderr (``medil: error: ...``) and exit status 1 (2 for bad
 command-line syntax); no traceback, and no output file is created or replaced.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, Interrupted, MedILError
+from .frontend import grid_request, user_message
 
 #: the output-grid defaults of each task, as its help states them
 _GRID_DEFAULTS = {
@@ -269,49 +271,6 @@ def _progress_callback(mode: str):
     return update, close
 
 
-def option_flags() -> dict[str, str]:
-    """How this frontend spells the settings that a core error names (MedILError.options): every
-    option the task specs declare, the run context's and the output grid's."""
-    from .batch.command import BATCH_OPTION_NAMES
-    from .task import option_names
-
-    return {name: "--" + name.replace("_", "-") for name in (*option_names(), *BATCH_OPTION_NAMES)}
-
-
-def user_message(exc: MedILError) -> str:
-    """The core's message plus the command-line options that fix it."""
-    flags_of = option_flags()
-    flags = [flags_of[o] for o in getattr(exc, "options", ()) if o in flags_of]
-    return f"{exc} ({', '.join(flags)})" if flags else str(exc)
-
-
-def _parse_orientation(value: str | None):
-    if value is None or "," not in value:
-        return value
-    try:
-        numbers = [float(v) for v in value.split(",")]
-    except ValueError:
-        numbers = []
-    if len(numbers) != 9:
-        raise MedILError("--orientation as a matrix takes 9 comma-separated numbers (row-major 3x3 direction matrix)")
-    import numpy as np
-
-    return np.array(numbers).reshape(3, 3)
-
-
-def grid_request(args: argparse.Namespace):
-    """A task command line's output-grid request, checked; ``--like``'s grid read from its header alone."""
-    from .io import read_grid
-    from .task import GridRequest
-
-    request = GridRequest(spacing=args.spacing, orientation=_parse_orientation(args.orientation), fov=args.fov)
-    if args.like and request.given:
-        raise MedILError("--like fixes the whole output grid; drop --spacing, --orientation and --fov, or drop --like", options=("like",))
-    request.check()
-    request.like = read_grid(args.like) if args.like else None
-    return request
-
-
 def cmd_task(args: argparse.Namespace) -> int:
     """The one handler of every task (see :mod:`medil_backend.task`): options checked, every output file
     declared, the run context resolved, all before any work; the input read; the task run; every file of
@@ -320,7 +279,7 @@ def cmd_task(args: argparse.Namespace) -> int:
     from .task_files import run_task_to_files
 
     spec = get_task(args.command)
-    request = grid_request(args)
+    request = grid_request(spacing=args.spacing, orientation=args.orientation, fov=args.fov, like=args.like)
     options = spec.checked_options({o.name: getattr(args, o.name) for o in spec.options}, request)
     ctx = RunContext.resolve(args.device, args.precision, args.max_memory)
     command = "medil " + shlex.join(args.argv)

@@ -25,6 +25,7 @@ from typing import Any
 from .errors import MedILError
 from .geometry import Grid, Volume
 from .limits import MAX_SEED, check_seed
+from .methods import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS
 
 # -- options -------------------------------------------------------------------------------------------
 
@@ -239,12 +240,19 @@ class TaskSpec:
     needs_input: bool
     model_kind: str  # "autoencoder", "diffusion" or "" (the task adapts to the scan itself)
     options: tuple[Option, ...]
-    run: Callable[..., TaskResult]
+    runner: str  # "module:function" of the runner, imported when the task runs
     series: str = ""  # the option that counts a series of outputs (OUTPUT_000, OUTPUT_001, ...)
     check: Callable[[dict, GridRequest], None] | None = None  # options that only make sense together, checked before any work
     label: str = ""  # the Slicer panel's name for it
     model_when: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the model applies only for these option values
     max_inputs: int = 1  # several inputs (e.g. thick-slice stacks of one anatomy) when more than 1
+
+    def run(self, *args, **kwargs) -> TaskResult:
+        """Run the task: its runner ``(ctx, inputs, request, model, **options)``, imported by name now."""
+        import importlib
+
+        module, _, function = self.runner.partition(":")
+        return getattr(importlib.import_module(module), function)(*args, **kwargs)
 
     def output_paths(self, output: str, options: dict) -> dict[tuple[str, int], str]:
         """Every file a run writes, by (role, index): the output (or its numbered series) and each path option that is set."""
@@ -330,27 +338,9 @@ _BACKGROUND = Option("background", float, None, "value outside the input's exten
 _DTYPE = Option("dtype", str, "float32", "output voxel type (input: rounded and clipped to the input's type)", choices=("float32", "input"))
 
 
-def _run_reconstruct(*args, **kwargs) -> TaskResult:
-    from .ops.runners import run_reconstruct
-
-    return run_reconstruct(*args, **kwargs)
-
-
-def _run_superres(*args, **kwargs) -> TaskResult:
-    from .ops.runners import run_superres
-
-    return run_superres(*args, **kwargs)
-
-
-def _run_sample(*args, **kwargs) -> TaskResult:
-    from .ops.runners import run_sample
-
-    return run_sample(*args, **kwargs)
-
-
-SUPERRES_METHODS = ("adapt", "fast", "inverse", "cycles")  # the default first
-#: the methods that run through a latent diffusion model (a chosen model applies to them alone)
-GENERATIVE_SUPERRES_METHODS = ("inverse", "cycles")
+#: the runners, named (``module:function``) rather than imported: the task layer never imports the operations
+#: (they import it), as the model registry names its runners
+_RUNNERS = "medil_backend.ops.runners"
 
 
 def _check_superres(options: dict, request: GridRequest) -> None:
@@ -381,7 +371,7 @@ TASKS: dict[str, TaskSpec] = {
             needs_input=True,
             model_kind="autoencoder",
             options=(_MODALITY, _BACKGROUND, _DTYPE),
-            run=_run_reconstruct,
+            runner=f"{_RUNNERS}:run_reconstruct",
             label="Reconstruct / resample",
         ),
         TaskSpec(
@@ -488,7 +478,7 @@ TASKS: dict[str, TaskSpec] = {
                 _BACKGROUND,
                 _DTYPE,
             ),  # fmt: skip
-            run=_run_superres,
+            runner=f"{_RUNNERS}:run_superres",
             max_inputs=10,
             check=_check_superres,
             label="Super-resolve",
@@ -519,7 +509,7 @@ TASKS: dict[str, TaskSpec] = {
                 ),
             ),  # fmt: skip
             label="Sample",
-            run=_run_sample,
+            runner=f"{_RUNNERS}:run_sample",
             series="n",
             check=_check_sample,
         ),

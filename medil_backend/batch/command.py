@@ -20,14 +20,12 @@ from .report import counts, write_report
 from .scans import find_scans
 from .worker import ScanJob
 
-BATCH_OPTION_NAMES = ("workers", "threads_per_worker", "retries", "scheduler", "participant_label", "resume")
-
 
 def _grid_request(args) -> dict:
     """The command line's output-grid request (checked as for one volume) as plain data for the workers."""
-    from ..cli import grid_request
+    from ..frontend import grid_request
 
-    request = grid_request(args)  # a bad reference is refused now, not once per scan
+    request = grid_request(spacing=args.spacing, orientation=args.orientation, fov=args.fov, like=args.like)  # refused now, not per scan
     if args.like:
         return {"like": str(Path(args.like).resolve())}
     out: dict = {}
@@ -233,4 +231,4 @@ def _progress(mode: str, total: int):
     return show
 
 
-__all__ = ["BATCH_OPTION_NAMES", "plan_jobs", "run_batch"]
+__all__ = ["plan_jobs", "run_batch"]

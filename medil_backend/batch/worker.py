@@ -71,7 +71,7 @@ def _uncertainty_summary(result) -> dict | None:
 
 def run_scan(job: ScanJob) -> dict:
     """Run one scan; returns its record for the report (never raises for a user error)."""
-    from ..cli import user_message
+    from ..frontend import user_message
     from ..io import read_grid
     from ..task import GridRequest, RunContext, get_task
     from ..task_files import run_task_to_files

@@ -1,14 +1,13 @@
 """Super-resolution of thick-slice scans onto a finer grid, with data consistency.
 
-``fast`` (the one method so far): a cubic B-spline interpolant of the input on the output grid,
-then back-projection until the output, acquired again through the input's own acquisition
-operator ``A`` (slice profile along the thick axis, thickness from the header or the user), reproduces
-the input: ``x <- x + A^T (y - A x) / (A^T A 1)`` (a diagonally preconditioned Landweber step; for
-slices that do not overlap, ``A A^T`` is block diagonal and one step is already consistent).
-
-Measured on held-out real scans (``medil evaluate --superres fast``), data consistency adds a
-fraction of a dB to B-spline: the learned methods (test-time adaptation, latent optimisation,
-diffusion cycles) that the project plans build on this operator and this command.
+Methods (:mod:`medil_backend.methods` names them): ``adapt`` (the default: a small network adapted to the scan's own
+in-plane detail, applied through-plane), ``fast`` (a cubic B-spline interpolant), ``inverse`` (latent optimisation
+through a diffusion model's decoder) and ``cycles`` (noise/denoise cycles of a latent diffusion model). Each estimate
+is then made consistent with the input: the output, acquired again through the input's own acquisition operator
+``A`` (slice profile along the thick axis, thickness from the header or the user), reproduces the input:
+``x <- x + A^T (y - A x) / (A^T A 1)`` (a diagonally preconditioned Landweber step; for slices that do not overlap,
+``A A^T`` is block diagonal and one step is already consistent). Several stacks go through
+:mod:`medil_backend.ops.multistack`. Measured quality and speed: docs/superres.md.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 from ..acquisition import AcquisitionOperator
 from ..errors import MedILError
 from ..geometry import Grid, Volume
-from ..task import SUPERRES_METHODS
+from ..methods import SUPERRES_METHODS
 from .memory import MemoryPlan
 from .runtime import Progress, autocast, check_cancel, report
 

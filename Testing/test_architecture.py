@@ -1,0 +1,86 @@
+"""The backend's layers: no import circle in medil_backend, counting the imports inside functions (a task never
+imports its operation, the batch never imports the command line)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "medil_backend"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(REPO).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports anywhere in its code (top level or inside a function)."""
+    mods = modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - (node.level - 1)] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+                targets = [module] + [f"{module}.{a.name}" for a in node.names]
+            graph[name] |= {t for t in targets if t in mods and t != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_import_graph_is_what_the_test_reads():
+    graph = import_graph()
+    assert "medil_backend.ops.superres" in graph["medil_backend.ops.runners"]  # an import inside a function counts
+    assert "medil_backend.task" in graph["medil_backend.ops.runners"]
+
+
+def test_no_import_circle_in_the_backend():
+    assert circles(import_graph()) == []
+
+
+def test_inference_never_imports_training_or_a_frontend():
+    graph = import_graph()
+    for name, targets in graph.items():
+        if name.startswith(("medil_backend.ops", "medil_backend.nn", "medil_backend.task", "medil_backend.io")):
+            assert not {t for t in targets if t.startswith(("medil_backend.training", "medil_backend.cli"))}, name
