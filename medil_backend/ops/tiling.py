@@ -312,7 +312,7 @@ class EncodePlan:
         """(feature box, input box) that the latent ``box`` reads; the input box starts on the encoder's stride."""
         _, grown = lookup_box([self.f_grid], [self.z_grid.sub_grid(*box)])
         fbox = (tuple(int(v) for v in grown[0]), tuple(int(v) for v in grown[1]))
-        F, R = self.model.factor, self.model.encoder_halo()
+        F, R = self.model.factor, self.model.encoder_halo(float(min(self.x_grid.spacing)))
         lo = tuple(max(0, a * F - R) // F * F for a in fbox[0])
         hi = tuple(min(n, (b - 1) * F + 1 + R) for b, n in zip(fbox[1], self.x_shape))
         return fbox, (lo, hi)  # type: ignore[return-value]
