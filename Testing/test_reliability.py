@@ -633,3 +633,32 @@ def test_fuzzing_ends_in_a_clean_error_or_a_sound_volume(tmp_path, family):
             assert read_grid(path).same_as(v.grid, atol=1e-6), n
         assert time.process_time() - cpu < 10 and time.perf_counter() - wall < 120, n
     assert outcomes["refused"] > 0 and outcomes["ok"] > 0, outcomes
+
+
+def test_a_run_killed_by_sigkill_leaves_a_part_the_next_run_into_the_folder_clears(tmp_path, small_mri, capsys):
+    """A real SIGKILL while a result is staged (no handler runs, the hidden .part stays); the next `medil` run into that
+    folder, writing another name, removes the dead process's part and leaves its own output alone."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time, numpy as np\n"
+        "from medil_backend.geometry import Volume\n"
+        "from medil_backend.io import OutputSet\n"
+        "out = OutputSet()\n"
+        "out.__enter__()\n"
+        f"out.stage(Volume(np.ones((8, 8, 8), np.float32), np.eye(4)), {str(tmp_path / 'killed.nii.gz')!r}, provenance={{'task': 't'}})\n"
+        "print('staged', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "staged"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".killed.nii.gz.")]
+    assert left and all(f".{proc.pid}." in n for n in left)  # what SIGKILL leaves
+    rc, _, err = run(["superres", small_mri, tmp_path / "next.nii.gz", "--method", "fast", "--progress", "none"], capsys)
+    assert rc == 0, err
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != small_mri.name)
+    assert names == ["next.json", "next.nii.gz"], names
