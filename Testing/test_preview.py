@@ -57,3 +57,28 @@ def test_quickstart_comparison_script(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert read_volume(tmp_path / "b.nii.gz").grid.same_as(sr.grid) and _read_png(tmp_path / "c.png").shape[0] > 100
+
+
+def test_the_quick_start_picture_is_labelled_enlarged_and_shows_the_detail(tmp_path):
+    """Rows and columns named in the image, pixels enlarged, and a detail column: the square where the last two rows
+    differ most, the same square in every row."""
+    from medil_backend.geometry import Grid
+    from medil_backend.preview import text_image
+
+    rng = np.random.default_rng(0)
+    a = rng.random((24, 20, 16)).astype(np.float32) * 100 + 50
+    b = a.copy()
+    b[2:8, 3:9, :] += 60  # where the two differ
+    grid = Grid.from_parts(a.shape, 1.0)
+    plain = comparison_png([Volume(a, grid.affine), Volume(b, grid.affine)], tmp_path / "p.png")
+    rich = comparison_png([Volume(a, grid.affine), Volume(b, grid.affine)], tmp_path / "r.png", labels=["B-SPLINE", "MEDIL"], scale=2, zoom=3)
+
+    def size(path):
+        raw = path.read_bytes()
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+
+    (w0, h0), (w1, h1) = size(plain), size(rich)
+    assert w1 > 2 * w0 and h1 > 2 * h0  # enlarged, with a label column, a header and the detail column
+    assert text_image("MEDIL 29.9 DB").shape == (14, 13 * 6 * 2)
+    img = _read_png(rich)
+    assert img[:14].max() == 255  # the column names in the header
