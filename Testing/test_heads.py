@@ -141,3 +141,26 @@ trainer:
     data = card["training"]["data"]
     assert data["synthetic"]["generator"] == "medil_backend.training.heads" and data["train"][0]["file"] == colin.name
     assert card["training"]["steps_done"] == 3
+
+
+def test_the_gpu_recipe_trains_the_same_network_from_packs():
+    import yaml
+
+    cpu = yaml.safe_load((REPO / "training/configs/cpu/medil-brain-t1-heads.yaml").read_text())
+    gpu = yaml.safe_load((REPO / "training/configs/gpu/medil-brain-t1-heads.yaml").read_text())
+    assert gpu["model"]["model"] == cpu["model"]["model"]
+    assert all(str(p).startswith("packs/") for p in gpu["data"]["heads"] + gpu["data"]["val"] + list(gpu["data"]["tissue_maps"].values()))
+    held_out = ("pydeface", "itk_t1", "clinical_t1c_thick")  # the evaluation heads stay out of both
+    for recipe in (cpu, gpu):
+        names = [str(p) for p in recipe["data"]["heads"] + recipe["data"]["val"]]
+        assert not any(h in n for n in names for h in held_out), names
+
+
+def test_workers_share_the_epochs_steps_and_draw_different_heads(sources):
+    from medil_backend.training.heads import HeadStream
+
+    stream = HeadStream(sources, HeadConfig(patch=12, batch=1), steps=4, seed=0)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 4
+    assert not torch.equal(batches[0][2], batches[1][2])

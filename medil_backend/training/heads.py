@@ -296,8 +296,12 @@ class HeadStream(IterableDataset):
         return self.steps
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, int(self.epoch_of())])
-        for _ in range(self.steps):
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.seed, int(self.epoch_of()), wid])
+        for _ in range(wid, self.steps, nw):  # the workers share the epoch's steps
             yield make_head_batch(self.sources, self.cfg, rng)
 
 
@@ -323,7 +327,8 @@ class HeadDataModule(L.LightningDataModule):
         tissue_maps: ``{"gm": ..., "wm": ..., "brain": ...}``: probability maps for SynthSeg-style random contrasts (optional).
         val: held-out volumes for validation (never trained on): 1 mm patches cut from their own grid, no augmentation.
         sampler: :class:`HeadConfig`.
-        steps_per_epoch, val_steps, seed: as in :class:`~medil_backend.training.data.VolumeDataModule`.
+        steps_per_epoch, val_steps, seed, num_workers: as in :class:`~medil_backend.training.data.VolumeDataModule`
+            (each DataLoader worker makes its own heads from its own generator: on a GPU machine the heads keep up).
     """
 
     def __init__(
@@ -336,13 +341,14 @@ class HeadDataModule(L.LightningDataModule):
         val_steps: int = 8,
         seed: int = 0,
         modality: str = "mri",
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
         if modality != "mri":
             raise MedILError("heads are T1-like MRI; train CT models with VolumeDataModule")
         self.heads, self.tissue_maps, self.val, self.modality = list(heads), tissue_maps, list(val or []), modality
         self.sampler = sampler or HeadConfig()
-        self.steps_per_epoch, self.val_steps, self.seed = steps_per_epoch, val_steps, seed
+        self.steps_per_epoch, self.val_steps, self.seed, self.num_workers = steps_per_epoch, val_steps, seed, num_workers
         self.sources: list[HeadSource] = []
         self.val_batches: list = []
 
@@ -393,7 +399,8 @@ class HeadDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         epoch_of = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
-        return DataLoader(HeadStream(self.sources, self.sampler, self.steps_per_epoch, self.seed, epoch_of), batch_size=None)
+        stream = HeadStream(self.sources, self.sampler, self.steps_per_epoch, self.seed, epoch_of)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         return DataLoader(self.val_batches, batch_size=None) if self.val_batches else []
