@@ -71,7 +71,9 @@ def test_the_quick_start_picture_is_labelled_enlarged_and_shows_the_detail(tmp_p
     b[2:8, 3:9, :] += 60  # where the two differ
     grid = Grid.from_parts(a.shape, 1.0)
     plain = comparison_png([Volume(a, grid.affine), Volume(b, grid.affine)], tmp_path / "p.png")
-    rich = comparison_png([Volume(a, grid.affine), Volume(b, grid.affine)], tmp_path / "r.png", labels=["B-SPLINE", "MEDIL"], scale=2, zoom=3)
+    rich = comparison_png(
+        [Volume(a, grid.affine), Volume(b, grid.affine)], tmp_path / "r.png", labels=["B-SPLINE", "MEDIL"], scale=2, zoom=3
+    )
 
     def size(path):
         raw = path.read_bytes()

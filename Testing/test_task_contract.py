@@ -284,3 +284,18 @@ def test_the_registry_says_which_tasks_an_architecture_serves(sampler_dir, small
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert not (node.module or "").startswith("ops") and not (node.level == 2 and (node.module or "").startswith("ops")), path
+
+
+def test_each_tasks_help_quotes_the_measured_times_not_typed_ones():
+    """The seconds in the task help come from the benchmark results (tools/measured_times.py keeps the file in step)."""
+    import subprocess
+    import sys
+
+    from medil_backend.task import MEASURED, TASKS
+
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "measured_times.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    assert f"{MEASURED['reconstruct']['cpu_seconds']:.0f} s" in TASKS["reconstruct"].help
+    assert f"{MEASURED['superres']['adapt']['cpu_seconds'] / 60:.1f} min" in TASKS["superres"].help
+    assert f"{MEASURED['sample']['cpu_seconds']:.0f} s" in TASKS["sample"].help
+    assert TASKS["superres"].to_json()["measured"]["superres"]["fast"]["source"] == "benchmarks/results/bench_superres.json"

@@ -302,6 +302,7 @@ class TaskSpec:
             "options": [o.to_json() for o in self.options],
             "context": [o.to_json() for o in CONTEXT_OPTIONS],
             "grid_labels": dict(GRID_OPTION_LABELS),
+            "measured": {k: v for k, v in MEASURED.items() if k == self.name or k.startswith(self.name + "_")},
         }
 
 
@@ -338,6 +339,38 @@ _BACKGROUND = Option("background", float, None, "value outside the input's exten
 _DTYPE = Option("dtype", str, "float32", "output voxel type (input: rounded and clipped to the input's type)", choices=("float32", "input"))
 
 
+def _measured_times() -> dict:
+    """Each task's and method's seconds on a whole head, as the benchmarks measured them (``measured_times.json``,
+    written from ``benchmarks/results`` by ``tools/measured_times.py``): the help quotes these, not typed figures."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name("measured_times.json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+MEASURED = _measured_times()
+
+
+def _seconds(*keys: str) -> str:
+    """A measured time in words ("12 s", "4.3 min"), or "not measured"."""
+    d = MEASURED
+    for k in keys:
+        d = d.get(k, {}) if isinstance(d, dict) else {}
+    s = d.get("cpu_seconds") if isinstance(d, dict) else None
+    if s is None:
+        return "not measured"
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+def _gain(*keys: str) -> str:
+    d = MEASURED
+    for k in keys:
+        d = d.get(k, {}) if isinstance(d, dict) else {}
+    g = d.get("gain_over_bspline_db") if isinstance(d, dict) else None
+    return f", {g:+.1f} dB over B-spline" if g is not None else ""
+
+
 #: the runners, named (``module:function``) rather than imported: the task layer never imports the operations
 #: (they import it), as the model registry names its runners
 _RUNNERS = "medil_backend.ops.runners"
@@ -367,7 +400,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             "reconstruct",
             "resample or reconstruct a volume onto any grid through a MedIL autoencoder (best for isotropic inputs; "
-            "about 30 s for a head on 2 CPU cores)",
+            f"a whole 1 mm head: {_seconds('reconstruct')} on 2 CPU cores, measured)",
             needs_input=True,
             model_kind="autoencoder",
             options=(_MODALITY, _BACKGROUND, _DTYPE),
@@ -377,8 +410,11 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             "superres",
             "super-resolve a thick-slice scan onto a finer grid (adapt: a network trained on this scan's own slices, "
-            "about 3 minutes on 2 CPU cores; fast: B-spline + data consistency, seconds); or several stacks of one "
-            "anatomy in any orientations into one volume (registered, then jointly consistent with every stack)",
+            f"{_seconds('superres', 'adapt')} for a whole head from 4 mm slices on 2 CPU cores{_gain('superres', 'adapt')}; "
+            f"fast: B-spline + data consistency, {_seconds('superres', 'fast')}); or several stacks of one "
+            "anatomy in any orientations into one volume (registered, then jointly consistent with every stack; three "
+            f"4 mm stacks of a head: adapt {_seconds('superres_several_stacks', 'adapt')}, "
+            f"fast {_seconds('superres_several_stacks', 'fast')}); all measured",
             needs_input=True,
             model_kind="diffusion",
             options=(
@@ -388,7 +424,7 @@ TASKS: dict[str, TaskSpec] = {
                     "adapt",
                     "adapt (default): a network trained on this scan's own in-plane slices (several stacks: on all "
                     "of theirs, applied to each), then data consistency; fast: cubic B-spline, then data consistency "
-                    "(seconds); cycles: noise/denoise cycles through the "
+                    f"({_seconds('superres', 'fast')} for a whole head); cycles: noise/denoise cycles through the "
                     "latent diffusion model (Patel et al.); inverse: the generative latent optimised so that the decoded volume, "
                     "acquired again, matches the input (InverseSR, decoder only)",
                     label="Method",
@@ -487,7 +523,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             "sample",
             "draw new volumes from a latent diffusion model onto any grid (AI-generated, marked as such; a research demo: "
-            "about 20 s per 1 mm head on 2 CPU cores)",
+            f"{_seconds('sample')} per 1 mm head on 2 CPU cores, measured)",
             needs_input=False,
             model_kind="diffusion",
             options=(
