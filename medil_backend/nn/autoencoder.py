@@ -67,6 +67,8 @@ class MedILConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channels"], d["factors"] = list(self.channels), list(self.factors)
+        if not d["latent_base"]:  # added later: a model without it keeps the card, and the latent sha256, it had
+            del d["latent_base"]
         return d
 
     def to_json(self) -> str:
