@@ -337,7 +337,7 @@ def _disagreeing_nifti(tmp_path, sform_code: int = 1) -> tuple[Path, np.ndarray,
     return path, sform, qform
 
 
-@pytest.mark.parametrize("sform_code", [1, 4])  # scanner (ITK places the file by its sform), MNI-152 (ITK takes the qform)
+@pytest.mark.parametrize("sform_code", [1, 2, 3, 4])  # scanner: ITK places the file by its sform; aligned, Talairach, MNI: by its qform
 def test_a_qform_that_disagrees_with_the_sform_says_what_slicer_shows_and_offers_the_choice(tmp_path, caplog, capsys, sform_code):
     from medil_backend.io import nifti_geometry
 

@@ -51,6 +51,22 @@ def _downsampled_reference(volume, spacing_mm: float, ref: np.ndarray, norm, mas
     return {"spacing_mm": spacing_mm, "psnr_mask": psnr(norm.forward(back.array), ref, mask), "numbers_vs_1mm": float(spacing_mm**3)}
 
 
+def _untrained(card: str):
+    """The architecture of ``card`` with fresh weights (seed 0): what its design gives before any training (with
+    ``latent_base``, the B-spline of the latent cells' box averages)."""
+    import types
+
+    import torch
+
+    from medil_backend.models import load_model
+    from medil_backend.nn.autoencoder import MedILAutoencoder
+
+    trained = load_model(card)
+    torch.manual_seed(0)
+    net = MedILAutoencoder(trained.net.config).eval()
+    return types.SimpleNamespace(net=net, name=f"{trained.name} (untrained)", sha256=None, card={"training": {}})
+
+
 def evaluate(models: list[str], volumes: list[Path], device: str = "cpu") -> dict:
     from medil_backend.evaluate_generative import high_frequency_energy
     from medil_backend.intensity import fit_normalizer
@@ -59,7 +75,7 @@ def evaluate(models: list[str], volumes: list[Path], device: str = "cpu") -> dic
     from medil_backend.models import load_model
     from medil_backend.ops import run_model
 
-    loaded = {m: load_model(m) for m in models}
+    loaded = {m: _untrained(m[len("untrained:") :]) if m.startswith("untrained:") else load_model(m) for m in models}
     out: dict = {"models": {}, "volumes": {}}
     for name, lm in loaded.items():
         c = lm.net.config
@@ -101,7 +117,12 @@ def evaluate(models: list[str], volumes: list[Path], device: str = "cpu") -> dic
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["medil-brain-t1-gen"], help="model names or card paths")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["medil-brain-t1-gen"],
+        help="model names or card paths; untrained:CARD for its design with fresh weights",
+    )
     p.add_argument("--volumes", nargs="+", type=Path, default=HELD_OUT)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)

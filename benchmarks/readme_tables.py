@@ -441,6 +441,33 @@ DOCUMENTS = [
 ]
 
 
+def compact_latent() -> str:
+    """docs/sampling.md: the compact generative latent on held-out heads (eval-compact-latent.json): masked PSNR and
+    high-frequency share of each autoencoder against the real head, next to B-spline of block averages with as few numbers."""
+    d = json.loads((RESULTS / "eval-compact-latent.json").read_text())
+    rows = ["| autoencoder | latent | numbers vs 1 mm | training | " + " | ".join(f"{v} masked PSNR / HF share" for v in d["volumes"]) + " |"]
+    rows.append("|---|---|---|---|" + "---|" * len(d["volumes"]))
+    for name, m in d["models"].items():
+        t = m.get("training") or {}
+        trained = f"{t['steps_done']} steps, {t['minutes']} min, {t['hardware']}" if t.get("steps_done") else "none (the design alone)"
+        cells = []
+        for row in d["volumes"].values():
+            r = row[name]
+            cells.append(f"{r['psnr_mask']:.2f} dB / {r['hf_share']:.3f} ({r['hf_ratio_to_real']:.2f} of real)")
+        label = Path(name).stem if name.endswith(".json") else name
+        rows.append(f"| {label} | {m['latent']} | 1/{m['compression_vs_1mm']:.1f} | {trained} | " + " | ".join(cells) + " |")
+    for key in next(iter(d["volumes"].values())):
+        if key.startswith("block_average_"):
+            cells = []
+            for row in d["volumes"].values():
+                cells.append(f"{row[key]['psnr_mask']:.2f} dB")
+            sp = next(iter(d["volumes"].values()))[key]["spacing_mm"]
+            rows.append(f"| box averages at {sp:g} mm, SimpleITK B-spline back | 1 channel at {sp:g} mm | 1/{sp**3:.1f} | - | " + " | ".join(cells) + " |")
+    real = " / ".join(f"{v}: {row['real']['hf_share']:.3f}" for v, row in d["volumes"].items())
+    rows.append(f"\nHigh-frequency share of the real heads: {real}. `{portable(d['command'])}`")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Render every marked section; ``--check``: write nothing, exit 1 naming the documents that differ from
     what the results render (a figure edited by hand, or results newer than the documents)."""
@@ -476,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(("contrast-agreement", contrast()))
     if (RESULTS / "bench_slice_motion.json").exists():
         sections.append(("slice-motion", slice_motion()))
+    if (RESULTS / "eval-compact-latent.json").exists():
+        sections.append(("compact-latent", compact_latent()))
     if (RESULTS / "bench_batch.json").exists():
         sections.append(("batch_speed", batch_speed()))
     texts = {doc: doc.read_text() for doc in DOCUMENTS if doc.exists()}
