@@ -82,7 +82,7 @@ def evaluate(models: list[str], volumes: list[Path], device: str = "cpu") -> dic
         out["models"][name] = {
             "card": lm.name,
             "sha256": lm.sha256,
-            "latent": f"{c.latent_channels} channels at {c.latent_spacing:g} mm",
+            "latent": f"{c.latent_channels} channel{'s' if c.latent_channels > 1 else ''} at {c.latent_spacing:g} mm",
             "compression_vs_1mm": float(c.latent_spacing**3 / c.latent_channels),
             "training": {k: lm.card.get("training", {}).get(k) for k in ("steps_done", "minutes", "hardware")},
         }

@@ -455,7 +455,8 @@ def compact_latent() -> str:
             r = row[name]
             cells.append(f"{r['psnr_mask']:.2f} dB / {r['hf_share']:.3f} ({r['hf_ratio_to_real']:.2f} of real)")
         label = Path(name).stem if name.endswith(".json") else name
-        rows.append(f"| {label} | {m['latent']} | 1/{m['compression_vs_1mm']:.1f} | {trained} | " + " | ".join(cells) + " |")
+        latent = m["latent"].replace("1 channels", "1 channel")
+        rows.append(f"| {label} | {latent} | 1/{m['compression_vs_1mm']:.1f} | {trained} | " + " | ".join(cells) + " |")
     for key in next(iter(d["volumes"].values())):
         if key.startswith("block_average_"):
             cells = []
