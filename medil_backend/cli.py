@@ -437,7 +437,10 @@ def card_essentials(card: dict) -> dict:
 
 def cmd_device(args: argparse.Namespace) -> int:
     """What ``--device auto`` would use, asked of this interpreter's PyTorch (a frontend asks this instead of importing torch)."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise MedILError("PyTorch is not installed in this Python: install torch>=2.4 (in Slicer: the PyTorch extension)") from None
 
     cuda = torch.cuda.is_available()
     info = {
