@@ -74,6 +74,11 @@ def test_nan_volume_super_resolves_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "NaN or infinite" in err and "Traceback" not in err
     assert np.all(np.isfinite(nib.load(out).get_fdata()))
+    import SimpleITK as sitk  # what Slicer reads: the same voxels on the same grid
+
+    img = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(_sitk_affine(out), read_grid(out).affine, atol=1e-5)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(img).transpose(2, 1, 0), read_volume(out).array, atol=1e-6)
     from medil_backend.io import sidecar_path
 
     settings = json.loads(sidecar_path(out).read_text())
@@ -362,6 +367,7 @@ def test_a_qform_that_disagrees_with_the_sform_says_what_slicer_shows_and_offers
     out = tmp_path / "out.nrrd"
     assert main(["superres", str(path), str(out), "--method", "fast", "--nifti-geometry", "qform", "--progress", "none"]) == 0
     g = read_grid(out)
+    np.testing.assert_allclose(_sitk_affine(out), g.affine, atol=1e-5)  # Slicer (SimpleITK) reads the same grid
     lo = g.voxel_to_world(np.zeros(3))
     assert np.linalg.norm(lo - qform[:3, 3]) < 1.0  # the output lies where the qform puts the input
 
