@@ -226,3 +226,17 @@ def test_a_512_cubed_volume_at_the_default_limit():
     info = _measure([512, 512, 512], [1.0, 1.0, 1.0], 3.0, "auto", timeout=3600)
     assert info["finite"] and info["tiles"]["encode"] > 1
     assert info["increase"] <= 1.1 * 3.0 * 2**30, info
+
+
+def test_bfloat16_on_a_cpu_without_native_bf16_runs_in_float32(monkeypatch):
+    """Emulated bf16 is slower and larger than float32 on such a CPU: an explicit bfloat16 runs in float32 there."""
+    import torch
+
+    from medil_backend.ops import runtime
+
+    for native, want in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda native=native: native)
+        assert runtime.resolve_precision("bfloat16", torch.device("cpu")) == want
+        assert runtime.resolve_precision("auto", torch.device("cpu")) == want
+    assert runtime.resolve_precision("bfloat16", torch.device("cuda")) == torch.bfloat16
+    assert runtime.resolve_precision("float32", torch.device("cpu")) == torch.float32

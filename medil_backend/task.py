@@ -313,7 +313,8 @@ CONTEXT_OPTIONS: tuple[Option, ...] = (
         "precision",
         str,
         "auto",
-        "auto: bfloat16 on CUDA (and CPUs with native bf16) where exact enough, else float32",
+        "auto: bfloat16 on CUDA (and CPUs with native bf16) where exact enough, else float32;"
+        " bfloat16 runs in float32 on a CPU without native bf16",
         label="Device",
         choices=("auto", "float32", "bfloat16"),
     ),  # fmt: skip
