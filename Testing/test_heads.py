@@ -164,3 +164,21 @@ def test_workers_share_the_epochs_steps_and_draw_different_heads(sources):
     batches = list(loader)
     assert len(batches) == 4
     assert not torch.equal(batches[0][2], batches[1][2])
+
+
+def test_whole_heads_are_new_heads_on_acquisition_grids(sources):
+    """The latent diffusion model's training heads: a whole head at a random 1-2 mm spacing, reproducible, new each draw."""
+    from medil_backend.training.heads import whole_head
+
+    cfg = replace(HeadConfig(), spacing_mm=(1.0, 2.0), maps_prob=0.0)
+    a = whole_head(sources, cfg, np.random.default_rng(3), "head-0")
+    again = whole_head(sources, cfg, np.random.default_rng(3), "head-0")
+    other = whole_head(sources, cfg, np.random.default_rng(4), "head-1")
+    assert a["array"].shape == a["grid"].shape and np.array_equal(a["array"], again["array"])
+    assert np.all(a["grid"].spacing >= 1.0) and np.all(a["grid"].spacing <= 2.0)
+    assert np.allclose(a["grid"].direction, sources[0].grid.direction)
+    # the grid covers the source's head: its extent in mm is the source's foreground box and a margin
+    src_mm = np.ptp(sources[0].centres, axis=0)
+    assert np.all(np.asarray(a["grid"].shape) * a["grid"].spacing >= src_mm)
+    assert len(a["centres"]) > 1000 and a["array"].max() > 0.5 and a["array"][0, 0, 0] < 0.05  # a head in air
+    assert a["grid"].shape != other["grid"].shape or not np.allclose(a["array"], other["array"])

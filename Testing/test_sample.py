@@ -380,6 +380,36 @@ def test_reconstruct_refuses_a_diffusion_model(sampler_dir, small_mri, tmp_path,
 
 
 @pytest.mark.train  # needs the train extra (Lightning, MONAI, TorchIO)
+@pytest.mark.train
+def test_latents_of_made_heads_are_cached_with_their_generator(sampler_dir, tmp_path):
+    """data.heads: the latent diffusion model's training volumes are whole heads made from real ones, each encoded,
+    and the cache's manifest names the generator and the real sources; the validation head is a real file."""
+    from conftest import REPO, shared
+
+    from medil_backend.errors import MedILError
+    from medil_backend.training.latents import LatentDataModule, load_latents
+
+    colin = str(shared("mri/colin27_t1_1mm.nii.gz"))
+    dm = LatentDataModule(
+        str(sampler_dir / "tiny-gen.json"),
+        heads={"sources": [colin], "count": 2, "sampler": {"spacing_mm": [2.5, 3.0]}},
+        val=[str(REPO / "examples/data/itk_t1_2x2x3mm.nii.gz")],
+        cache=str(tmp_path / "latents.npz"),
+        encodings=1,
+        val_encodings=1,
+        thick_prob=0.0,
+        max_rotation_deg=0.0,
+    )
+    dm.setup()
+    items, meta = load_latents(tmp_path / "latents.npz")
+    assert [it["name"] for it in items] == ["train:head-0", "train:head-1", f"val:{REPO / 'examples/data/itk_t1_2x2x3mm.nii.gz'}"]
+    assert meta["manifest"]["synthetic"]["generator"] == "medil_backend.training.heads.whole_head"
+    assert meta["manifest"]["train"][0]["file"] == "colin27_t1_1mm.nii.gz" and len(meta["manifest"]["train"][0]["sha256"]) == 64
+    assert len(dm.train_items) == 2 and len(dm.val_items) == 1 and all(np.isfinite(it["latent"]).all() for it in items)
+    with pytest.raises(MedILError, match="train or as heads"):
+        LatentDataModule(str(sampler_dir / "tiny-gen.json"), train="examples/data", heads={"sources": [colin], "count": 1})
+
+
 def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, capsys):
     """medil train on a diffusion recipe: latents cached, the moving average exported with a card that names the
     autoencoder and the native spaces, and the exported model samples."""

@@ -51,12 +51,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("packs"))
     ap.add_argument("--lists", nargs="+", default=DEFAULT_LISTS)
     ap.add_argument("--max-mb", type=float, default=48.0, help="refuse a pack larger than this (the device tool carries 64 MiB in all)")
+    ap.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="pack the volumes that are there and name the missing ones (a data folder of an older manifest)",
+    )
     args = ap.parse_args()
     manifest = {f["path"]: f for f in json.loads(MANIFEST.read_text())["files"]}
     for name in args.lists:
         items = []
         for entry, rel in list_files(manifest, name):
             path = args.data / rel
+            if not path.is_file() and args.allow_missing:
+                print(f"pack: {path} is missing; {name} is packed without it", file=sys.stderr)
+                continue
             if not path.is_file():
                 print(
                     f"pack: error: {path} is missing; rebuild the data folder with training/build_data.py --out {args.data}",

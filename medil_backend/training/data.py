@@ -215,10 +215,14 @@ class VolumeDataModule(L.LightningDataModule):
 
     def _load(self, source) -> list[dict]:
         """Volumes from a folder or manifest (read with nibabel/SimpleITK) or from a data pack (``.npz``, numpy only)."""
+        if isinstance(source, (list, tuple)):  # a list of volume files
+            return [v for one in source for v in self._load(one)]
         if str(source).endswith(".npz"):
             from .pack import read_pack
 
             items = [(f"{Path(source).name}#{name}", v, e["sha256"]) for name, v, e in read_pack(source)]
+        elif Path(source).is_file() and str(source).lower().endswith(VOLUME_SUFFIXES):
+            items = [(str(source), read_volume(source), sha256_file(Path(source)))]
         else:
             items = [(str(p), read_volume(p), None) for p in find_volumes(source)]
         vols = []

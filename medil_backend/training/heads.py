@@ -280,6 +280,40 @@ def make_head_batch(sources: list[HeadSource], cfg: HeadConfig, rng: np.random.G
     return x, xg, y, og, zg
 
 
+def whole_head(sources: list[HeadSource], cfg: HeadConfig, rng: np.random.Generator, name: str, margin_mm: float = 12.0) -> dict:
+    """One new whole head about its source's head (a training volume of the latent diffusion model): a
+    random source, deformation, contrast and bias field, as in :func:`make_head_batch`, on an
+    acquisition grid of random spacing (``cfg.spacing_mm`` per axis) along the source's axes; no noise
+    (encode_augmented draws thick slices and the latent's orientation). Sampled in slabs, so the points
+    of a head never sit in memory at once. Returns the layout of a
+    :class:`~medil_backend.training.data.VolumeDataModule` volume."""
+    from ..intensity import foreground_centres
+
+    real = [s for s in sources if not s.maps] or sources
+    maps = [s for s in sources if s.maps]
+    src = maps[int(rng.integers(len(maps)))] if maps and rng.random() < cfg.maps_prob else real[int(rng.integers(len(real)))]
+    lo = src.grid.world_to_voxel(src.centres).min(axis=0)
+    hi = src.grid.world_to_voxel(src.centres).max(axis=0)
+    pad = margin_mm / np.asarray(src.grid.spacing)
+    box = src.grid.sub_grid(np.floor(lo - pad).astype(int), np.ceil(hi + pad).astype(int) + 1)
+    spacing = rng.uniform(*cfg.spacing_mm, size=3)
+    grid = Grid.from_parts(
+        tuple(int(math.ceil(n * s / t)) for n, s, t in zip(box.shape, box.spacing, spacing)),
+        spacing,
+        box.direction,
+        box.voxel_to_world(np.zeros(3)),
+    )
+    centre = src.centres.mean(axis=0)
+    half = float(np.linalg.norm(np.asarray(grid.shape, dtype=float))) / 2 + cfg.lattice_mm
+    head = Head(src, rng, centre, half, cfg)
+    out = np.empty(grid.shape, dtype=np.float32)
+    for i in range(0, grid.shape[0], 16):
+        slab = grid.sub_grid((i, 0, 0), (min(i + 16, grid.shape[0]), *grid.shape[1:]))
+        out[i : i + slab.shape[0]] = head.sample(_points(slab)).reshape(slab.shape)
+    a = fit_normalizer(out, "mri").forward(out).astype(np.float32)
+    return {"path": name, "array": a, "grid": grid, "centres": foreground_centres(a, "mri"), "modality": "mri"}
+
+
 def _moved(grid: Grid, shift: np.ndarray) -> Grid:
     aff = grid.affine.copy()
     aff[:3, 3] += shift

@@ -317,13 +317,16 @@ class LatentDataModule(L.LightningDataModule):
             extended to with the background's latent (see :func:`encode_augmented`); 0: neither.
         crop: (smallest, largest) crop side in latent voxels; batch: crops per batch at the smallest side.
         steps_per_epoch, val_steps, num_workers, seed: as usual.
+        heads: instead of ``train``, new whole heads made from these real heads (and ``tissue_maps``,
+            a dict) by :func:`~medil_backend.training.heads.whole_head`: ``{"sources": [paths],
+            "count": N, "sampler": {HeadConfig fields}}``; each is encoded ``encodings`` times.
     """
 
     def __init__(
         self,
         autoencoder: str,
-        train: str,
-        val: str | None = None,
+        train: str | None = None,
+        val: str | list[str] | None = None,
         modality: str = "mri",
         synthetic: int = 0,
         tissue_maps: dict | str | None = None,
@@ -342,8 +345,12 @@ class LatentDataModule(L.LightningDataModule):
         val_steps: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        heads: dict | None = None,
     ) -> None:
         super().__init__()
+        if (train is None) == (heads is None):
+            raise MedILError("give the latent diffusion model's training volumes as train or as heads, not both")
+        self.heads = heads
         self.autoencoder, self.train_source, self.val_source = autoencoder, train, val
         self.modality, self.synthetic, self.tissue_maps = modality, synthetic, tissue_maps
         self.cache, self.encodings, self.val_encodings = Path(cache), encodings, val_encodings
@@ -365,26 +372,58 @@ class LatentDataModule(L.LightningDataModule):
         vdm = VolumeDataModule(
             self.train_source, self.val_source, self.modality, synthetic=self.synthetic, tissue_maps=self.tissue_maps, seed=self.seed
         )
-        vdm.setup()
+        if self.heads is None:
+            vdm.setup()
+            train_vols, val_vols, manifest = vdm.train_volumes, vdm.val_volumes, vdm.manifest()
+        else:
+            train_vols, manifest = self._made_heads()
+            val_vols = vdm._load(self.val_source) if self.val_source else []
+            manifest["val"] = [{"file": v["path"]} for v in val_vols]
         rng = np.random.default_rng(self.seed)
         aug = self.augmentation
         items = []
-        for split, vols, n in (("train", vdm.train_volumes, self.encodings), ("val", vdm.val_volumes, self.val_encodings)):
+        for split, vols, n in (("train", train_vols, self.encodings), ("val", val_vols, self.val_encodings)):
             for vol in vols:
                 for _ in range(n):
                     it = encode_augmented(ae.net, vol, rng, **aug)
                     it["name"] = f"{split}:{it['name']}"
                     items.append(it)
             print(json.dumps({"encoded": split, "latents": sum(it["name"].startswith(split) for it in items)}), flush=True)
-        real = [v for v in vdm.train_volumes if not v["path"].startswith("synthetic-")]
+        real = [v for v in train_vols if not v["path"].startswith(("synthetic-", "head-"))] or train_vols
         meta = {
             "native_spaces": fit_native_mixture(np.stack([native_space(v["grid"]) for v in real])),
             "autoencoder": latent_space_ref(ae),
-            "modality": vdm.modality,
-            "manifest": vdm.manifest(),
+            "modality": self.modality,
+            "manifest": manifest,
             "augmentation": dict(aug, thick_mm=list(self.thick_mm), encodings=self.encodings),
         }
         save_latents(self.cache, items, meta)
+
+    def _made_heads(self) -> tuple[list[dict], dict]:
+        """``heads["count"]`` whole heads made from ``heads["sources"]`` (and the tissue maps), and their manifest."""
+        from .heads import HeadConfig, HeadSource, _read, whole_head
+
+        cfg = HeadConfig(**dict(self.heads.get("sampler") or {}))
+        sources = []
+        for path in self.heads["sources"]:
+            a, g, sha = _read(path)
+            sources.append(HeadSource.from_volume(Path(path).name, a, g, sha))
+        if isinstance(self.tissue_maps, dict):
+            maps = {k: _read(v) for k, v in self.tissue_maps.items()}
+            sha = ",".join(maps[k][2] for k in ("gm", "wm", "brain"))
+            sources.append(HeadSource.from_tissue_maps(maps["gm"][0], maps["wm"][0], maps["brain"][0], maps["brain"][1], sha))
+        rng = np.random.default_rng([self.seed, 7])
+        vols = [whole_head(sources, cfg, rng, f"head-{i}") for i in range(int(self.heads["count"]))]
+        manifest = {
+            "train": [{"file": s.name, "sha256": s.sha256} for s in sources],
+            "synthetic": {
+                "generator": "medil_backend.training.heads.whole_head",
+                "seed": self.seed,
+                "count": len(vols),
+                "sampler": cfg.__dict__,
+            },
+        }
+        return vols, manifest
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items:
