@@ -4,8 +4,10 @@ one writer and one provenance shape for every task; every task's device plumbing
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
+import re
 import sys
 
 import numpy as np
@@ -53,8 +55,16 @@ def test_every_declared_option_reaches_the_cli_the_panel_and_the_runner(task, na
     companions = {"uncertainty": {"samples": 2}}.get(o.name, {})  # options checked together need their partner
     assert spec.checked_options({o.name: getattr(args, o.name), **companions})[o.name] == getattr(args, o.name)
     assert option_flags()[o.name] == o.flag  # an error naming it points at its flag
-    params = inspect.signature(inspect.unwrap(_runner(task))).parameters  # the runner takes it by name
-    assert o.name in params and params[o.name].kind == inspect.Parameter.KEYWORD_ONLY
+    # the runner takes the task's frozen options (the spec's names and defaults), and reads this one by name
+    params = list(inspect.signature(inspect.unwrap(_runner(task))).parameters)
+    assert params == ["ctx", "volume", "request", "model", "options"]
+    made = spec.options_type(**spec.checked_options({o.name: getattr(args, o.name), **companions}))
+    assert getattr(made, o.name) == getattr(args, o.name)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(made, o.name, value)
+    from medil_backend.ops import runners
+
+    assert re.search(rf"\b(o|options)\.{o.name}\b", inspect.getsource(runners)), f"no runner reads {o.name}"
     if o.label:  # the panel names it as the spec does, and the .ui has that field
         from MedILSlicerLib.jobs import panel_fields
 
@@ -69,11 +79,13 @@ def _runner(task):
 
 
 def test_every_runner_takes_exactly_its_declared_options():
+    """Runners take (ctx, inputs, request, model, options); the options are the spec's, as a frozen dataclass."""
     for spec in TASKS.values():
-        params = inspect.signature(_runner(spec.name)).parameters
-        declared = [p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY]
-        assert sorted(declared) == sorted(o.name for o in spec.options), spec.name
-        assert list(params)[:4] == ["ctx", "volume", "request", "model"]
+        assert list(inspect.signature(_runner(spec.name)).parameters) == ["ctx", "volume", "request", "model", "options"]
+        made = spec.options_type()
+        assert [f.name for f in dataclasses.fields(made)] == [o.name for o in spec.options], spec.name
+        assert {f.name: getattr(made, f.name) for f in dataclasses.fields(made)} == {o.name: o.default for o in spec.options}
+        assert spec.options_type is spec.options_type  # made once
 
 
 @pytest.mark.parametrize("task,name", [(t, o.name) for t, s in TASKS.items() for o in s.options if o.low is not None or o.choices])

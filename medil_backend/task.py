@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any
 
 from .errors import MedILError
 from .geometry import Grid, Volume
 from .limits import MAX_SEED, check_seed
-from .methods import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS
+from .methods import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, check_sampling
 
 # -- options -------------------------------------------------------------------------------------------
 
@@ -232,6 +232,8 @@ class GridRequest:
 
 # -- the tasks -------------------------------------------------------------------------------------------
 
+_OPTIONS_TYPES: dict[str, type] = {}
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -247,12 +249,25 @@ class TaskSpec:
     model_when: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the model applies only for these option values
     max_inputs: int = 1  # several inputs (e.g. thick-slice stacks of one anatomy) when more than 1
 
-    def run(self, *args, **kwargs) -> TaskResult:
-        """Run the task: its runner ``(ctx, inputs, request, model, **options)``, imported by name now."""
+    @property
+    def options_type(self) -> type:
+        """The task's options as a frozen dataclass whose fields are the spec's option names and defaults: what its
+        runner takes (one per task, made once)."""
+        made = _OPTIONS_TYPES.get(self.name)
+        if made is None or [f.name for f in fields(made)] != [o.name for o in self.options]:
+            cls_name = "".join(w.title() for w in self.name.split("_")) + "Options"
+            made = make_dataclass(cls_name, [(o.name, Any, field(default=o.default)) for o in self.options], frozen=True)
+            made.__doc__ = f"The options of the {self.name} task (medil_backend.task.TASKS[{self.name!r}])."
+            _OPTIONS_TYPES[self.name] = made
+        return made
+
+    def run(self, ctx: RunContext, inputs, request: GridRequest, model: str | None, options: dict) -> TaskResult:
+        """Run the task: its runner ``(ctx, inputs, request, model, options)`` (imported by name now), ``options`` made
+        the task's :attr:`options_type` from checked values."""
         import importlib
 
         module, _, function = self.runner.partition(":")
-        return getattr(importlib.import_module(module), function)(*args, **kwargs)
+        return getattr(importlib.import_module(module), function)(ctx, inputs, request, model, self.options_type(**options))
 
     def output_paths(self, output: str, options: dict) -> dict[tuple[str, int], str]:
         """Every file a run writes, by (role, index): the output (or its numbered series) and each path option that is set."""
@@ -380,10 +395,7 @@ _RUNNERS = "medil_backend.ops.runners"
 def _check_superres(options: dict, request: GridRequest) -> None:
     if options.get("uncertainty") and options["samples"] < 2:
         raise MedILError("an uncertainty map needs several samples: set samples to 2 or more", options=("samples",))
-    if options["samples"] > 1 and options["method"] == "fast":
-        raise MedILError(
-            "the fast method is deterministic: several samples need the adapt, inverse or cycles method", options=("samples", "method")
-        )
+    check_sampling(options["method"], options["samples"], options["time_budget"])
     check_seed(options["seed"], options["samples"])
 
 
@@ -593,7 +605,7 @@ def run_task(
         request = GridRequest(like=request)
     ctx = ctx or RunContext.resolve()
     request = (request or GridRequest()).check()
-    return spec.run(ctx, volume, request, model, **spec.checked_options(options, request))
+    return spec.run(ctx, volume, request, model, spec.checked_options(options, request))
 
 
 __all__ = [

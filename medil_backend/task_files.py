@@ -68,7 +68,7 @@ def run_task_to_files(
 
     ctx.on_output = stage
     try:
-        result = spec.run(ctx, volume, request, model, **options)
+        result = spec.run(ctx, volume, request, model, options)
         for out in result.outputs:
             path = paths[(out.role, out.index)]
             outputs.stage(out.volume, path, dtype=out.dtype, provenance=result.provenance.record(**out.record, **extra))

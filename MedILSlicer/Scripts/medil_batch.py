@@ -62,6 +62,7 @@ def run_dataset(args) -> int:
 
     from MedILSlicerLib.deps import BATCH_REQUIREMENTS, backend_env, missing_requirements
     from MedILSlicerLib.logic import MedILLogicCore
+    from MedILSlicerLib.tasks import catalog
 
     for req in missing_requirements(BATCH_REQUIREMENTS):  # only a batch needs Dask: installed when one is started
         print(f"MedIL batch: installing {req} (Dask, which runs the scans in parallel)", flush=True)
@@ -76,7 +77,7 @@ def run_dataset(args) -> int:
         cmd += ["--like", args.like]
     if args.orientation and args.orientation != "input":
         cmd += ["--orientation", args.orientation]
-    if args.model and (args.task == "reconstruct" or args.method in ("inverse", "cycles")):
+    if args.model and catalog().uses_model(args.task, {"method": args.method}):  # the task spec's model_when
         cmd += ["--model", args.model]
     if args.method and args.task == "superres":
         cmd += ["--method", args.method]

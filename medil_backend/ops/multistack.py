@@ -429,7 +429,7 @@ def multistack_superres(
         raise MedILError(f"rounds of registration and reconstruction must be 1 to 20, not {rounds}", options=("iterations",))
     if method not in ("fast", "adapt"):
         raise MedILError(f"several stacks are combined by the fast or adapt method, not {method!r}", options=("method",))
-    from .superres import check_sampling
+    from ..methods import check_sampling
 
     check_sampling(method, samples, time_budget_min)
     stacks = check_stacks(volumes, slice_thickness)

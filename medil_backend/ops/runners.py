@@ -43,13 +43,11 @@ def _out_dtype(volume: Volume, dtype: str):
     return volume.array.dtype if dtype == "input" else np.float32
 
 
-def run_reconstruct(
-    ctx: RunContext, volume: Volume, request: GridRequest, model: str | None, *, modality: str, background, dtype: str
-) -> TaskResult:
+def run_reconstruct(ctx: RunContext, volume: Volume, request: GridRequest, model: str | None, options) -> TaskResult:
     from ..models import default_model_for, load_model
     from ..models.registry import run_model
 
-    modality, guess = _modality(volume, modality)
+    modality, guess = _modality(volume, options.modality)
     target = output_grid(volume.grid, like=request.like, spacing=request.spacing, orientation=request.orientation, fov=request.fov)
     loaded = load_model(model or default_model_for(modality))
     result = run_model(
@@ -62,7 +60,7 @@ def run_reconstruct(
         max_memory_gb=ctx.max_memory_gb,
         modality=modality,
         precision=ctx.precision,
-        background=background,
+        background=options.background,
     )
     card_modality = loaded.card.get("modality")
     if card_modality and result.modality != card_modality:
@@ -84,78 +82,50 @@ def run_reconstruct(
             **_read_notes(volume, guess),
         },
     )
-    out = Output(result, "output", dtype=_out_dtype(volume, dtype))
+    out = Output(result, "output", dtype=_out_dtype(volume, options.dtype))
     summary = {"modality": result.modality, "modality_guess": guess, "overlap_fraction": meta.get("overlap_fraction")}
     return TaskResult([out], provenance, summary)
 
 
-def run_superres(
-    ctx: RunContext,
-    volume: Volume,
-    request: GridRequest,
-    model: str | None,
-    *,
-    method: str,
-    samples: int,
-    uncertainty,
-    time_budget: float,
-    seed: int,
-    steps: int,
-    strength: float,
-    slice_thickness,
-    slice_profile: str,
-    iterations: int,
-    coverage,
-    no_motion: bool,
-    slice_motion: bool,
-    modality: str,
-    background,
-    dtype: str,
-) -> TaskResult:
+def run_superres(ctx: RunContext, volume: Volume | list[Volume], request: GridRequest, model: str | None, options) -> TaskResult:
+    """One stack through :func:`~medil_backend.ops.superres.superres`, several through :func:`_run_multistack`."""
     from .superres import default_grid, superres
+    from .superres_methods import SuperresOptions
 
+    o = options
     if isinstance(volume, (list, tuple)):
         if len(volume) > 1:
-            return _run_multistack(
-                ctx, list(volume), request, method=method, samples=samples, uncertainty=uncertainty, time_budget=time_budget, seed=seed,
-                slice_thickness=slice_thickness, slice_profile=slice_profile, iterations=iterations, coverage=coverage,
-                no_motion=no_motion, slice_motion=slice_motion, modality=modality, background=background, dtype=dtype,
-            )  # fmt: skip
+            return _run_multistack(ctx, list(volume), request, o)
         volume = volume[0]
-    if coverage or no_motion or slice_motion:
+    if o.coverage or o.no_motion or o.slice_motion:
         raise MedILError(
             "the coverage map, --no-motion and --slice-motion are for several stacks; give two or more thick-slice stacks of one anatomy",
-            options=("coverage",) if coverage else ("no_motion",) if no_motion else ("slice_motion",),
+            options=("coverage",) if o.coverage else ("no_motion",) if o.no_motion else ("slice_motion",),
         )
-    if uncertainty and samples < 2:
-        raise MedILError("an uncertainty map needs several samples: set samples to 2 or more", options=("samples",))
-    volume.modality, guess = _modality(volume, modality)
+    volume.modality, guess = _modality(volume, o.modality)
     target = None
     if request.like is not None:
         target = request.like
     elif request.given:
         spacing = request.spacing if request.spacing else list(default_grid(volume.grid).spacing)
         target = output_grid(volume.grid, spacing=spacing, orientation=request.orientation, fov=request.fov)
-    result = superres(
-        volume,
-        target,
-        method=method,
-        slice_thickness=slice_thickness,
-        slice_profile=slice_profile,
-        iterations=iterations,
-        samples=samples,
-        time_budget_min=time_budget,
-        seed=seed,
+    op_options = SuperresOptions(
+        method=o.method,
+        slice_thickness=o.slice_thickness,
+        slice_profile=o.slice_profile,
+        iterations=o.iterations,
+        samples=o.samples,
+        time_budget_min=o.time_budget,
+        seed=o.seed,
         max_memory_gb=ctx.max_memory_gb,
-        progress=ctx.progress,
-        cancel=ctx.cancel,
         model=model,
-        steps=steps,
-        strength=strength,
-        background=background,
+        steps=o.steps,
+        strength=o.strength,
+        background=o.background,
         device=ctx.device,
         precision=ctx.precision,
     )
+    result = superres(volume, target, op_options, progress=ctx.progress, cancel=ctx.cancel)
     meta = result.meta
     unc = meta.pop("uncertainty", None)
     models = [ModelRef(*m) for m in meta.get("models", [])]
@@ -165,7 +135,7 @@ def run_superres(
         grid=result.grid,
         device=str(meta.get("device", ctx.device)),
         precision=str(meta.get("precision", "float32")),
-        seeds=[seed + k for k in range(samples)] if method != "fast" else [],
+        seeds=[o.seed + k for k in range(o.samples)] if o.method != "fast" else [],
         plan={"memory": meta["memory"]} if "memory" in meta else {},
         settings={
             "input": _input_name(volume),
@@ -174,75 +144,54 @@ def run_superres(
             "method": {k: v for k, v in meta.items() if k not in ("adaptation", "models", "memory")},
         },
     )
-    outputs = [Output(result, "output", dtype=_out_dtype(volume, dtype))]
-    if unc is not None and uncertainty:
+    outputs = [Output(result, "output", dtype=_out_dtype(volume, o.dtype))]
+    if unc is not None and o.uncertainty:
         outputs.append(Output(unc, "uncertainty", record={"map": "per-voxel standard deviation over samples"}))
     summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in meta.items() if k not in ("adaptation", "models", "memory")}
     summary.update(modality=volume.modality, modality_guess=guess)
     return TaskResult(outputs, provenance, summary)
 
 
-def _run_multistack(
-    ctx: RunContext,
-    volumes: list[Volume],
-    request: GridRequest,
-    *,
-    method: str,
-    samples: int,
-    uncertainty,
-    time_budget: float,
-    seed: int,
-    slice_thickness,
-    slice_profile: str,
-    iterations: int,
-    coverage,
-    no_motion: bool,
-    slice_motion: bool,
-    modality: str,
-    background,
-    dtype: str,
-) -> TaskResult:
+def _run_multistack(ctx: RunContext, volumes: list[Volume], request: GridRequest, o) -> TaskResult:
     """Several stacks into one volume: registered (unless ``no_motion``), then jointly data-consistent, from
     the stacks' learned upsampling (adapt) or their B-spline mean (fast)."""
+    from ..methods import check_stack_count
     from .multistack import check_stacks, common_grid, multistack_superres
 
-    if method in ("inverse", "cycles"):
-        raise MedILError(
-            f"the {method} method takes one stack; several stacks run the joint reconstruction (method adapt or fast)", options=("method",)
-        )
-    if no_motion and slice_motion:
+    check_stack_count(o.method, len(volumes))
+    if o.no_motion and o.slice_motion:
         raise MedILError("--no-motion and --slice-motion contradict each other: give one", options=("slice_motion",))
     guesses = []
     for i, v in enumerate(volumes, start=1):
         v.meta.setdefault("name", _input_name(v) if v.meta.get("path") else f"stack {i}")
-        v.modality, guess = _modality(v, modality)
+        v.modality, guess = _modality(v, o.modality)
         if guess:
             guesses.append(guess)
     if request.like is not None:
         target = request.like
     elif request.given:
-        base = common_grid(check_stacks(volumes, slice_thickness))
+        base = common_grid(check_stacks(volumes, o.slice_thickness))
         target = output_grid(base, spacing=request.spacing or list(base.spacing), orientation=request.orientation, fov=request.fov)
     else:
         target = None
     result = multistack_superres(
         volumes,
         target,
-        rounds=max(1, int(iterations)),
-        slice_thickness=slice_thickness,
-        slice_profile=slice_profile,
-        register=not no_motion,
+        rounds=max(1, int(o.iterations)),
+        slice_thickness=o.slice_thickness,
+        slice_profile=o.slice_profile,
+        register=not o.no_motion,
         max_memory_gb=ctx.max_memory_gb,
         progress=ctx.progress,
         cancel=ctx.cancel,
         device=ctx.device,
-        background=background,
-        method=method,
-        time_budget_min=time_budget,
-        samples=samples,
-        seed=seed,
+        background=o.background,
+        method=o.method,
+        time_budget_min=o.time_budget,
+        samples=o.samples,
+        seed=o.seed,
         precision=ctx.precision,
-        slice_motion=slice_motion,
+        slice_motion=o.slice_motion,
     )
     meta = result.meta
     count = meta.pop("coverage")
@@ -254,7 +203,7 @@ def _run_multistack(
         grid=result.grid,
         device=str(meta.get("device", ctx.device)),
         precision=str(meta.get("precision", "float32")),
-        seeds=[seed + k for k in range(samples)] if method == "adapt" else [],
+        seeds=[o.seed + k for k in range(o.samples)] if o.method == "adapt" else [],
         plan={"memory": meta.pop("memory")},
         settings={
             "inputs": [v.meta["name"] for v in volumes],
@@ -263,10 +212,10 @@ def _run_multistack(
             "method": dict(meta),
         },
     )
-    outputs = [Output(result, "output", dtype=_out_dtype(volumes[0], dtype))]
-    if unc is not None and uncertainty:
+    outputs = [Output(result, "output", dtype=_out_dtype(volumes[0], o.dtype))]
+    if unc is not None and o.uncertainty:
         outputs.append(Output(unc, "uncertainty", record={"map": "per-voxel standard deviation over samples"}))
-    if coverage:
+    if o.coverage:
         outputs.append(Output(count, "coverage", record={"map": "number of stacks that constrain each voxel"}))
     summary = {
         "method": meta["method"],
@@ -283,11 +232,10 @@ def _run_multistack(
     return TaskResult(outputs, provenance, summary)
 
 
-def run_sample(
-    ctx: RunContext, volume: None, request: GridRequest, model: str | None, *, n: int, seed: int, steps, eta, native: bool, background
-) -> TaskResult:
+def run_sample(ctx: RunContext, volume: None, request: GridRequest, model: str | None, options) -> TaskResult:
     from .sample import DEFAULT_ETA, load_sampler, native_grid, sample
 
+    n, seed, steps, eta, native, background = options.n, options.seed, options.steps, options.eta, options.native, options.background
     if native and (request.spacing or request.orientation is not None or request.like is not None):
         raise MedILError(
             "native spaces draw the spacing and orientation: drop the spacing, orientation and reference grid", options=("native",)
