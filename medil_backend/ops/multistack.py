@@ -15,7 +15,7 @@ resolution (SimpleITK, rigid, correlation), then runs the back-projection steps.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -384,28 +384,81 @@ def learned_start(
     return stack.mean(axis=0), (stack.std(axis=0) if samples > 1 else None), runs
 
 
+@dataclass(frozen=True)
+class MultistackOptions:
+    """Every option of multi-stack super-resolution (see :func:`multistack_superres`)."""
+
+    rounds: int = 2
+    slice_thickness: float | None = None
+    slice_profile: str = "rect"
+    register: bool = True
+    motions: list | None = None  # each stack's known motion (4x4 world RAS)
+    max_memory_gb: float | None = None
+    device: str | torch.device = "auto"
+    background: float | None = None
+    method: str = "fast"
+    time_budget_min: float = 3.0
+    samples: int = 1
+    seed: int = 0
+    precision: str = "auto"
+    slice_motion: bool = False
+
+    def checked(self, stacks: int) -> MultistackOptions:
+        from ..methods import MULTISTACK_METHODS, check_sampling
+
+        if stacks < 2:
+            raise MedILError("multi-stack super-resolution takes at least two stacks")
+        if int(self.rounds) < 1 or int(self.rounds) > 20:
+            raise MedILError(f"rounds of registration and reconstruction must be 1 to 20, not {self.rounds}", options=("iterations",))
+        if self.method not in MULTISTACK_METHODS:
+            raise MedILError(
+                f"several stacks are combined by the {' or '.join(MULTISTACK_METHODS)} method, not {self.method!r}", options=("method",)
+            )
+        check_sampling(self.method, self.samples, self.time_budget_min)
+        return self
+
+
+@dataclass
+class JointProblem:
+    """The stacks, the output grid and what the joint steps work with (normalised voxels on the host and the device)."""
+
+    stacks: list[Stack]
+    target: Grid
+    options: MultistackOptions
+    norms: list
+    host: list[np.ndarray]
+    ys: list[torch.Tensor]
+    device: torch.device
+    dtype: torch.dtype  # adapt's network
+    memory: object
+    agreement: list
+    progress: Progress | None = None
+    cancel: object = None
+
+    def interpolants(self) -> np.ndarray:
+        """The stacks' B-spline interpolants on the target, averaged where each lies."""
+        from .interpolate import resample_sitk
+
+        acc = np.zeros(self.target.shape, np.float32)
+        weight = np.zeros(self.target.shape, np.float32)
+        for s, a in zip(self.stacks, self.host):
+            inside = inside_mask(s.grid, self.target).astype(np.float32)
+            acc += resample_sitk(Volume(a, s.grid.affine), self.target, "bspline").array * inside
+            weight += inside
+        return acc / np.maximum(weight, 1.0)
+
+
 def multistack_superres(
     volumes: list[Volume],
     target: Grid | None = None,
+    options: MultistackOptions | None = None,
     *,
-    rounds: int = 2,
-    slice_thickness: float | None = None,
-    slice_profile: str = "rect",
-    register: bool = True,
-    motions: list[np.ndarray] | None = None,
-    max_memory_gb: float | None = None,
     progress: Progress | None = None,
     cancel=None,
-    device: str | torch.device = "auto",
-    background: float | None = None,
-    method: str = "fast",
-    time_budget_min: float = 3.0,
-    samples: int = 1,
-    seed: int = 0,
-    precision: str = "auto",
-    slice_motion: bool = False,
+    **overrides,
 ) -> Volume:
-    """Super-resolve several stacks into one volume on ``target`` (default: :func:`common_grid`).
+    """Super-resolve several stacks into one volume on ``target`` (default: :func:`common_grid`) with ``options`` (a
+    :class:`MultistackOptions`; keyword ``overrides`` replace its fields).
 
     ``motions``: each stack's known motion (4x4 world RAS), kept as they are when ``register`` is False.
     ``method``: ``fast`` starts the last round's joint steps from the registered stacks' B-spline mean;
@@ -419,37 +472,44 @@ def multistack_superres(
     ``meta``: each stack's motion (``motions``), the per-stack relative residuals, and ``coverage``: a
     :class:`Volume` counting the stacks that constrain each voxel.
     """
-    from ..intensity import background_value, fit_normalizer
-    from .interpolate import resample_sitk
+    opts = replace(options or MultistackOptions(), **overrides).checked(len(volumes or []))
+    t0 = time.perf_counter()
+    jp = _joint_problem(volumes, target, opts, progress, cancel)
+    noise = [noise_level(a, s.axis) for s, a in zip(jp.stacks, jp.host)]
+    alpha = SMOOTHNESS_PER_NOISE * float(np.mean(noise))
+    x, residuals, std, runs = _joint_rounds(jp, alpha)
+    slice_moves = None
+    if opts.slice_motion:
+        x, residuals, slice_moves = _slice_motion_rounds(jp, x, alpha)
+    report(progress, 1.0, "done")
+    return _finished(
+        jp, x, std, {"residuals": residuals, "noise": noise, "alpha": alpha, "runs": runs, "slice_moves": slice_moves, "t0": t0}
+    )
+
+
+def _joint_problem(volumes: list[Volume], target: Grid | None, opts: MultistackOptions, progress, cancel) -> JointProblem:
+    """The checked stacks and output grid, the memory plan, the stacks' normalised voxels; stacks of different
+    contrasts refused."""
+    from ..intensity import fit_normalizer
     from .memory import MemoryPlan
 
-    if not volumes or len(volumes) < 2:
-        raise MedILError("multi-stack super-resolution takes at least two stacks")
-    if int(rounds) < 1 or int(rounds) > 20:
-        raise MedILError(f"rounds of registration and reconstruction must be 1 to 20, not {rounds}", options=("iterations",))
-    if method not in ("fast", "adapt"):
-        raise MedILError(f"several stacks are combined by the fast or adapt method, not {method!r}", options=("method",))
-    from ..methods import check_sampling
-
-    check_sampling(method, samples, time_budget_min)
-    stacks = check_stacks(volumes, slice_thickness)
-    if motions is not None:  # known motions (e.g. from an earlier registration): the starting point, or fixed without `register`
-        for s, m in zip(stacks, motions):
+    stacks = check_stacks(volumes, opts.slice_thickness)
+    if opts.motions is not None:  # known motions (e.g. from an earlier registration): the starting point, or fixed without `register`
+        for s, m in zip(stacks, opts.motions):
             s.motion = np.asarray(m, dtype=np.float64)
     target = (target or common_grid(stacks)).validate("the output grid")
-    memory = MemoryPlan.start(max_memory_gb, spill_allowed=False)
+    memory = MemoryPlan.start(opts.max_memory_gb, spill_allowed=False)
     # the volume, its step, the preconditioner and a copy; the stacks' interpolants; adapt: each seed's estimate,
     # their sum, one stack's refined estimate and its resampling
-    memory.hold("volumes", (4 + len(stacks) + (samples + 3 if method == "adapt" else 0)) * 4.0 * target.num_voxels)
+    memory.hold("volumes", (4 + len(stacks) + (opts.samples + 3 if opts.method == "adapt" else 0)) * 4.0 * target.num_voxels)
     memory.hold("stacks", sum(8.0 * s.volume.array.size for s in stacks))
     memory.working_bytes(f"the volumes of a {len(stacks)}-stack reconstruction onto {target.shape} alone")
-    dev = resolve_device(device)
+    dev = resolve_device(opts.device)
     norms = [fit_normalizer(np.asarray(s.volume.array, np.float32), s.volume.modality) for s in stacks]
     # each stack's normalised voxels: on the host (registration, interpolants) and on the device (the joint steps)
     host = [np.ascontiguousarray(n.forward(np.asarray(s.volume.array, np.float32))) for n, s in zip(norms, stacks)]
     ys = [torch.from_numpy(a)[None, None].to(dev) for a in host]
-    net_dtype = resolve_precision(precision, dev) if dev.type == "cuda" else torch.float32  # adapt's network
-    t0 = time.perf_counter()
+    net_dtype = resolve_precision(opts.precision, dev) if dev.type == "cuda" else torch.float32  # adapt's network
     report(progress, 0.0, "comparing the stacks' contrast")
     agreement = contrast_agreement(stacks, host, target)
     for k, r in enumerate(agreement, start=2):
@@ -461,31 +521,29 @@ def multistack_superres(
                 f"anatomy; stacks of one contrast give {MIN_CONTRAST_AGREEMENT:g} or more): combine stacks of one contrast "
                 "(e.g. all T2-weighted); no volume can agree with stacks of different contrasts"
             )
+    return JointProblem(stacks, target, opts, norms, host, ys, dev, net_dtype, memory, agreement, progress, cancel)
+
+
+def _joint_rounds(jp: JointProblem, alpha: float):
+    """The rounds of registration (each stack to the volume) and joint steps; adapt's last round starts from the
+    stacks' learned upsampling. Returns the volume (device tensor), the per-stack residuals, adapt's spread and runs."""
+    from .interpolate import resample_sitk
+
+    opts, stacks, target, progress, cancel = jp.options, jp.stacks, jp.target, jp.progress, jp.cancel
+    rounds = int(opts.rounds)
     report(progress, 0.02, "B-spline interpolants")
-
-    def interpolants() -> np.ndarray:
-        acc = np.zeros(target.shape, np.float32)
-        weight = np.zeros(target.shape, np.float32)
-        for s, a in zip(stacks, host):
-            inside = inside_mask(s.grid, target).astype(np.float32)
-            acc += resample_sitk(Volume(a, s.grid.affine), target, "bspline").array * inside
-            weight += inside
-        return acc / np.maximum(weight, 1.0)
-
     # the first round registers every stack to the reference stack's own interpolant (the mean of
     # unregistered stacks would blur the very misalignment being measured); later rounds, to the volume
-    reference = resample_sitk(Volume(ys[0][0, 0].cpu().numpy(), stacks[0].grid.affine), target, "bspline").array
-    noise = [noise_level(a, s.axis) for s, a in zip(stacks, host)]
-    alpha = SMOOTHNESS_PER_NOISE * float(np.mean(noise))
-    x = torch.from_numpy(interpolants())[None, None].to(dev)
+    reference = resample_sitk(Volume(jp.ys[0][0, 0].cpu().numpy(), stacks[0].grid.affine), target, "bspline").array
+    x = torch.from_numpy(jp.interpolants())[None, None].to(jp.device)
     residuals: list[float] = []
     std, runs = None, []
-    share = 0.7 if slice_motion else 0.9  # of the progress bar, for the rounds (the rest: per-slice motion)
-    for r in range(int(rounds)):
+    share = 0.7 if opts.slice_motion else 0.9  # of the progress bar, for the rounds (the rest: per-slice motion)
+    for r in range(rounds):
         span = (0.05 + share * r / rounds, 0.05 + share * (r + 1) / rounds)
-        if register and len(stacks) > 1:
+        if opts.register and len(stacks) > 1:
             current = Volume(reference if r == 0 else x[0, 0].cpu().numpy(), target.affine)
-            for k, (s, a) in enumerate(zip(stacks, host)):
+            for k, (s, a) in enumerate(zip(stacks, jp.host)):
                 check_cancel(cancel)
                 if k == 0:
                     continue  # the first stack is the reference frame
@@ -493,22 +551,30 @@ def multistack_superres(
                 # the reference stack's interpolant is already blurred along its own slices; the volume is sharp
                 seen = current if r == 0 else Volume(_blur_along(current.array, target, s), target.affine)
                 s.motion = register_rigid(Volume(a, s.volume.affine), seen, initial=s.motion, seed=k)
-            x = torch.from_numpy(interpolants())[None, None].to(dev)  # each round starts from its registered stacks
-        if method == "adapt" and r == int(rounds) - 1:  # the last round starts from the stacks' learned upsampling
+            x = torch.from_numpy(jp.interpolants())[None, None].to(jp.device)  # each round starts from its registered stacks
+        if opts.method == "adapt" and r == rounds - 1:  # the last round starts from the stacks' learned upsampling
             start, std, runs = learned_start(
-                stacks, host, target, slice_profile, time_budget_min, samples, seed, progress, (span[0], span[0] + 0.3 * (span[1] - span[0])),
-                cancel, dev, net_dtype,
+                stacks, jp.host, target, opts.slice_profile, opts.time_budget_min, opts.samples, opts.seed, progress,
+                (span[0], span[0] + 0.3 * (span[1] - span[0])), cancel, jp.device, jp.dtype,
             )  # fmt: skip
-            x = torch.from_numpy(start)[None, None].to(dev)
-        ops = _operators(stacks, target, slice_profile)
-        weights = [torch.from_numpy(footprint_inside(s, target).astype(np.float32))[None, None].to(dev) for s in stacks]
-        x, residuals = _sirt(x, ys, ops, weights, STEPS_PER_ROUND, alpha, cancel, progress, (span[0] + 0.3 * (span[1] - span[0]), span[1]))
-    slice_moves, previous = None, {}
-    for r in range(SLICE_ROUNDS if slice_motion else 0):
+            x = torch.from_numpy(start)[None, None].to(jp.device)
+        ops = _operators(stacks, target, opts.slice_profile)
+        weights = [torch.from_numpy(footprint_inside(s, target).astype(np.float32))[None, None].to(jp.device) for s in stacks]
+        x, residuals = _sirt(
+            x, jp.ys, ops, weights, STEPS_PER_ROUND, alpha, cancel, progress, (span[0] + 0.3 * (span[1] - span[0]), span[1])
+        )
+    return x, residuals, std, runs
+
+
+def _slice_motion_rounds(jp: JointProblem, x: torch.Tensor, alpha: float):
+    """Every slice registered on its own to the volume, and the joint steps again with each slice's motion."""
+    stacks, target, progress, cancel = jp.stacks, jp.target, jp.progress, jp.cancel
+    slice_moves, previous, residuals = None, {}, []
+    for r in range(SLICE_ROUNDS):
         current = x[0, 0].cpu().numpy()
         pieces, slice_moves = [], []
         lo, hi = 0.75 + 0.23 * r / SLICE_ROUNDS, 0.75 + 0.23 * (r + 1) / SLICE_ROUNDS
-        for k, (s, a) in enumerate(zip(stacks, host)):
+        for k, (s, a) in enumerate(zip(stacks, jp.host)):
             check_cancel(cancel)
             report(
                 progress, lo + 0.7 * (hi - lo) * k / len(stacks), f"registering each slice of stack {k + 1}/{len(stacks)} (round {r + 1})"
@@ -527,41 +593,52 @@ def multistack_superres(
                 }
             )
             pieces += [(p, part, k) for p, part in parts]
-        ops = _operators([p for p, _, _ in pieces], target, slice_profile)
-        weights = [torch.from_numpy(footprint_inside(p, target).astype(np.float32))[None, None].to(dev) for p, _, _ in pieces]
-        parts_y = [torch.from_numpy(np.ascontiguousarray(part))[None, None].to(dev) for _, part, _ in pieces]
+        ops = _operators([p for p, _, _ in pieces], target, jp.options.slice_profile)
+        weights = [torch.from_numpy(footprint_inside(p, target).astype(np.float32))[None, None].to(jp.device) for p, _, _ in pieces]
+        parts_y = [torch.from_numpy(np.ascontiguousarray(part))[None, None].to(jp.device) for _, part, _ in pieces]
         x, per_slice = _sirt(x, parts_y, ops, weights, STEPS_PER_ROUND, alpha, cancel, progress, (lo + 0.7 * (hi - lo), hi))
         owners = np.array([k for _, _, k in pieces])
         residuals = [float(np.sqrt(np.mean(np.square(np.array(per_slice)[owners == k])))) for k in range(len(stacks))]
-    report(progress, 1.0, "done")
+    return x, residuals, slice_moves
+
+
+def _finished(jp: JointProblem, x: torch.Tensor, std, run: dict) -> Volume:
+    """The volume in the first stack's intensities, background outside every stack, with its metadata and maps."""
+    from ..intensity import background_value
+
+    opts, stacks, target = jp.options, jp.stacks, jp.target
     count = coverage(stacks, target)
-    ref = norms[0]
-    fill = background_value(ref.modality, background)
+    ref = jp.norms[0]
+    fill = background_value(ref.modality, opts.background)
     out = ref.inverse(x[0, 0].cpu().numpy()).astype(np.float32)
     out = np.where(count > 0, out, np.float32(fill))
     if ref.modality == "mri":
         out = np.maximum(out, 0)
     meta = {
-        "method": "multistack" if method == "fast" else "multistack-adapt",
+        "method": "multistack" if opts.method == "fast" else "multistack-adapt",
         "stacks": len(stacks),
         "slice_axes": [s.axis for s in stacks],
         "slice_thickness_mm": [round(s.thickness, 4) for s in stacks],
         "motions": [motion_summary(s.motion) for s in stacks],
-        "residuals": [round(v, 6) for v in residuals],
-        "noise": [round(v, 5) for v in noise],
-        "contrast_agreement": [None if r is None else round(r, 3) for r in agreement],
-        "smoothness": round(alpha, 5),
-        "rounds": int(rounds),
-        **({"slice_motion": slice_moves} if slice_moves is not None else {}),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "memory": memory.summary(),
-        "device": str(dev),
+        "residuals": [round(v, 6) for v in run["residuals"]],
+        "noise": [round(v, 5) for v in run["noise"]],
+        "contrast_agreement": [None if r is None else round(r, 3) for r in jp.agreement],
+        "smoothness": round(run["alpha"], 5),
+        "rounds": int(opts.rounds),
+        **({"slice_motion": run["slice_moves"]} if run["slice_moves"] is not None else {}),
+        "seconds": round(time.perf_counter() - run["t0"], 2),
+        "memory": jp.memory.summary(),
+        "device": str(jp.device),
         "background": fill,
         "coverage": Volume(count, target.affine, modality=ref.modality),
     }
-    if method == "adapt":
+    if opts.method == "adapt":
         meta.update(
-            samples=samples, seed=seed, time_budget_min=time_budget_min, adaptation=runs, precision=str(net_dtype).replace("torch.", "")
+            samples=opts.samples,
+            seed=opts.seed,
+            time_budget_min=opts.time_budget_min,
+            adaptation=run["runs"],
+            precision=str(jp.dtype).replace("torch.", ""),
         )
         prior = prior_ref(ref.modality)
         meta["models"] = [prior] if prior else []
@@ -572,6 +649,7 @@ def multistack_superres(
 
 __all__ = [
     "MAX_STACKS",
+    "MultistackOptions",
     "Stack",
     "check_stacks",
     "common_grid",
