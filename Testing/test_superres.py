@@ -221,7 +221,7 @@ def test_the_bundled_prior_starts_adaptation_ahead_of_scratch(thick_crop, modali
     axis = int(np.argmax(thick.grid.spacing))
     runs = {}
     for name, init in [("scratch", None), ("prior", load_prior(modality))]:
-        _, info = train_adapter(yn, thick.grid, axis, float(thick.grid.spacing[axis]), "rect", 60.0, 0, init=init, max_steps=30)
+        _, info = train_adapter([(yn, thick.grid, axis, float(thick.grid.spacing[axis]))], "rect", 60.0, 0, init=init, max_steps=30)
         runs[name] = info
     assert runs["prior"]["prior"] and not runs["scratch"]["prior"]
     assert runs["prior"]["l1_first"] < 0.95 * runs["scratch"]["l1_first"], runs  # scratch starts as B-spline (identity)
@@ -237,7 +237,7 @@ def test_adapt_applies_through_plane_in_the_orientations_it_learnt():
     rng = np.random.default_rng(0)
     grid = Grid.from_parts((40, 10, 20), [0.8, 4.0, 6.5])
     x = rng.random((40, 10, 20)).astype(np.float32)
-    _, info = train_adapter(x, grid, 1, 4.0, "rect", 60.0, 0, max_steps=2)
+    _, info = train_adapter([(x, grid, 1, 4.0)], "rect", 60.0, 0, max_steps=2)
     assert info["columns"] == [2]  # the 6.5 mm axis is too coarse to degrade to 4 mm slices: no (columns, rows) planes
     fine = refined_along(grid, 1, 4)
     out = apply_adapter(ResidualCNN2d(), x, grid, fine, 1, info["columns"])

@@ -81,7 +81,7 @@ def test_decode_without_an_input_volume(tiny_config):
     z = torch.randn(1, net.config.latent_channels, *z_grid.shape)
     with torch.no_grad():
         whole = net.decode(z, z_grid, out_grid)[0, 0].numpy()
-        tiled = decode_tiled(net, z, z_grid, out_grid, budget_bytes=1e9, min_splits=(2, 3, 2))
+        tiled = decode_tiled(net, z, z_grid, out_grid, plan=DecodePlan(net, z_grid, out_grid, 1e9, 4, min_splits=(2, 3, 2)))
     np.testing.assert_allclose(tiled, whole, atol=1e-5 * max(1.0, float(np.abs(whole).max())))
     with pytest.raises(ValueError, match="global skip"):
         decode_tiled(_net(tiny_config), z, z_grid, out_grid, budget_bytes=1e9)
@@ -104,7 +104,9 @@ def test_tiled_decode_with_gradients(tiny_config, checkpoint):
 
     l_whole, g_whole = loss_and_grad(lambda z: net.decode(z, z_grid, out_grid))
     l_tiled, g_tiled = loss_and_grad(
-        lambda z: decode_tiled(net, z, z_grid, out_grid, budget_bytes=1e9, checkpoint=checkpoint, min_splits=(2, 2, 3))
+        lambda z: decode_tiled(
+            net, z, z_grid, out_grid, checkpoint=checkpoint, plan=DecodePlan(net, z_grid, out_grid, 1e9, 4, min_splits=(2, 2, 3))
+        )
     )
     torch.testing.assert_close(l_tiled, l_whole, atol=1e-6, rtol=1e-5)
     assert g_whole is not None and g_tiled is not None and float(g_whole.abs().sum()) > 0

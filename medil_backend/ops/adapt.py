@@ -130,10 +130,7 @@ def _patch_sampler(pairs: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Ge
 
 
 def train_adapter(
-    x: np.ndarray,
-    grid: Grid,
-    slice_axis: int,
-    thickness: float,
+    scans: list[tuple[np.ndarray, Grid, int, float]],
     profile: str,
     seconds: float,
     seed: int,
@@ -144,19 +141,18 @@ def train_adapter(
     max_steps: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    more: list[tuple[np.ndarray, Grid, int, float]] | None = None,
 ) -> tuple[ResidualCNN2d, dict]:
     """Train a :class:`ResidualCNN2d` (from ``init``, e.g. :func:`load_prior`, or from scratch) for ``seconds`` on
-    in-plane slices of ``x`` (normalised intensities on ``grid``), degraded along each in-plane axis as the
-    scanner degraded ``slice_axis`` (``max_steps``: stop sooner). ``more``: further scans of the same anatomy
-    (``(x, grid, slice_axis, thickness)``, e.g. the other stacks of a multi-stack acquisition), whose in-plane
-    slices are drawn from as well. The network trains on ``device``, its convolutions in ``dtype`` (bfloat16
-    autocast; the weights and the optimiser stay float32); patches are drawn on the CPU from the seed, so a
-    seed draws the same patches on any device."""
+    in-plane slices of ``scans``: ``(x, grid, slice_axis, thickness)`` each, normalised intensities on ``grid``, degraded
+    along each in-plane axis as the scanner degraded ``slice_axis`` (``max_steps``: stop sooner). The first scan is
+    the one the network is for; the others are further scans of the same anatomy (e.g. the other stacks of a
+    multi-stack acquisition), whose in-plane slices are drawn from as well. The network trains on ``device``, its
+    convolutions in ``dtype`` (bfloat16 autocast; the weights and the optimiser stay float32); patches are drawn on
+    the CPU from the seed, so a seed draws the same patches on any device."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pairs, columns = [], []
-    for n, (xs, gs, axis, width) in enumerate([(x, grid, slice_axis, thickness)] + list(more or [])):
+    for n, (xs, gs, axis, width) in enumerate(scans):
         for a in (a for a in range(3) if a != axis):
             deg = _degraded_in_plane(xs, gs, a, width, profile)
             if deg is not None:

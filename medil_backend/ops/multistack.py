@@ -365,10 +365,9 @@ def learned_start(
     for k in range(samples):
         lo = span[0] + (span[1] - span[0]) * k / samples
         mid = lo + 0.7 * (span[1] - span[0]) / samples
-        first, grid, axis, thickness = sources[0]
         net, info = train_adapter(
-            first, grid, axis, thickness, profile, seconds, seed + k, progress, (lo, mid), cancel, prior,
-            max_steps=0 if time_budget_min == 0 else None, device=device, dtype=dtype, more=sources[1:],
+            sources, profile, seconds, seed + k, progress, (lo, mid), cancel, prior,
+            max_steps=0 if time_budget_min == 0 else None, device=device, dtype=dtype,
         )  # fmt: skip
         report(progress, mid, "applying the adapted network to each stack through-plane")
         acc = np.zeros(target.shape, np.float32)

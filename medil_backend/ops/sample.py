@@ -22,6 +22,7 @@ orientations, drawn by :func:`native_grid`).
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -144,23 +145,32 @@ def denoise_windows(sampler: Sampler, shape, work: float) -> Windows | None:
     )
 
 
+@dataclass(frozen=True)
+class SampleOptions:
+    """Every option of :func:`sample`."""
+
+    n: int = 1
+    seed: int = 0
+    steps: int | None = None
+    device: str | torch.device = "auto"
+    max_memory_gb: float | None = None
+    precision: str = "float32"
+    spacing_condition: Any = None  # (3,) mm, or None: the target's spacing along the latent axes
+    eta: float = DEFAULT_ETA
+    background: float | None = None
+
+
 def sample(
     model: Sampler | str | None,
     target_grid: Grid | None = None,
+    options: SampleOptions | None = None,
     *,
-    n: int = 1,
-    seed: int = 0,
-    steps: int | None = None,
-    device: str | torch.device = "auto",
     progress: Progress | None = None,
     cancel: Any = None,
-    max_memory_gb: float | None = None,
-    precision: str = "float32",
-    spacing_condition: np.ndarray | None = None,
-    eta: float = DEFAULT_ETA,
-    background: float | None = None,
+    **overrides,
 ) -> list[Volume]:
-    """Draw ``n`` volumes onto ``target_grid`` (default: the model's default space); sample i uses seed ``seed + i``.
+    """Draw ``n`` volumes onto ``target_grid`` (default: the model's default space) with ``options`` (a
+    :class:`SampleOptions`; keyword ``overrides`` replace its fields); sample i uses seed ``seed + i``.
 
     Returns :class:`Volume` objects on exactly ``target_grid`` whose ``meta`` holds the seed,
     steps, models and the latent grid. ``spacing_condition`` overrides the spacing the output
@@ -168,6 +178,8 @@ def sample(
     stochasticity (0: deterministic from the first noise; 1: fresh noise at every step, as DDPM), drawn from the
     same seed. ``steps``: DDIM steps (default: the model's, :attr:`Sampler.default_steps`).
     """
+    o = replace(options or SampleOptions(), **overrides)
+    n, seed, steps, eta, background, spacing_condition = o.n, o.seed, o.steps, o.eta, o.background, o.spacing_condition
     sampler = model if isinstance(model, Sampler) else load_sampler(model)
     steps = sampler.default_steps if steps is None else steps
     if int(n) < 1:
@@ -180,12 +192,12 @@ def sample(
     target = (target_grid or sampler.default_grid()).validate("the output grid")
     target = Grid(target.shape, target.affine)
     check_in_group_space(sampler, target)
-    dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    dev = resolve_device(o.device)
+    dtype = resolve_precision(o.precision, dev)
     z_grid = latent_grid_for(sampler, target)
     ae, ldm = sampler.autoencoder.to(dev).eval(), sampler.diffusion.to(dev).eval()
     C = ldm.config.latent_channels
-    memory = MemoryPlan.start(max_memory_gb, target.num_voxels, outputs=n)
+    memory = MemoryPlan.start(o.max_memory_gb, target.num_voxels, outputs=n)
     memory.hold("latents", 4.0 * (3 * C + 6) * z_grid.num_voxels)  # noise, latent, update and the geometry channels
     work = memory.working_bytes(f"the output grid {target.shape} and its latent alone")
     spill = memory.spill

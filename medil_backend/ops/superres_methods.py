@@ -151,10 +151,7 @@ def estimate_adapt(p: Problem) -> Estimate:
         start, stop = 0.9 * k / o.samples, 0.9 * (k + 1) / o.samples
         mid = start + 0.8 * (stop - start)
         net, info = train_adapter(
-            yn,
-            p.grid,
-            p.axis,
-            p.width,
+            [(yn, p.grid, p.axis, p.width)],
             o.slice_profile,
             seconds,
             o.seed + k,

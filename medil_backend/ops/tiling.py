@@ -392,16 +392,15 @@ def decode_tiled(
     *,
     skip: tuple[torch.Tensor, Grid] | None = None,
     budget_bytes: float = float("inf"),
-    dtype_bytes: int = 4,
     plan: DecodePlan | None = None,
     out: OutputArray | None = None,
     progress: Progress | None = None,
     cancel: Any = None,
     checkpoint: bool = False,
     span: tuple[float, float] = (0.0, 1.0),
-    min_splits: Sequence[int] = (1, 1, 1),
 ) -> torch.Tensor | np.ndarray:
-    """Decode ``z`` (B, C, *z_grid.shape) onto ``out_grid`` in tiles of the intermediate grid.
+    """Decode ``z`` (B, C, *z_grid.shape) onto ``out_grid`` in tiles of the intermediate grid: ``plan``'s, or a
+    float32 :class:`DecodePlan` within ``budget_bytes`` (build one for other precisions or forced splits).
 
     Equal to ``model.decode(z, z_grid, out_grid, skip)``. Without gradients the result goes
     into ``out`` (an :class:`OutputArray`, in RAM when not given) and its numpy array is returned; with gradients a
@@ -411,7 +410,7 @@ def decode_tiled(
     """
     if model.config.global_skip and skip is None:
         raise ValueError("this model has a global skip: pass skip=(input, input_grid)")
-    plan = plan or DecodePlan(model, z_grid, out_grid, budget_bytes, dtype_bytes, min_splits)
+    plan = plan or DecodePlan(model, z_grid, out_grid, budget_bytes, 4)
     inter = plan.inter
 
     def compute(box: Box) -> torch.Tensor:
