@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import emit
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "data" / "itk_t1_2x2x3mm.nii.gz"
 
@@ -89,10 +91,7 @@ def main() -> None:
         "speedup_2_workers_vs_1": round(one["wall_s"] / two["wall_s"], 2),
         "speedup_2_workers_vs_loop": round(runs[0]["wall_s"] / two["wall_s"], 2),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import emit
+
 REPO = Path(__file__).resolve().parents[1]
 HEAD = REPO.parent / "shared" / "data" / "mri" / "pydeface_mean_head_t1.nii.gz"
 
@@ -85,10 +87,7 @@ def main() -> None:
             "peak_memory_gb": round(peak_kb / 2**20, 2),
             "rounds": record["method"]["rounds"],
         }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

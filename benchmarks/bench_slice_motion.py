@@ -15,12 +15,13 @@ ones (its two end slices aside). Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from report import emit
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD = REPO.parent / "shared" / "data" / "mri" / "pydeface_mean_head_t1.nii.gz"
@@ -89,10 +90,7 @@ def main() -> None:
                 "translation_mm_median": round(float(np.median(mm)), 3),
                 "translation_mm_p90": round(float(np.percentile(mm, 90)), 3),
             }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ other way round). Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from report import emit
 
 REPO = Path(__file__).resolve().parents[1]
 MRI = REPO.parent / "shared" / "data" / "mri"
@@ -73,10 +74,7 @@ def main() -> None:
         "one_contrast": [min(same), max(same)],
         "different_contrast": [min(mixed), max(mixed)],
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ of real. Prints JSON; ``--json FILE`` writes it.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from report import emit
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -130,10 +130,7 @@ def main(argv=None) -> int:
     result = evaluate(args.models, args.volumes, args.device)
     rel = [str(a).replace(str(REPO.parent), "..") for a in (argv if argv is not None else sys.argv[1:])]
     result["command"] = "python benchmarks/eval_compact_latent.py " + shlex.join(rel)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
     return 0
 
 

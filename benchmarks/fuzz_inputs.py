@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Testing"))
+from report import emit  # noqa: E402 (benchmarks/, the script's own folder)
 
 WORKER = r"""
 import json, sys, warnings
@@ -189,10 +190,7 @@ def main() -> int:
     report["seconds"] = round(time.perf_counter() - t0, 1)
     for key in report["examples"]:
         report["examples"][key] = report["examples"][key][:8]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(report, args.json)
     return 0 if report["failures"] == 0 else 1
 
 

@@ -445,7 +445,9 @@ def compact_latent() -> str:
     """docs/sampling.md: the compact generative latent on held-out heads (eval-compact-latent.json): masked PSNR and
     high-frequency share of each autoencoder against the real head, next to B-spline of block averages with as few numbers."""
     d = json.loads((RESULTS / "eval-compact-latent.json").read_text())
-    rows = ["| autoencoder | latent | numbers vs 1 mm | training | " + " | ".join(f"{v} masked PSNR / HF share" for v in d["volumes"]) + " |"]
+    rows = [
+        "| autoencoder | latent | numbers vs 1 mm | training | " + " | ".join(f"{v} masked PSNR / HF share" for v in d["volumes"]) + " |"
+    ]
     rows.append("|---|---|---|---|" + "---|" * len(d["volumes"]))
     for name, m in d["models"].items():
         t = m.get("training") or {}
@@ -463,7 +465,11 @@ def compact_latent() -> str:
             for row in d["volumes"].values():
                 cells.append(f"{row[key]['psnr_mask']:.2f} dB")
             sp = next(iter(d["volumes"].values()))[key]["spacing_mm"]
-            rows.append(f"| box averages at {sp:g} mm, SimpleITK B-spline back | 1 channel at {sp:g} mm | 1/{sp**3:.1f} | - | " + " | ".join(cells) + " |")
+            rows.append(
+                f"| box averages at {sp:g} mm, SimpleITK B-spline back | 1 channel at {sp:g} mm | 1/{sp**3:.1f} | - | "
+                + " | ".join(cells)
+                + " |"
+            )
     real = " / ".join(f"{v}: {row['real']['hf_share']:.3f}" for v, row in d["volumes"].items())
     rows.append(f"\nHigh-frequency share of the real heads: {real}. `{portable(d['command'])}`")
     return "\n".join(rows)

@@ -29,29 +29,14 @@ class MethodFacts:
     options: tuple[str, ...] = ()
 
 
+_DRAWS = ("samples", "seed")
 METHOD_FACTS: dict[str, MethodFacts] = {
     f.name: f
-    for f in (  # the default first
-        MethodFacts(
-            "adapt", stochastic=True, uses_model=False, several_stacks=True, quick=True, options=("samples", "seed", "time_budget")
-        ),
-        MethodFacts("fast", stochastic=False, uses_model=False, several_stacks=True, quick=False),
-        MethodFacts(
-            "inverse",
-            stochastic=True,
-            uses_model=True,
-            several_stacks=False,
-            quick=False,
-            options=("samples", "seed", "time_budget", "max_iterations", "model"),
-        ),
-        MethodFacts(
-            "cycles",
-            stochastic=True,
-            uses_model=True,
-            several_stacks=False,
-            quick=False,
-            options=("samples", "seed", "steps", "strength", "model"),
-        ),
+    for f in (  # the default first; name, stochastic, uses_model, several_stacks, quick, options
+        MethodFacts("adapt", True, False, True, True, (*_DRAWS, "time_budget")),
+        MethodFacts("fast", False, False, True, False),
+        MethodFacts("inverse", True, True, False, False, (*_DRAWS, "time_budget", "max_iterations", "model")),
+        MethodFacts("cycles", True, True, False, False, (*_DRAWS, "steps", "strength", "model")),
     )
 }
 

@@ -75,6 +75,13 @@ def _slicer():
     return slicer
 
 
+def _cleaned_up(workdir: str, exc: BaseException) -> BaseException:
+    """A job's work folder removed after ``exc`` stopped its set-up; what to raise: a geometry the backend cannot
+    take as the panel's clear error, anything else as it was."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    return MedILSlicerError(str(exc)) if isinstance(exc, GeometryError) else exc
+
+
 class MedILLogicCore:
     """Everything the module computes, callable from the GUI, batch scripts and tests."""
 
@@ -130,6 +137,11 @@ class MedILLogicCore:
             raise MedILSlicerError(f"could not read the backend's result {path}: {exc}") from None
         slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(vol.array.transpose(2, 1, 0)))
         node.SetIJKToRASMatrix(numpy_to_vtk_matrix(vol.affine))
+
+    def placementArguments(self, maxMemoryGB, inputNode, space: OutputSpace, workdir: str) -> list[str]:
+        """The memory limit (when set) and the output grid's arguments: what every task's command ends with."""
+        memory = ["--max-memory", repr(float(maxMemoryGB))] if maxMemoryGB else []
+        return memory + self.outputArguments(inputNode, space, workdir)
 
     def outputArguments(self, inputNode, space: OutputSpace, workdir: str) -> list[str]:
         """``medil reconstruct`` options for an :class:`OutputSpace`."""
@@ -258,15 +270,9 @@ class MedILLogicCore:
             args += tasks.option_arguments(task, values)
             if model and tasks.uses_model(task, values):  # e.g. superres's adapt and fast adapt to the scan itself
                 args += ["--model", model]
-            if maxMemoryGB:
-                args += ["--max-memory", repr(float(maxMemoryGB))]
-            args += self.outputArguments(inputNode, outputSpace, workdir)
-        except GeometryError as exc:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise MedILSlicerError(str(exc)) from None
-        except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
+            args += self.placementArguments(maxMemoryGB, inputNode, outputSpace, workdir)
+        except BaseException as exc:
+            raise _cleaned_up(workdir, exc) from None
         parameters = {
             "task": task,
             "model": (model or "default") if tasks.uses_model(task, values) else None,
@@ -308,15 +314,9 @@ class MedILLogicCore:
             args += catalog().option_arguments("sample", {"n": int(count), "seed": int(seed), "steps": int(steps) if steps else None})
             if model:
                 args += ["--model", model]
-            if maxMemoryGB:
-                args += ["--max-memory", repr(float(maxMemoryGB))]
-            args += self.outputArguments(None, outputSpace, workdir)
-        except GeometryError as exc:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise MedILSlicerError(str(exc)) from None
-        except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
+            args += self.placementArguments(maxMemoryGB, None, outputSpace, workdir)
+        except BaseException as exc:
+            raise _cleaned_up(workdir, exc) from None
         parameters = {
             "task": "sample",
             "model": model or "default",

@@ -109,19 +109,12 @@ def run_superres(ctx: RunContext, volume: Volume | list[Volume], request: GridRe
     elif request.given:
         spacing = request.spacing if request.spacing else list(default_grid(volume.grid).spacing)
         target = output_grid(volume.grid, spacing=spacing, orientation=request.orientation, fov=request.fov)
+    same = ("method", "slice_thickness", "slice_profile", "iterations", "samples", "seed", "steps", "strength", "background")
     op_options = SuperresOptions(
-        method=o.method,
-        slice_thickness=o.slice_thickness,
-        slice_profile=o.slice_profile,
-        iterations=o.iterations,
-        samples=o.samples,
+        **{k: getattr(o, k) for k in same},
         time_budget_min=o.time_budget,
-        seed=o.seed,
         max_memory_gb=ctx.max_memory_gb,
         model=model,
-        steps=o.steps,
-        strength=o.strength,
-        background=o.background,
         device=ctx.device,
         precision=ctx.precision,
     )
@@ -174,25 +167,19 @@ def _run_multistack(ctx: RunContext, volumes: list[Volume], request: GridRequest
         target = output_grid(base, spacing=request.spacing or list(base.spacing), orientation=request.orientation, fov=request.fov)
     else:
         target = None
-    result = multistack_superres(
-        volumes,
-        target,
+    from .multistack import MultistackOptions
+
+    same = ("slice_thickness", "slice_profile", "background", "method", "samples", "seed", "slice_motion")
+    options = MultistackOptions(
+        **{k: getattr(o, k) for k in same},
         rounds=max(1, int(o.iterations)),
-        slice_thickness=o.slice_thickness,
-        slice_profile=o.slice_profile,
         register=not o.no_motion,
-        max_memory_gb=ctx.max_memory_gb,
-        progress=ctx.progress,
-        cancel=ctx.cancel,
-        device=ctx.device,
-        background=o.background,
-        method=o.method,
         time_budget_min=o.time_budget,
-        samples=o.samples,
-        seed=o.seed,
+        max_memory_gb=ctx.max_memory_gb,
+        device=ctx.device,
         precision=ctx.precision,
-        slice_motion=o.slice_motion,
     )
+    result = multistack_superres(volumes, target, options, progress=ctx.progress, cancel=ctx.cancel)
     meta = result.meta
     count = meta.pop("coverage")
     unc = meta.pop("uncertainty", None)

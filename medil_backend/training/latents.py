@@ -449,14 +449,7 @@ class LatentDataModule(L.LightningDataModule):
 
     @property
     def augmentation(self) -> dict:
-        return dict(
-            thick_prob=self.thick_prob,
-            thick_mm=self.thick_mm,
-            max_rotation_deg=self.max_rotation_deg,
-            pad_mm=self.pad_mm,
-            box_mm=self.box_mm,
-            mirror_prob=self.mirror_prob,
-        )
+        return {k: getattr(self, k) for k in ("thick_prob", "thick_mm", "max_rotation_deg", "pad_mm", "box_mm", "mirror_prob")}
 
     @property
     def autoencoder_ref(self) -> dict:
