@@ -236,3 +236,26 @@ def test_batch_takes_only_tasks_that_read_an_input(capsys):
     with pytest.raises(SystemExit) as e:
         main(["batch", "sample", "in", "out"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_a_batch_request_is_a_dataclass_that_the_command_line_fills(bids, tmp_path):
+    """The batch takes a request, not an argparse namespace: what `medil batch` parses is the same request a Python
+    caller builds, and its jobs carry the task's checked options."""
+    from medil_backend.batch.command import BatchRequest, plan_jobs
+    from medil_backend.cli import build_parser
+    from medil_backend.task import get_task
+
+    argv = _batch(bids, tmp_path / "out", "--samples", "1", "--spacing", "2")
+    parsed = BatchRequest.from_namespace(build_parser().parse_args(argv))
+    built = BatchRequest(
+        "superres", str(bids), str(tmp_path / "out"), options={"method": "fast", "samples": 1}, spacing=[2.0], progress="none"
+    )
+    assert parsed.options["method"] == built.options["method"] == "fast" and parsed.spacing == built.spacing == [2.0]
+    for request in (parsed, built):
+        jobs, skipped = plan_jobs(request, get_task("superres"), tmp_path / "out")
+        assert len(jobs) == 4 and not skipped  # the damaged file too: it fails in its worker, not in the plan
+        assert all(j.options["method"] == "fast" and j.options["iterations"] == 2 for j in jobs)
+    assert (
+        plan_jobs(parsed, get_task("superres"), tmp_path / "out")[0][0].key
+        == plan_jobs(built, get_task("superres"), tmp_path / "out")[0][0].key
+    )

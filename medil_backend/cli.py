@@ -337,9 +337,9 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .batch.command import run_batch
+    from .batch.command import BatchRequest, run_batch
 
-    return run_batch(args)
+    return run_batch(BatchRequest.from_namespace(args))
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import MedILError
@@ -21,7 +22,49 @@ from .scans import find_scans
 from .worker import ScanJob
 
 
-def _grid_request(args) -> dict:
+@dataclass(frozen=True)
+class BatchRequest:
+    """One batch run, as the command line (or any front end) asks for it: the task, the dataset, the output folder,
+    the task's options by name (checked against its spec before any work), the output grid and the cluster."""
+
+    task: str
+    input: str
+    output_dir: str
+    options: dict = field(default_factory=dict)
+    model: str | None = None
+    spacing: list | None = None
+    orientation: str | None = None
+    fov: list | None = None
+    like: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    max_memory: float | None = None
+    participant_label: list | None = None
+    resume: bool = False
+    overwrite: bool = False
+    scheduler: str = "local"
+    workers: int | None = None
+    threads_per_worker: int = 1
+    retries: int = 2
+    no_thumbnails: bool = False
+    slurm_queue: str | None = None
+    slurm_account: str | None = None
+    slurm_walltime: str = "02:00:00"
+    progress: str = "bar"
+    argv: tuple = ()  # the command's words, recorded in the report and each sidecar
+
+    @classmethod
+    def from_namespace(cls, args) -> BatchRequest:
+        """The request an argparse namespace of ``medil batch`` holds (its task's options by their spec's names)."""
+        from ..task import get_task
+
+        spec = get_task(args.task)
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "options" and hasattr(args, f.name)}
+        given["argv"] = tuple(given.get("argv") or ())
+        return cls(**given, options={o.name: getattr(args, o.name) for o in spec.options if hasattr(args, o.name)})
+
+
+def _grid_request(args: BatchRequest) -> dict:
     """The command line's output-grid request (checked as for one volume) as plain data for the workers."""
     from ..frontend import grid_request
 
@@ -45,9 +88,9 @@ def _eta(done: int, remaining: int, elapsed: float) -> str:
     return format_seconds(elapsed / done * remaining) if done else "?"
 
 
-def plan_jobs(args, spec, out_dir: Path) -> tuple[list[ScanJob], list[dict]]:
+def plan_jobs(args: BatchRequest, spec, out_dir: Path) -> tuple[list[ScanJob], list[dict]]:
     """The scans to run and the records of those skipped as already done; refuses what cannot run."""
-    options_in = {o.name: getattr(args, o.name, o.default) for o in spec.options}
+    options_in = {o.name: args.options.get(o.name, o.default) for o in spec.options}
     path_options = [o.name for o in spec.options if o.path and not o.stacks_only]
     for name in path_options:  # a batch writes these per scan: the flag says whether
         options_in[name] = "PLACEHOLDER.nii.gz" if options_in[name] else None
@@ -56,7 +99,7 @@ def plan_jobs(args, spec, out_dir: Path) -> tuple[list[ScanJob], list[dict]]:
 
     checked = spec.checked_options(options_in, GridRequest(spacing=request.get("spacing"), fov=request.get("fov")))
     key_options = {k: (bool(v) if k in path_options else v) for k, v in checked.items()}
-    key = run_key(spec.name, key_options, request, getattr(args, "model", None))
+    key = run_key(spec.name, key_options, request, args.model)
     scans = find_scans(args.input, args.participant_label, skip=out_dir)
     command = "medil " + shlex.join(args.argv)
     jobs, skipped, existing = [], [], []
@@ -76,7 +119,7 @@ def plan_jobs(args, spec, out_dir: Path) -> tuple[list[ScanJob], list[dict]]:
             str(output),
             options,
             request,
-            getattr(args, "model", None),
+            args.model,
             args.device,
             args.precision,
             args.max_memory,
@@ -101,7 +144,8 @@ def plan_jobs(args, spec, out_dir: Path) -> tuple[list[ScanJob], list[dict]]:
     return jobs, skipped
 
 
-def run_batch(args) -> int:
+def run_batch(args: BatchRequest) -> int:
+    """Run ``args`` (a :class:`BatchRequest`) over its dataset; the exit status."""
     from ..limits import DEFAULT_MAX_MEMORY_GB
     from ..task import RunContext, get_task
 
