@@ -259,3 +259,21 @@ def test_a_batch_request_is_a_dataclass_that_the_command_line_fills(bids, tmp_pa
         plan_jobs(parsed, get_task("superres"), tmp_path / "out")[0][0].key
         == plan_jobs(built, get_task("superres"), tmp_path / "out")[0][0].key
     )
+
+
+def test_a_worker_loads_each_model_once_for_all_its_scans(bids, tmp_path, monkeypatch):
+    """Two scans in one worker process: the model is read and its sha256 checked once, and both scans are done."""
+    import medil_backend.models as models
+    from medil_backend.batch import worker
+    from medil_backend.batch.command import BatchRequest, plan_jobs
+    from medil_backend.task import get_task
+
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda name=None: loads.append(name) or real(name))
+    monkeypatch.setattr(worker, "_MODELS", {})
+    request = BatchRequest("reconstruct", str(bids), str(tmp_path / "out"), spacing=[3.0], no_thumbnails=True, progress="none")
+    jobs, _ = plan_jobs(request, get_task("reconstruct"), tmp_path / "out")
+    records = [worker.run_scan(j) for j in jobs if "bad" not in j.scan.id][:2]
+    assert [r["status"] for r in records] == ["done", "done"]
+    assert loads == ["medil-brain-t1"]

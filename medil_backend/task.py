@@ -116,6 +116,15 @@ class RunContext:
     progress: Callable[[float, str], None] | None = None
     cancel: Any = None
     on_output: Callable[[Output], None] | None = None
+    #: loaded models by what was asked for, kept across runs that share it (a batch worker's scans): each model is
+    #: read and its sha256 checked once per worker, not once per scan
+    models: dict = field(default_factory=dict)
+
+    def cached(self, key: tuple, load: Callable[[], Any]) -> Any:
+        """``load()``'s result, loaded once for ``key`` in this context's :attr:`models`."""
+        if key not in self.models:
+            self.models[key] = load()
+        return self.models[key]
 
     @classmethod
     def resolve(

@@ -69,6 +69,10 @@ def _uncertainty_summary(result) -> dict | None:
     return None
 
 
+#: the models this worker process has loaded, kept across its scans (RunContext.cached)
+_MODELS: dict = {}
+
+
 def run_scan(job: ScanJob) -> dict:
     """Run one scan; returns its record for the report (never raises for a user error)."""
     from ..frontend import user_message
@@ -100,6 +104,7 @@ def run_scan(job: ScanJob) -> dict:
                     req["orientation"] = np.asarray(req["orientation"], dtype=np.float64)
                 request = GridRequest(like=read_grid(like) if like else None, **req).check()
                 ctx = RunContext.resolve(job.device, job.precision, job.max_memory_gb)
+                ctx.models = _MODELS  # this worker's models, loaded at its first scan that needs each
                 Path(job.output).parent.mkdir(parents=True, exist_ok=True)
                 run = run_task_to_files(
                     spec,

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import MedILError
 from ..geometry import Volume, output_grid
+from ..methods import METHOD_FACTS
 from ..task import GridRequest, ModelRef, Output, Provenance, RunContext, TaskResult
 
 
@@ -49,7 +50,8 @@ def run_reconstruct(ctx: RunContext, volume: Volume, request: GridRequest, model
 
     modality, guess = _modality(volume, options.modality)
     target = output_grid(volume.grid, like=request.like, spacing=request.spacing, orientation=request.orientation, fov=request.fov)
-    loaded = load_model(model or default_model_for(modality))
+    name = model or default_model_for(modality)
+    loaded = ctx.cached(("model", name), lambda: load_model(name))
     result = run_model(
         volume,
         target,
@@ -109,6 +111,10 @@ def run_superres(ctx: RunContext, volume: Volume | list[Volume], request: GridRe
     elif request.given:
         spacing = request.spacing if request.spacing else list(default_grid(volume.grid).spacing)
         target = output_grid(volume.grid, spacing=spacing, orientation=request.orientation, fov=request.fov)
+    if METHOD_FACTS[o.method].uses_model:  # the diffusion model (and its autoencoder) loaded once per context
+        from .sample import load_sampler
+
+        model = ctx.cached(("sampler", model), lambda: load_sampler(model))
     same = ("method", "slice_thickness", "slice_profile", "iterations", "samples", "seed", "steps", "strength", "background")
     op_options = SuperresOptions(
         **{k: getattr(o, k) for k in same},
@@ -228,7 +234,7 @@ def run_sample(ctx: RunContext, volume: None, request: GridRequest, model: str |
             "native spaces draw the spacing and orientation: drop the spacing, orientation and reference grid", options=("native",)
         )
     eta = DEFAULT_ETA if eta is None else eta
-    sampler = load_sampler(model)
+    sampler = ctx.cached(("sampler", model), lambda: load_sampler(model))
     steps = sampler.default_steps if steps is None else steps
     default = sampler.default_grid()
     if request.like is not None:
