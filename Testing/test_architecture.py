@@ -111,3 +111,50 @@ def test_no_function_is_a_switchboard():
     """No function of more than 120 lines or more than 12 parameters: options travel as dataclasses, methods as strategies."""
     assert long_functions() == []
     assert long_functions(max_lines=10, max_params=3)  # the measure sees functions at all
+
+
+#: the layers of docs/architecture.md, lowest first: a module imports its own layer and the ones below, never above
+LAYERS = [
+    ("foundations", ["errors", "limits", "methods", "geometry", "headers", "files", "intensity", "metrics", "medil_backend"]),
+    ("data and networks", ["io", "acquisition", "nn", "preview"]),
+    ("models", ["models"]),
+    (
+        "operations",
+        [
+            "ops.runtime",
+            "ops.memory",
+            "ops.tiling",
+            "ops.interpolate",
+            "ops.reconstruct",
+            "ops.fixed_grid",
+            "ops.adapt",
+            "ops.sample",
+            "ops.superres_methods",
+            "ops.superres",
+            "ops.multistack",
+            "ops",
+            "baselines",
+        ],
+    ),  # fmt: skip
+    ("task contract", ["task"]),
+    ("runners", ["ops.runners"]),
+    ("files to files, front-end helpers", ["task_files", "frontend"]),
+    ("batch, evaluation, training", ["batch", "evaluate", "evaluate_multistack", "evaluate_generative", "simulate_stacks", "training"]),
+    ("command line", ["cli", "__main__"]),
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of a module: the longest listed name it is or lies under."""
+    name = module.removeprefix("medil_backend.") if module != "medil_backend" else module
+    best = max(((len(n), i) for i, (_, names) in enumerate(LAYERS) for n in names if name == n or name.startswith(n + ".")), default=None)
+    assert best is not None, f"{module} is in no layer of docs/architecture.md"
+    return best[1]
+
+
+def test_every_import_goes_down_the_layers_of_the_architecture_document():
+    upward = [(m, t) for m, targets in import_graph().items() for t in targets if layer_of(t) > layer_of(m)]
+    assert upward == []
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    for name, modules in LAYERS:
+        assert name in doc and all(f"`{m}`" in doc for m in modules if m != "medil_backend"), name
