@@ -38,7 +38,15 @@ from MedILSlicerLib.logic import (  # noqa: E402
     modelLabel,
 )
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402
-from MedILSlicerLib.tasks import OPTION_WIDGETS, catalog, suggested_task, task_by_key, task_by_label, use_specs  # noqa: E402
+from MedILSlicerLib.tasks import (  # noqa: E402
+    OPTION_WIDGETS,
+    catalog,
+    option_range,
+    suggested_task,
+    task_by_key,
+    task_by_label,
+    use_specs,
+)
 
 #: Choices shown in the panel (parameter values; the .ui lists the same texts).
 SPACING_PRESETS = ["input", "finest isotropic", "1 mm", "custom"]
@@ -107,11 +115,12 @@ class MedILSlicerParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     showIn3D: bool = False
     superresMethod: str = "adapt"  # any method the backend publishes (not bound to the combo box by connectGui: see onMethodChanged)
-    superresSamples: Annotated[int, WithinRange(1, 32)] = 1
-    superresTimeBudgetMin: Annotated[float, WithinRange(0.0, 120.0)] = 3.0  # 0: adapt's pre-trained network alone
-    sampleSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
-    sampleCount: Annotated[int, WithinRange(1, 100)] = 1
-    sampleSteps: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the model's own step count (its card)
+    # the ranges are the task specs' (option_range: capped where a Qt spin box stops)
+    superresSamples: Annotated[int, WithinRange(*option_range("superres", "samples"))] = 1
+    superresTimeBudgetMin: Annotated[float, WithinRange(*option_range("superres", "time_budget"))] = 3.0  # 0: adapt's prior alone
+    sampleSeed: Annotated[int, WithinRange(*option_range("sample", "seed"))] = 0
+    sampleCount: Annotated[int, WithinRange(*option_range("sample", "n"))] = 1
+    sampleSteps: Annotated[int, WithinRange(*option_range("sample", "steps", special_low=0))] = 0  # 0: the model's own (its card)
 
 
 def describeDone(event: dict) -> str:

@@ -156,3 +156,27 @@ def test_the_ui_is_what_tools_gen_ui_writes():
     spec.loader.exec_module(gen)
     written = xml.dom.minidom.parseString(gen.build()).toprettyxml(indent=" ", encoding="UTF-8").decode()
     assert written == gen.OUT.read_text(), "the .ui differs from what tools/gen_ui.py writes: rerun it"
+
+
+@pytest.mark.parametrize(
+    "param,task,option",
+    [
+        ("superresSamples", "superres", "samples"),
+        ("superresTimeBudgetMin", "superres", "time_budget"),
+        ("sampleSeed", "sample", "seed"),
+        ("sampleCount", "sample", "n"),
+        ("sampleSteps", "sample", "steps"),
+    ],
+)
+def test_the_panels_ranges_are_the_task_specs(panel, param, task, option):
+    """One option, one range: the panel's spin box allows what the backend's spec allows, capped only where a Qt spin
+    box stops (a signed 32-bit int) or where the spec sets no ceiling; 0 steps is the panel's 'model's default'."""
+    from medil_backend.task import TASKS
+
+    spec = TASKS[task].option(option)
+    spin = bound_widgets(panel)[param]
+    assert spin.minimum() == (0 if param == "sampleSteps" else spec.low)
+    if spec.high is None:
+        assert spin.maximum() == 100
+    else:
+        assert spin.maximum() == min(spec.high, 2**31 - 1)

@@ -19,7 +19,7 @@ if __name__ == "__main__":  # the bundled specs first: the panel's task list is 
     SPECS.write_text(json.dumps(tasks_json(), indent=1) + "\n", encoding="utf-8")
 sys.path.insert(0, str(OUT.parents[2]))
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402  (the one task list)
-from MedILSlicerLib.tasks import SUPERRES_METHODS  # noqa: E402
+from MedILSlicerLib.tasks import SUPERRES_METHODS, option_range  # noqa: E402
 
 SPACING = ["input", "finest isotropic", "1 mm", "custom"]
 ORIENT = ["input", "axial (RAS-aligned)", "like reference"]
@@ -202,15 +202,21 @@ def build() -> str:
                     ispin(
                         "superresSamplesSpinBox",
                         "superresSamples",
-                        1,
-                        32,
+                        *option_range("superres", "samples"),
                         1,
                         "K > 1: the output is the mean of K runs, and a second volume holds their per-voxel standard deviation (uncertainty), shown as a colour overlay",
                     ),
                 ),
                 (
                     "Time budget:",
-                    spin("superresTimeBudgetSpinBox", "superresTimeBudgetMin", 0.0, 120, 3.0, suffix=" min", step=0.5),
+                    spin(
+                        "superresTimeBudgetSpinBox",
+                        "superresTimeBudgetMin",
+                        *option_range("superres", "time_budget"),
+                        3.0,
+                        suffix=" min",
+                        step=0.5,
+                    ),
                 ),
                 (
                     "More stacks:",
@@ -227,15 +233,22 @@ def build() -> str:
             "sampleOptionsCollapsibleButton",
             "Sample options",
             [
-                ("Seed:", ispin("sampleSeedSpinBox", "sampleSeed", 0, 2147483647, 0, "The same seed draws the same volume")),
-                ("Count:", ispin("sampleCountSpinBox", "sampleCount", 1, 100, 1, "Volumes to draw (seeds seed, seed+1, ...)")),
+                (
+                    "Seed:",
+                    ispin("sampleSeedSpinBox", "sampleSeed", *option_range("sample", "seed"), 0, "The same seed draws the same volume"),
+                ),
+                (
+                    "Count:",
+                    ispin(
+                        "sampleCountSpinBox", "sampleCount", *option_range("sample", "n"), 1, "Volumes to draw (seeds seed, seed+1, ...)"
+                    ),
+                ),
                 (
                     "Steps:",
                     ispin(
                         "sampleStepsSpinBox",
                         "sampleSteps",
-                        0,
-                        1000,
+                        *option_range("sample", "steps", special_low=0),
                         0,
                         "DDIM denoising steps (model's default: the step count in the model's card)",
                         special="model's default",

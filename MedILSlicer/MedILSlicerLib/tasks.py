@@ -152,6 +152,24 @@ SUPERRES_METHODS: list[str] = _catalog.choices("superres", "method")
 #: the methods that run through a latent diffusion model (the panel's model choice applies to them)
 GENERATIVE_SUPERRES_METHODS: tuple[str, ...] = tuple(_catalog.by_key("superres").model_when.get("method", ()))
 
+#: a Qt spin box holds a signed 32-bit int: the panel's ceiling where a spec's range goes further (seeds)
+QT_INT_MAX = 2**31 - 1
+#: the panel's ceiling for an option whose spec sets none (how many volumes one press draws)
+PANEL_COUNT_MAX = 100
+
+
+def option_range(task: str, name: str, *, special_low=None) -> tuple:
+    """(low, high) of a panel field: the bundled spec's range, capped where Qt's spin boxes stop (ints at
+    :data:`QT_INT_MAX`; no ceiling in the spec: :data:`PANEL_COUNT_MAX`); ``special_low`` replaces the low end
+    for a field whose lowest value means something else (0 steps: the model's own)."""
+    o = _catalog.option(task, name)
+    low = o.get("low") if special_low is None else special_low
+    high = o.get("high")
+    if o.get("type") == "int":
+        high = QT_INT_MAX if high is None and name == "seed" else min(int(high if high is not None else PANEL_COUNT_MAX), QT_INT_MAX)
+        return int(low), high
+    return float(low), float(high if high is not None else PANEL_COUNT_MAX)
+
 
 #: an input axis is a slice axis when its spacing is at least this many times the finest (the backend's
 #: ``medil_backend.ops.superres.THICK_RATIO``; a test checks they agree)
