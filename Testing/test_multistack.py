@@ -261,3 +261,15 @@ def test_a_batch_takes_one_input_per_scan_and_no_stack_options(capsys):
         main(["batch", "superres", "--help"])
     text = capsys.readouterr().out
     assert "--coverage" not in text and "--no-motion" not in text and "--slice-motion" not in text and "--uncertainty" in text
+
+
+def test_ct_stacks_keep_the_floor_every_task_keeps(head):
+    """One floor for every task (intensity.physical_floor): a CT made of several stacks never goes below -1024 HU, as
+    a super-resolved or reconstructed CT does not (the joint steps overshoot at the edge of air)."""
+    ct = Volume(np.where(head.array > 0.2 * head.array.max(), 1000.0, -1024.0).astype(np.float32), head.affine, modality="ct")
+    stacks = orthogonal_stacks(ct, 4, [np.eye(4)] * 3, noise=0.0)
+    for s in stacks:
+        s.modality = "ct"
+    out = multistack_superres(stacks, head.grid, device="cpu", register=False, rounds=1)
+    assert out.modality == "ct" and float(out.array.min()) >= -1024.0
+    assert np.any(out.array == -1024.0)  # the floor was reached: without it the joint steps go below

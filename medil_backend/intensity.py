@@ -102,13 +102,20 @@ def fit_normalizer(array: np.ndarray, modality: str = "auto") -> Normalizer:
 CT_FLOOR_HU = -1024.0
 
 
-def physical_floor(array: np.ndarray, modality: str) -> float | None:
-    """The lowest value an output may take for this input: CT never goes below -1024 HU, and an MR
-    magnitude image (no negative voxel) never goes below 0. ``None``: no floor (e.g. phase or
-    difference images with negative values)."""
+def physical_floor(array: np.ndarray | None, modality: str) -> float | None:
+    """The lowest value an output may take for this input (every task's one floor): CT never goes below -1024 HU,
+    and an MR magnitude image (no negative voxel; a generated one, ``array`` None) never goes below 0. ``None``: no
+    floor (e.g. phase or difference images with negative values)."""
     if modality == "ct":
         return CT_FLOOR_HU
-    return 0.0 if float(np.min(array)) >= 0 else None
+    return 0.0 if array is None or float(np.min(array)) >= 0 else None
+
+
+def floored(x: np.ndarray, floor: float | None) -> np.ndarray:
+    """``x`` no lower than ``floor`` (in place; ``None``: unchanged)."""
+    if floor is not None:
+        np.maximum(x, np.float32(floor), out=x)
+    return x
 
 
 def background_value(modality: str, background: float | None = None) -> float:

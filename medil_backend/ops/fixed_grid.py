@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..geometry import Grid, Volume, covering_grid
-from ..intensity import fit_normalizer, physical_floor
+from ..intensity import fit_normalizer, floored, physical_floor
 from ..nn.fixed_grid import FixedGridAutoencoder
 from ..nn.resample import sample_on_grids
 from .memory import MemoryPlan
@@ -85,9 +85,7 @@ def fixed_grid_reconstruct(
     report(progress, 1.0, "done")
     meta = {"normalization": norm.to_dict(), "work_grid": repr(work), "precision": str(dtype).replace("torch.", "")}
     out = norm.inverse(y)
-    floor = physical_floor(volume.array, norm.modality)
-    if floor is not None:
-        np.maximum(out, np.float32(floor), out=out)
+    floored(out, physical_floor(volume.array, norm.modality))
     meta.update(background=background_value(norm.modality, background), overlap_fraction=round(overlap, 4))
     fill_outside(out, volume.grid, target, meta["background"])
     return Volume(out, target.affine, modality=norm.modality, meta=meta)

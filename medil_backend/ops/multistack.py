@@ -603,16 +603,14 @@ def _slice_motion_rounds(jp: JointProblem, x: torch.Tensor, alpha: float):
 
 def _finished(jp: JointProblem, x: torch.Tensor, std, run: dict) -> Volume:
     """The volume in the first stack's intensities, background outside every stack, with its metadata and maps."""
-    from ..intensity import background_value
+    from ..intensity import background_value, floored, physical_floor
 
     opts, stacks, target = jp.options, jp.stacks, jp.target
     count = coverage(stacks, target)
     ref = jp.norms[0]
     fill = background_value(ref.modality, opts.background)
     out = ref.inverse(x[0, 0].cpu().numpy()).astype(np.float32)
-    out = np.where(count > 0, out, np.float32(fill))
-    if ref.modality == "mri":
-        out = np.maximum(out, 0)
+    out = np.where(count > 0, floored(out, physical_floor(stacks[0].volume.array, ref.modality)), np.float32(fill))
     meta = {
         "method": "multistack" if opts.method == "fast" else "multistack-adapt",
         "stacks": len(stacks),

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import MedILError
 from ..geometry import Grid, Volume, covering_grid
-from ..intensity import background_value
+from ..intensity import background_value, physical_floor
 from ..limits import GB
 from ..models.cards import DEFAULT_SAMPLE_STEPS, LoadedModel
 from ..nn.diffusion import Windows, geometry_channels, group_overlap, source_spacing_along
@@ -208,7 +208,7 @@ def sample(
         lo, hi = SPACING_COND_RANGE_MM
         spacing_condition = np.clip(source_spacing_along(z_grid, target.direction, target.spacing), lo, hi)
     cond = geometry_channels(z_grid, spacing_condition, ldm.config)[None].to(dev)
-    floor = 0.0 if sampler.modality == "mri" else -1024.0
+    floor = physical_floor(None, sampler.modality)
     # outside the box the model learnt (its group space) the output is background, not made-up extrapolation
     space, fill = group_space_grid(ldm.config), background_value(sampler.modality, background)
     out: list[Volume] = []

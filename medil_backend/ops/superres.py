@@ -125,13 +125,11 @@ def superres(
     x, std = est.x, est.std
     if not np.isfinite(x).all():
         raise MedILError("super-resolution produced non-finite values; check the input's intensities")
-    from ..intensity import background_value, fit_normalizer, physical_floor
+    from ..intensity import background_value, fit_normalizer, floored, physical_floor
     from .tiling import fill_outside
 
     modality = fit_normalizer(problem.y, volume.modality).modality
-    floor = physical_floor(problem.y, modality)
-    if floor is not None:  # no lower than physics allows (an MR magnitude is never negative; CT >= -1024 HU)
-        np.maximum(x, np.float32(floor), out=x)
+    floored(x, physical_floor(problem.y, modality))  # no lower than physics allows (an MR magnitude >= 0; CT >= -1024 HU)
     # outside the input: background, not the edge smeared outwards
     meta["background"] = background_value(modality, opts.background)
     meta["overlap_fraction"] = round(overlap, 4)
