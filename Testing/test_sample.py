@@ -516,6 +516,20 @@ def test_evaluate_generative_reports_every_figure(sampler_dir, tmp_path, capsys)
     assert all(0 <= hf[k] <= 2 for k in ("samples", "real", "real_through_autoencoder")) and "speckle" in md.read_text()
     rc, _, err = run([*argv[:-4], "--n", "1"], capsys)
     assert rc != 0 and "at least 2" in err
+    # the realism figures that do not rest on our encoder: registered to a template (here one real volume)
+    js2 = tmp_path / "g2.json"
+    rc, _, err = run([*argv, "--spacing", "4", "--template", paths[0], "--brain", paths[0], "--json", js2], capsys)
+    assert rc == 0, err
+    real = json.loads(js2.read_text())["realism"]
+    assert len(real["template_correlation"]["samples"]) == 3 and len(real["template_correlation"]["held_out"]) == 2
+    assert 0 <= real["c2st_accuracy"] <= 1 and len(real["nearest_training_head_correlation"]) == 3
+    assert set(real["tissue_fractions"]["samples"]) == {"csf", "gm", "wm"} and set(real["checks"]) >= {
+        "no_sample_above_0.95_with_a_training_head"
+    }
+    assert all(-1 <= v <= 1 for vs in real["template_correlation"].values() for v in vs)  # registration itself: test_realism.py
+    assert "two-sample classifier" in run([*argv, "--spacing", "4", "--template", paths[0], "--markdown", tmp_path / "g2.md"], capsys)[1]
+    rc, _, err = run([*argv, "--brain", paths[0]], capsys)
+    assert rc != 0 and "--template" in err
 
 
 def test_encoded_then_decoded_is_the_posterior_mean_decoded_on_the_same_grid():

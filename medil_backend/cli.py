@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--eta", type=float, default=None, help="DDIM stochasticity, as for sample")
     eg.add_argument("--spacing", type=float, default=2.0, metavar="MM", help="evaluation grid spacing (default 2 mm)")
     eg.add_argument("--max-memory", type=float, default=None, metavar="GB", help="peak memory of sampling (default 3 GB)")
+    eg.add_argument(
+        "--template", metavar="PATH", help="a head template: every volume is registered affinely to it (SimpleITK) for the realism figures"
+    )
+    eg.add_argument("--brain", metavar="PATH", help="a brain image in the template's space (the tissue fractions' mask)")
     eg.add_argument("--json", metavar="FILE", help="write the result as JSON")
     eg.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
     eg.add_argument("--overwrite", action="store_true", help="replace existing --json / --markdown reports")
@@ -390,6 +394,12 @@ def cmd_evaluate_generative(args: argparse.Namespace) -> int:
 
     check_seed(args.seed, args.n)
     train, held = _volumes_of(args.train), _volumes_of(args.held_out)
+    if args.brain and not args.template:
+        raise MedILError("--brain is the template's brain: give --template too", options=("brain",))
+    template = _volumes_of([args.template])[0] if args.template else None
+    brain = _volumes_of([args.brain])[0] if args.brain else None
+    if template is not None:
+        template.meta.setdefault("name", os.path.basename(args.template))
     update, close = _progress_callback("bar")
     try:
         result = evaluate_generative(
@@ -403,6 +413,8 @@ def cmd_evaluate_generative(args: argparse.Namespace) -> int:
             spacing=args.spacing,
             max_memory_gb=args.max_memory,
             progress=update,
+            template=template,
+            brain=brain,
         )
     except BaseException:
         close(ok=False)

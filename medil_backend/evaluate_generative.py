@@ -184,6 +184,8 @@ def evaluate_generative(
     spacing: float = 2.0,
     max_memory_gb: float | None = None,
     progress=None,
+    template: Volume | None = None,
+    brain: Volume | None = None,
 ) -> dict:
     from .ops.sample import DEFAULT_ETA, load_sampler, sample
 
@@ -218,7 +220,7 @@ def evaluate_generative(
     air = {name: np.array([head_in_air(a, grid) for a in arrays]) for name, arrays in (("samples", samples), ("real", real))}
     groups = (("samples", samples), ("real", real), ("real_through_autoencoder", real_ae))
     speckle = {name: float(np.nanmean([high_frequency_energy(a, grid) for a in arrays])) for name, arrays in groups}
-    return {
+    result = {
         "model": sampler.name,
         "model_sha256": sampler.sha256,
         "autoencoder": sampler.autoencoder_name,
@@ -262,6 +264,50 @@ def evaluate_generative(
             "sample_corr_with_train_mean": [round(v, 4) for v in corr_mean],
         },
         "feature_note": "fd_medil: Frechet distance on medil generative-encoder latent statistics (2x2x2 regions); not Med3D FID",
+    }
+    if template is not None:
+        result["realism"] = realism_figures(samples, held_arrays, train_arrays, grid, template, brain, speckle)
+    return result
+
+
+def realism_figures(samples, held, train, grid: Grid, template: Volume, brain: Volume | None, speckle: dict) -> dict:
+    """The figures that do not rest on our encoder: every volume registered affinely to ``template`` (SimpleITK),
+    its correlation with the template inside the template's head, its tissue fractions inside ``brain`` (a brain
+    image on the template's grid or any grid), a two-sample classifier's leave-one-out accuracy (samples against
+    every real volume), each sample's nearest training head there, and the issue's checks against the held-out heads."""
+    from .ops.interpolate import resample_sitk
+    from .realism import affine_to_template, block_features, c2st_accuracy, template_correlation, tissue_fractions
+
+    t = np.asarray(template.array, dtype=np.float32)
+    head = t > 0.2 * float(np.percentile(t, 99.5))
+    mask_b = head
+    if brain is not None:
+        b = resample_sitk(brain, template.grid, "trilinear").array
+        mask_b = b > 0.2 * float(np.percentile(b[b > 0], 99)) if np.any(b > 0) else head
+    aligned = {name: [affine_to_template(a, grid, template, seed=i) for i, a in enumerate(arrays)] for name, arrays in
+               (("samples", samples), ("held_out", held), ("train", train))}  # fmt: skip
+    corr = {name: [round(template_correlation(a, t, head), 4) for a in arrays] for name, arrays in aligned.items()}
+    fractions = {name: [tissue_fractions(a, mask_b) for a in arrays] for name, arrays in aligned.items()}
+    feats = {name: [block_features(a, head) for a in arrays] for name, arrays in aligned.items()}
+    c2st = c2st_accuracy(feats["held_out"] + feats["train"], feats["samples"])
+    nearest = [max((template_correlation(s, tr, head) for tr in aligned["train"]), default=float("nan")) for s in aligned["samples"]]
+    ratio = float(np.median(corr["samples"]) / np.median(corr["held_out"])) if corr["held_out"] else float("nan")
+    hf = speckle.get("samples", float("nan")) / (speckle.get("real") or float("nan"))
+    return {
+        "template": template.meta.get("name", ""),
+        "template_correlation": corr,
+        "template_correlation_ratio": round(ratio, 4),
+        "tissue_fractions": {
+            k: {c: round(float(np.mean([f[c] for f in v])), 4) for c in ("csf", "gm", "wm")} for k, v in fractions.items() if v
+        },
+        "c2st_accuracy": round(c2st, 4),
+        "nearest_training_head_correlation": [round(float(v), 4) for v in nearest],
+        "checks": {
+            "template_correlation_ratio_at_least_0.9": bool(ratio >= 0.9),
+            "high_frequency_share_at_least_half_of_real": bool(hf >= 0.5),
+            "no_sample_above_0.95_with_a_training_head": bool(max(nearest, default=0.0) <= 0.95),
+            "classifier_near_chance_(at_most_0.7)": bool(c2st <= 0.7),
+        },
     }
 
 
@@ -314,10 +360,25 @@ def markdown(result: dict) -> str:
         ),
         f"| Fréchet distance on MedIL features (fd_medil) | {result['fd_medil']:.3f} | - |",
         f"| precision / recall (k-NN, MedIL features) | {result['precision']:.2f} / {result['recall']:.2f} | - |",
+        *(_realism_rows(r) if (r := result.get("realism")) else []),
         f"| seconds per sample ({result['grid']['spacing_mm']} mm grid {tuple(result['grid']['shape'])}, {result['steps']} steps) "
         f"| {result['seconds_per_sample']} | - |",
     ]
     return "\n".join(rows) + "\n"
+
+
+def _realism_rows(r: dict) -> list[str]:
+    c, f = r["template_correlation"], r["tissue_fractions"]
+    frac = {k: " / ".join(f"{v[t]:.2f}" for t in ("csf", "gm", "wm")) for k, v in f.items()}
+    checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r["checks"].items())
+    return [
+        f"| correlation with the template after affine registration (median; ratio to held-out {r['template_correlation_ratio']:.2f}) "
+        f"| {np.median(c['samples']):.3f} | {np.median(c['held_out']):.3f} (held-out) |",
+        f"| tissue fractions CSF / GM / WM in the template's brain | {frac.get('samples', '-')} | {frac.get('held_out', '-')} (held-out) |",
+        f"| two-sample classifier, leave-one-out accuracy (0.5: chance) | {r['c2st_accuracy']:.2f} | - |",
+        f"| nearest training head after registration (highest correlation) | {max(r['nearest_training_head_correlation']):.3f} | - |",
+        f"| checks | {checks} | - |",
+    ]
 
 
 def write_reports(result: dict, json_path: str | None, md_path: str | None, overwrite: bool = False) -> None:
