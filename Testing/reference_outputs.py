@@ -67,7 +67,7 @@ def run_all() -> dict[str, np.ndarray]:
 
     def keep(name: str, v: Volume) -> None:
         out[name] = np.asarray(v.array, dtype=np.float32)
-        unc = v.meta.get("uncertainty")
+        unc = v.extras.get("uncertainty")
         if unc is not None:
             out[f"{name}/uncertainty"] = np.asarray(unc.array, dtype=np.float32)
 

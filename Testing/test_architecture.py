@@ -139,7 +139,10 @@ LAYERS = [
     ("task contract", ["task"]),
     ("runners", ["ops.runners"]),
     ("files to files, front-end helpers", ["task_files", "frontend"]),
-    ("batch, evaluation, training", ["batch", "evaluate", "evaluate_multistack", "evaluate_generative", "realism", "simulate_stacks", "training"]),
+    (
+        "batch, evaluation, training",
+        ["batch", "evaluate", "evaluate_multistack", "evaluate_generative", "realism", "simulate_stacks", "training"],
+    ),
     ("command line", ["cli", "__main__"]),
 ]
 

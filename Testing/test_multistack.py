@@ -71,7 +71,7 @@ def test_a_known_rigid_motion_is_recovered_and_the_stacks_beat_each_one_alone(he
     best_single = max(psnr(resample_sitk(s, head.grid, "bspline").array / scale, head.array / scale, mask) for s in stacks)
     ours = psnr(out.array / scale, head.array / scale, mask)
     assert ours > best_single + 1.0, (ours, best_single)
-    cover = out.meta["coverage"].array
+    cover = out.extras["coverage"].array
     assert cover.max() == 3 and cover.min() >= 0 and out.grid.same_as(head.grid, atol=0)
 
 

@@ -653,7 +653,7 @@ def test_superres_inverse_lowers_its_data_loss(sampler_dir, tmp_path, capsys):
     )
     runs = out.meta["optimisation"]
     assert len(runs) == 2 and all(r["l1_last"] < r["l1_first"] for r in runs)
-    assert "uncertainty" in out.meta and out.meta["uncertainty"].array.shape == out.array.shape
+    assert "uncertainty" in out.extras and out.extras["uncertainty"].array.shape == out.array.shape
     assert np.isfinite(out.array).all() and out.array.min() >= 0
 
 

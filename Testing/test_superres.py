@@ -105,7 +105,7 @@ def test_adapt_learns_on_the_scan_and_its_uncertainty_is_on_the_output_grid(thic
     out = superres(thick, hr.grid, method="adapt", samples=2, time_budget_min=0.5, seed=3)
     for run_info in out.meta["adaptation"]:
         assert run_info["steps"] > 10 and run_info["l1_last"] < run_info["l1_first"], run_info
-    unc = out.meta["uncertainty"]
+    unc = out.extras["uncertainty"]
     assert unc.grid.same_as(hr.grid, atol=0) and out.grid.same_as(hr.grid, atol=0)
     assert np.isfinite(unc.array).all() and unc.array.min() >= 0 and unc.array.max() > 0
     assert out.meta["consistency_residual_after"] < out.meta["consistency_residual_before"]

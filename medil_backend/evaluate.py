@@ -99,8 +99,8 @@ def evaluate(
                 )
                 pred = norm.forward(out.array)
                 row = score(pred, ref, mask) | {"seconds": time.perf_counter() - t0}
-                if "uncertainty" in out.meta:
-                    std = out.meta["uncertainty"].array / norm.scale
+                if "uncertainty" in out.extras:
+                    std = out.extras["uncertainty"].array / norm.scale
                     row["uncertainty_error_r"] = uncertainty_calibration(std, np.abs(pred - ref), mask, hr.grid.spacing)
                 rows[task][f"superres-{method}"] = row
         per_volume[Path(path).name] = rows

@@ -109,7 +109,7 @@ def leave_one_stack_out(stacks: Sequence[Volume], rounds: int = 2) -> list[dict]
         op = AcquisitionOperator(probe.grid, target, thickness, "rect")
         y = np.asarray(stacks[k].array, np.float32)
         with torch.no_grad():  # the left-out stack's voxels whose whole footprint the remaining stacks cover
-            covered = op(torch.from_numpy((recon.meta["coverage"].array > 0).astype(np.float32))[None, None])[0, 0].numpy() > 0.999
+            covered = op(torch.from_numpy((recon.extras["coverage"].array > 0).astype(np.float32))[None, None])[0, 0].numpy() > 0.999
         mask = foreground_mask(y) & footprint_inside(probe, target) & covered
         scale = float(np.percentile(y[mask], 99))
 

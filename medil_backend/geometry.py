@@ -279,12 +279,15 @@ def orthonormalised(direction: np.ndarray, what: str = "the input") -> np.ndarra
 
 @dataclass(eq=False)
 class Volume:
-    """A 3D array in voxel order (i, j, k) on a world grid, with its modality (``mri``, ``ct`` or ``unknown``)."""
+    """A 3D array in voxel order (i, j, k) on a world grid, with its modality (``mri``, ``ct`` or ``unknown``).
+    ``meta``: what made it (JSON-like); ``extras``: the named volumes an operation made with it (``uncertainty``,
+    ``coverage``), each on the same grid."""
 
     array: np.ndarray
     affine: np.ndarray
     modality: str = "unknown"
     meta: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.affine = np.array(self.affine, dtype=np.float64).reshape(4, 4)

@@ -464,12 +464,12 @@ def multistack_superres(
     ``adapt`` from their learned upsampling (:func:`learned_start`): one network, from the bundled prior, trained
     for ``time_budget_min`` minutes on every stack's sharp in-plane slices (0: the prior alone), applied to each
     stack through-plane. With ``samples`` > 1 each seed trains its own network, the output starts from their
-    mean and ``meta["uncertainty"]`` is their per-voxel standard deviation. ``slice_motion``: then every slice
+    mean and ``extras["uncertainty"]`` is their per-voxel standard deviation. ``slice_motion``: then every slice
     is registered on its own to the volume (:func:`register_slices`: a patient who moved during a stack) and
     the joint steps run again with each slice's own motion.
     Returns the volume (in the first stack's intensity units, background outside every stack) with
-    ``meta``: each stack's motion (``motions``), the per-stack relative residuals, and ``coverage``: a
-    :class:`Volume` counting the stacks that constrain each voxel.
+    ``meta``: each stack's motion (``motions``) and the per-stack relative residuals, and ``extras["coverage"]``:
+    a :class:`Volume` counting the stacks that constrain each voxel.
     """
     opts = replace(options or MultistackOptions(), **overrides).checked(len(volumes or []))
     t0 = time.perf_counter()
@@ -627,7 +627,6 @@ def _finished(jp: JointProblem, x: torch.Tensor, std, run: dict) -> Volume:
         "memory": jp.memory.summary(),
         "device": str(jp.device),
         "background": fill,
-        "coverage": Volume(count, target.affine, modality=ref.modality),
     }
     if opts.method == "adapt":
         meta.update(
@@ -639,9 +638,10 @@ def _finished(jp: JointProblem, x: torch.Tensor, std, run: dict) -> Volume:
         )
         prior = prior_ref(ref.modality)
         meta["models"] = [prior] if prior else []
+    extras = {"coverage": Volume(count, target.affine, modality=ref.modality)}
     if std is not None:
-        meta["uncertainty"] = Volume(np.where(count > 0, std * ref.scale, 0).astype(np.float32), target.affine, modality=ref.modality)
-    return Volume(out, target.affine, modality=ref.modality, meta=meta)
+        extras["uncertainty"] = Volume(np.where(count > 0, std * ref.scale, 0).astype(np.float32), target.affine, modality=ref.modality)
+    return Volume(out, target.affine, modality=ref.modality, meta=meta, extras=extras)
 
 
 __all__ = [

@@ -126,7 +126,7 @@ def run_superres(ctx: RunContext, volume: Volume | list[Volume], request: GridRe
     )
     result = superres(volume, target, op_options, progress=ctx.progress, cancel=ctx.cancel)
     meta = result.meta
-    unc = meta.pop("uncertainty", None)
+    unc = result.extras.get("uncertainty")
     models = [ModelRef(*m) for m in meta.get("models", [])]
     provenance = Provenance(
         task="superres",
@@ -187,8 +187,7 @@ def _run_multistack(ctx: RunContext, volumes: list[Volume], request: GridRequest
     )
     result = multistack_superres(volumes, target, options, progress=ctx.progress, cancel=ctx.cancel)
     meta = result.meta
-    count = meta.pop("coverage")
-    unc = meta.pop("uncertainty", None)
+    count, unc = result.extras["coverage"], result.extras.get("uncertainty")
     runs = meta.pop("adaptation", None)
     provenance = Provenance(
         task="superres",

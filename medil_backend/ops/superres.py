@@ -95,7 +95,7 @@ def superres(
     default: its spacing) and ``slice_profile`` (``rect`` or ``gaussian``, FWHM = thickness)
     describe how a slice averages the anatomy. ``adapt`` trains ``samples`` networks (seeds
     ``seed``, ``seed + 1``, ...) within ``time_budget_min`` minutes in all; with ``samples`` > 1 the
-    output is their mean and ``meta["uncertainty"]`` a :class:`Volume` of their standard deviation
+    output is their mean and ``extras["uncertainty"]`` a :class:`Volume` of their standard deviation
     on the output grid. ``meta`` also records the method and the data-consistency residual
     (relative RMS of ``A x - y``) before and after.
 
@@ -143,9 +143,10 @@ def superres(
         consistency_residual_after=est.after,
         seconds=time.perf_counter() - t0,
     )
+    extras = {}
     if std is not None:
-        meta["uncertainty"] = Volume(std.astype(np.float32), problem.target.affine, modality=volume.modality)
-    return Volume(x.astype(np.float32), problem.target.affine, modality=volume.modality, meta=meta)
+        extras = {"uncertainty": Volume(std.astype(np.float32), problem.target.affine, modality=volume.modality)}
+    return Volume(x.astype(np.float32), problem.target.affine, modality=volume.modality, meta=meta, extras=extras)
 
 
 def _problem(volume: Volume, target: Grid | None, opts: SuperresOptions, progress, cancel) -> tuple[Problem, dict, float]:
