@@ -290,6 +290,9 @@ def test_cli_sample_writes_marked_files_with_sidecars(sampler_dir, tmp_path, cap
         assert side["model"] == "tiny-ldm" and len(side["model_sha256"]) == 64 and len(side["autoencoder_sha256"]) == 64
         assert side["grid"]["shape"] == DEFAULT_SPACE["shape"] and "date" in side
         assert side["denoise_windows"] == 1  # a small latent: one denoising pass
+        # the shape of every sidecar (Provenance.record): both models by sha256, version, device, precision
+        assert [m["role"] for m in side["models"]] == ["model", "autoencoder"] and side["models"][0]["sha256"] == side["model_sha256"]
+        assert side["task"] == "sample" and side["version"] and side["device"] == "cpu" and side["precision"]
     # never replaced by surprise: a second run refuses before any work, and leaves the files as they were
     before = (tmp_path / "s_000.nii.gz").read_bytes()
     rc, _, err = run(["sample", out, "--model", "tiny-ldm", "--n", "2", "--progress", "none"], capsys)

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .errors import MedILError
-from .task import GridRequest, Output, RunContext, TaskResult, TaskSpec
+from .task import GridRequest, Output, Provenance, RunContext, TaskResult, TaskSpec
 
 
 @dataclass
@@ -58,11 +57,12 @@ def run_task_to_files(
             input_path = input_path[0]
         volume = read_volume(input_path, max_memory_gb=ctx.max_memory_gb, name=input_name) if spec.needs_input else None
     extra = {**(record or {}), **({"command": command} if command else {})}
-    streamed = {"task": spec.name, "version": __version__, **extra}
 
     def stage(out: Output) -> None:  # a series is written as it is made (its files are committed together at the end)
         path = paths[(out.role, out.index)]
-        outputs.stage(out.volume, path, dtype=out.dtype, provenance={**streamed, **out.record})
+        # the same record as every other output's (Provenance.record), the run's settings from the output itself
+        streamed = Provenance(task=spec.name, models=[], grid=out.volume.grid, device=str(ctx.device), precision=ctx.precision)
+        outputs.stage(out.volume, path, dtype=out.dtype, provenance=streamed.record(**out.record, **extra))
         if on_written is not None:
             on_written(out, path)
 

@@ -129,18 +129,22 @@ def node_provenance(node, args, argv) -> dict:
     except ValueError:
         parameters = {}
     from medil_backend import __version__
+    from medil_backend.task import ModelRef, Provenance
 
-    return {
-        "task": attr("task", "reconstruct"),
-        "model": attr("model"),
-        "model_sha256": attr("modelSha256"),
-        "version": attr("backendVersion", __version__),
-        "modality": attr("modality"),
-        "input": os.path.basename(args.input.rstrip("/")),
-        "parameters": parameters,
-        "command": "medil_batch.py " + " ".join(argv),
-        "frontend": "MedILSlicer/Scripts/medil_batch.py",
-    }
+    # the shape of every sidecar the backend writes (Provenance.record), from what the logic recorded on the node
+    provenance = Provenance(
+        task=attr("task", "reconstruct"),
+        models=[ModelRef(attr("model"), attr("modelSha256"))] if attr("model") else [],
+        grid=None,
+        device=str(parameters.get("device") or "unknown"),
+        precision=str(parameters.get("precision") or "auto"),
+        settings={"modality": attr("modality"), "input": os.path.basename(args.input.rstrip("/")), "parameters": parameters},
+    )
+    return provenance.record(
+        version=attr("backendVersion", __version__),
+        command="medil_batch.py " + " ".join(argv),
+        frontend="MedILSlicer/Scripts/medil_batch.py",
+    )
 
 
 def run(argv) -> int:

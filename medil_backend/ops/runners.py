@@ -6,6 +6,7 @@ here, in one shape for every task."""
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import numpy as np
 
@@ -247,6 +248,7 @@ def run_sample(ctx: RunContext, volume: None, request: GridRequest, model: str |
         targets = [default] * n
     kept: list[Output] = []
     device = precision = None
+    refs = [ModelRef(sampler.name, sampler.sha256), ModelRef(sampler.autoencoder_name, sampler.autoencoder_sha256, "autoencoder")]
     for i, target in enumerate(targets):
 
         def part(fraction: float, message: str, i=i) -> None:
@@ -274,11 +276,12 @@ def run_sample(ctx: RunContext, volume: None, request: GridRequest, model: str |
             "modality": vol.modality,
             "grid": {"shape": list(target.shape), "affine_ras": target.affine.round(9).tolist()},
             "native_space": bool(native),
+            "models": [asdict(m) for m in refs],
         }
         ctx.emit(Output(vol, "sample", index=i, record=record), kept)
     provenance = Provenance(
         task="sample",
-        models=[ModelRef(sampler.name, sampler.sha256), ModelRef(sampler.autoencoder_name, sampler.autoencoder_sha256, "autoencoder")],
+        models=refs,
         grid=None,
         device=str(device or ctx.device),
         precision=str(precision or ctx.precision),
