@@ -182,3 +182,19 @@ def test_whole_heads_are_new_heads_on_acquisition_grids(sources):
     assert np.all(np.asarray(a["grid"].shape) * a["grid"].spacing >= src_mm)
     assert len(a["centres"]) > 1000 and a["array"].max() > 0.5 and a["array"][0, 0, 0] < 0.05  # a head in air
     assert a["grid"].shape != other["grid"].shape or not np.allclose(a["array"], other["array"])
+
+
+def test_the_latent_diffusion_recipes_share_one_network_and_hold_out_the_evaluation_heads():
+    """The CPU and GPU recipes of the diffusion model on the compact latent: one network on one autoencoder, the GPU's
+    data from packs (numpy only), and neither trains or validates on the evaluation heads."""
+    import yaml
+
+    cpu = yaml.safe_load((REPO / "training/configs/cpu/medil-brain-t1-heads-ldm.yaml").read_text())
+    gpu = yaml.safe_load((REPO / "training/configs/gpu/medil-brain-t1-heads-ldm.yaml").read_text())
+    assert gpu["model"]["model"] == cpu["model"]["model"] and gpu["data"]["autoencoder"] == cpu["data"]["autoencoder"]
+    assert (REPO / cpu["data"]["autoencoder"]).exists() and cpu["model"]["model"]["latent_spacing"] == 2.52
+    assert all(str(p).startswith("packs/brain-train.npz#") for p in gpu["data"]["heads"]["sources"] + gpu["data"]["val"])
+    held_out = ("pydeface", "itk_t1", "clinical_t1c_thick")
+    for recipe in (cpu, gpu):
+        names = [str(p) for p in recipe["data"]["heads"]["sources"] + recipe["data"]["val"]]
+        assert not any(h in n for n in names for h in held_out), names

@@ -75,3 +75,17 @@ def test_the_data_module_trains_from_a_pack_without_nibabel_or_simpleitk(tmp_pat
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_one_volume_of_a_pack_by_name(tmp_path):
+    """``pack.npz#name`` (the GPU recipes' heads and validation volumes) reads that volume alone; a wrong name is refused."""
+    from medil_backend.errors import MedILError
+    from medil_backend.training.data import VolumeDataModule
+
+    a, b = (read_volume(shared(f"mri/{n}.nii.gz"), modality="mri") for n in ("colin27_t1_1mm", "robex_t1_1p5mm"))
+    write_pack([("mri/a.nii.gz", a, "sha-a"), ("mri/b.nii.gz", b, "sha-b")], tmp_path / "p.npz")
+    dm = VolumeDataModule(str(tmp_path / "p.npz"))
+    (vol,) = dm._load([f"{tmp_path / 'p.npz'}#mri/b.nii.gz"])
+    assert vol["path"].endswith("#mri/b.nii.gz") and vol["sha256"] == "sha-b" and vol["array"].ndim == 3  # cropped to its body
+    with pytest.raises(MedILError, match="no volume named"):
+        dm._load(f"{tmp_path / 'p.npz'}#mri/c.nii.gz")

@@ -217,7 +217,14 @@ class VolumeDataModule(L.LightningDataModule):
         """Volumes from a folder or manifest (read with nibabel/SimpleITK) or from a data pack (``.npz``, numpy only)."""
         if isinstance(source, (list, tuple)):  # a list of volume files
             return [v for one in source for v in self._load(one)]
-        if str(source).endswith(".npz"):
+        if "#" in str(source) and str(source).split("#")[0].endswith(".npz"):  # one volume of a data pack
+            from .pack import read_pack
+
+            pack, name = str(source).split("#", 1)
+            items = [(str(source), v, e["sha256"]) for n, v, e in read_pack(pack) if n == name]
+            if not items:
+                raise MedILError(f"no volume named {name} in the pack {pack}")
+        elif str(source).endswith(".npz"):
             from .pack import read_pack
 
             items = [(f"{Path(source).name}#{name}", v, e["sha256"]) for name, v, e in read_pack(source)]
