@@ -8,17 +8,23 @@ profile), then brought back to its own 1 mm grid by B-spline,
 memory is the process's high-water mark (``VmHWM``) after reading. PSNR is inside the head mask,
 on intensities divided by the 99th percentile (as in ``medil evaluate``). Prints JSON.
 
-    python benchmarks/bench_superres.py [--methods bspline fast adapt] [--time-budget 3]
+    python benchmarks/bench_superres.py [--methods bspline fast quick adapt] [--time-budget 3] [--json FILE]
+
+``quick`` is ``adapt`` at a time budget of 0 (the pre-trained network alone). Each method's
+``process_seconds`` is its whole process (start, imports, reading, the run) timed by the parent, and
+``time_ratio_vs_bspline`` that against B-spline's own process in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import platform
+import sys
 import time
 from pathlib import Path
+
+from report import emit
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -67,6 +73,8 @@ def _run(method: str, budget: float) -> dict:
     t0 = time.perf_counter()
     if method == "bspline":
         out = resample_sitk(thick, hr.grid, "bspline")
+    elif method == "quick":
+        out = superres(thick, hr.grid, method="adapt", time_budget_min=0)
     else:
         out = superres(thick, hr.grid, method=method, time_budget_min=budget)
     seconds = time.perf_counter() - t0
@@ -85,31 +93,33 @@ def _run(method: str, budget: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=["bspline", "fast", "adapt"])
+    ap.add_argument("--methods", nargs="+", default=["bspline", "fast", "quick", "adapt"])
+    ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--time-budget", type=float, default=3.0, help="adapt: training minutes (the CLI's default)")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     results: dict = {}
     for method in args.methods:
         q = ctx.Queue()
+        t0 = time.perf_counter()
         p = ctx.Process(target=_job, args=(method, args.time_budget, q))
         p.start()
         results[method] = q.get()
         p.join()
+        results[method]["process_seconds"] = time.perf_counter() - t0
+    base = results.get("bspline", {})
     for m in args.methods:
-        if m != "bspline" and "psnr_mask" in results.get(m, {}) and "psnr_mask" in results.get("bspline", {}):
-            results[m]["gain_over_bspline_db"] = results[m]["psnr_mask"] - results["bspline"]["psnr_mask"]
-    print(
-        json.dumps(
-            {
-                "case": f"{HEAD.name}: 4 mm slices -> its 1 mm grid",
-                "machine": {"cpu_count": mp.cpu_count(), "processor": platform.processor(), "torch_threads": 2},
-                "time_budget_min": args.time_budget,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+        if m != "bspline" and "psnr_mask" in results.get(m, {}) and "psnr_mask" in base:
+            results[m]["gain_over_bspline_db"] = results[m]["psnr_mask"] - base["psnr_mask"]
+            results[m]["time_ratio_vs_bspline"] = results[m]["process_seconds"] / base["process_seconds"]
+    result = {
+        "case": f"{HEAD.name}: 4 mm slices -> its 1 mm grid",
+        "machine": {"cpu_count": mp.cpu_count(), "processor": platform.processor(), "torch_threads": 2, "device": "cpu"},
+        "time_budget_min": args.time_budget,
+        "results": results,
+        "command": "python benchmarks/bench_superres.py " + " ".join(sys.argv[1:]),
+    }
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
