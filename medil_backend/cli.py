@@ -402,19 +402,9 @@ def cmd_evaluate_generative(args: argparse.Namespace) -> int:
         template.meta.setdefault("name", os.path.basename(args.template))
     update, close = _progress_callback("bar")
     try:
+        same = {k: getattr(args, k) for k in ("n", "seed", "steps", "eta", "spacing")}
         result = evaluate_generative(
-            args.model,
-            train,
-            held,
-            n=args.n,
-            seed=args.seed,
-            steps=args.steps,
-            eta=args.eta,
-            spacing=args.spacing,
-            max_memory_gb=args.max_memory,
-            progress=update,
-            template=template,
-            brain=brain,
+            args.model, train, held, **same, max_memory_gb=args.max_memory, progress=update, template=template, brain=brain
         )
     except BaseException:
         close(ok=False)
