@@ -471,6 +471,12 @@ def test_diffusion_recipe_trains_exports_and_samples(sampler_dir, tmp_path, caps
     for key in ("autoencoder", "native_spaces", "group_space", "default_space", "tasks", "metrics", "sampling"):
         assert card3[key] == card[key], key
     assert card3["training"]["exported_from"] == ckpt.name
+    # the card's step count is the run's optimiser steps (the checkpoint's), not the sampler's DDIM step count
+    assert (
+        card3["training"]["steps_done"]
+        == torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+        != card3["sampling"]["steps"]
+    )
     # a recipe whose step count is no step count: one line, nothing written
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**recipe, "model": {**recipe["model"], "sample_steps": 0}}))
     rc, _, err = run(["export", ckpt, "--config", tmp_path / "bad.yaml", "--folder", tmp_path / "exp5", "--name", "x"], capsys)

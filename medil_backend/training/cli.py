@@ -245,8 +245,8 @@ def _export_diffusion(checkpoint: Path, state: dict, hparams: dict, data: dict, 
     from .diffusion_lit import DiffusionLitModule, check_sample_steps
     from .latents import LatentDataModule
 
-    steps = hparams.get("sample_steps")
-    sample_steps = check_sample_steps(DEFAULT_STEPS if steps is None else steps)
+    asked = hparams.get("sample_steps")
+    sample_steps = check_sample_steps(DEFAULT_STEPS if asked is None else asked)
     try:
         lit = DiffusionLitModule(model=hparams.get("model"), sample_steps=sample_steps)  # nothing else from the checkpoint: it is untrusted
         lit.ema.load_state_dict({k[len("ema.") :]: v for k, v in state.items() if k.startswith("ema.")})
