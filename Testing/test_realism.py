@@ -50,3 +50,13 @@ def test_the_two_sample_classifier_is_at_chance_on_one_distribution_and_sure_on_
     other = [block_features(rng.random((8, 8, 8)) + 1 + np.linspace(0, 2, 8)[:, None, None], mask) for _ in range(8)]
     assert c2st_accuracy(same[:8], same[8:]) <= 0.7
     assert c2st_accuracy(same[:8], other) == 1.0
+
+
+def test_a_volume_that_cannot_be_registered_is_a_clear_error():
+    import pytest
+
+    from medil_backend.errors import MedILError
+
+    t = _template()
+    with pytest.raises(MedILError, match="could not be registered"):
+        affine_to_template(np.zeros((20, 20, 20), np.float32), Grid.from_parts((20, 20, 20), 4.0), t)

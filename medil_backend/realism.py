@@ -23,11 +23,10 @@ def affine_to_template(moving: np.ndarray, grid: Grid, template: Volume, seed: i
     """``moving`` (on ``grid``) registered affinely to ``template`` and resampled onto its grid (linear)."""
     import SimpleITK as sitk
 
-    from .io import to_sitk
+    from .io import from_sitk, to_sitk
 
     fixed = to_sitk(np.asarray(template.array, dtype=np.float32), template.affine)
     mov = to_sitk(np.asarray(moving, dtype=np.float32), grid.affine)
-    init = sitk.CenteredTransformInitializer(fixed, mov, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
@@ -37,12 +36,16 @@ def affine_to_template(moving: np.ndarray, grid: Grid, template: Volume, seed: i
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    reg.SetInitialTransform(init, inPlace=False)
-    transform = reg.Execute(fixed, mov)
-    out = sitk.Resample(mov, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    from .io import from_sitk
+    try:  # an empty volume has no centre of mass, nor samples for the metric
+        init = sitk.CenteredTransformInitializer(fixed, mov, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
+        reg.SetInitialTransform(init, inPlace=False)
+        transform = reg.Execute(fixed, mov)
+    except RuntimeError as exc:
+        from .errors import MedILError
 
-    return from_sitk(out)[0]
+        raise MedILError(f"a volume could not be registered to the template ({str(exc).strip().splitlines()[-1][:160]}); "
+                         "check that the template is a head of the same contrast") from None  # fmt: skip
+    return from_sitk(sitk.Resample(mov, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))[0]
 
 
 def template_correlation(aligned: np.ndarray, template: np.ndarray, mask: np.ndarray) -> float:

@@ -166,7 +166,7 @@ def option_range(task: str, name: str, *, special_low=None) -> tuple:
     low = o.get("low") if special_low is None else special_low
     high = o.get("high")
     if o.get("type") == "int":
-        high = QT_INT_MAX if high is None and name == "seed" else min(int(high if high is not None else PANEL_COUNT_MAX), QT_INT_MAX)
+        high = min(int(high if high is not None else PANEL_COUNT_MAX), QT_INT_MAX)
         return int(low), high
     return float(low), float(high if high is not None else PANEL_COUNT_MAX)
 

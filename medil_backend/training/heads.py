@@ -353,6 +353,22 @@ def _read(path: str) -> tuple[np.ndarray, Grid, str]:
     return v.array, v.grid, sha256_file(Path(path))
 
 
+def head_sources(heads: list[str], tissue_maps: dict | None = None) -> list[HeadSource]:
+    """The sources heads are made from: each real head (a file or ``pack.npz#name``), and the tissue maps
+    (``gm``, ``wm``, ``brain``) as one more source when given."""
+    sources = []
+    for path in heads:
+        a, g, sha = _read(path)
+        sources.append(HeadSource.from_volume(Path(path).name, a, g, sha))
+    if tissue_maps:
+        maps = {k: _read(v) for k, v in tissue_maps.items()}
+        if not {"gm", "wm", "brain"} <= set(maps):
+            raise MedILError("tissue_maps needs gm, wm and brain")
+        sha = ",".join(maps[k][2] for k in ("gm", "wm", "brain"))
+        sources.append(HeadSource.from_tissue_maps(maps["gm"][0], maps["wm"][0], maps["brain"][0], maps["brain"][1], sha))
+    return sources
+
+
 class HeadDataModule(L.LightningDataModule):
     """Heads made on the fly (:func:`make_head_batch`) for training; fixed 1 mm patches of held-out heads for validation.
 
@@ -389,19 +405,7 @@ class HeadDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.sources:
             return
-        for path in self.heads:
-            a, g, sha = _read(path)
-            self.sources.append(HeadSource.from_volume(Path(path).name, a, g, sha))
-        if self.tissue_maps:
-            maps = {k: _read(v) for k, v in self.tissue_maps.items()}
-            if not {"gm", "wm", "brain"} <= set(maps):
-                raise MedILError("tissue_maps needs gm, wm and brain")
-            g = maps["brain"][1]
-            self.sources.append(
-                HeadSource.from_tissue_maps(
-                    maps["gm"][0], maps["wm"][0], maps["brain"][0], g, ",".join(maps[k][2] for k in ("gm", "wm", "brain"))
-                )
-            )
+        self.sources = head_sources(self.heads, self.tissue_maps)
         self.val_batches = self._val_batches()
 
     def _val_batches(self) -> list:

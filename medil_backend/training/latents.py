@@ -401,17 +401,10 @@ class LatentDataModule(L.LightningDataModule):
 
     def _made_heads(self) -> tuple[list[dict], dict]:
         """``heads["count"]`` whole heads made from ``heads["sources"]`` (and the tissue maps), and their manifest."""
-        from .heads import HeadConfig, HeadSource, _read, whole_head
+        from .heads import HeadConfig, head_sources, whole_head
 
         cfg = HeadConfig(**dict(self.heads.get("sampler") or {}))
-        sources = []
-        for path in self.heads["sources"]:
-            a, g, sha = _read(path)
-            sources.append(HeadSource.from_volume(Path(path).name, a, g, sha))
-        if isinstance(self.tissue_maps, dict):
-            maps = {k: _read(v) for k, v in self.tissue_maps.items()}
-            sha = ",".join(maps[k][2] for k in ("gm", "wm", "brain"))
-            sources.append(HeadSource.from_tissue_maps(maps["gm"][0], maps["wm"][0], maps["brain"][0], maps["brain"][1], sha))
+        sources = head_sources(self.heads["sources"], self.tissue_maps if isinstance(self.tissue_maps, dict) else None)
         rng = np.random.default_rng([self.seed, 7])
         vols = [whole_head(sources, cfg, rng, f"head-{i}") for i in range(int(self.heads["count"]))]
         manifest = {
