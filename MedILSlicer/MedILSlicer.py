@@ -42,6 +42,7 @@ from MedILSlicerLib.tasks import (  # noqa: E402
     OPTION_WIDGETS,
     catalog,
     option_range,
+    panel_parameter,
     suggested_task,
     task_by_key,
     task_by_label,
@@ -117,7 +118,7 @@ class MedILSlicerParameterNode:
     superresMethod: str = "adapt"  # any method the backend publishes (not bound to the combo box by connectGui: see onMethodChanged)
     # the ranges are the task specs' (option_range: capped where a Qt spin box stops)
     superresSamples: Annotated[int, WithinRange(*option_range("superres", "samples"))] = 1
-    superresTimeBudgetMin: Annotated[float, WithinRange(*option_range("superres", "time_budget"))] = 3.0  # 0: adapt's prior alone
+    superresTimeBudget: Annotated[float, WithinRange(*option_range("superres", "time_budget"))] = 3.0  # 0: adapt's prior alone
     sampleSeed: Annotated[int, WithinRange(*option_range("sample", "seed"))] = 0
     sampleCount: Annotated[int, WithinRange(*option_range("sample", "n"))] = 1
     sampleSteps: Annotated[int, WithinRange(*option_range("sample", "steps", special_low=0))] = 0  # 0: the model's own (its card)
@@ -330,6 +331,11 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.extraStacksSelector.visible = self.ui.extraStacksSelectorLabel.visible = several
         self._checkCanApply()
 
+    def taskOptions(self, task: str) -> dict:
+        """The values the panel holds for ``task``'s options, by the names its spec declares (the logic's options)."""
+        p = self._parameterNode
+        return {name: getattr(p, panel_parameter(widget)) for (t, name), widget in OPTION_WIDGETS.items() if t == task}
+
     def checkedStacks(self) -> list:
         """The other stacks checked under "More stacks" (the input volume itself left out)."""
         p = self._parameterNode
@@ -491,40 +497,15 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             space = outputSpaceFromParameters(p)
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
-            if task == "sample":
-                self._job = self.logic.process(
-                    None,
-                    space,
-                    model=sampler,
-                    device=p.device,
-                    maxMemoryGB=p.maxMemoryGB,
-                    task="sample",
-                    seed=p.sampleSeed,
-                    count=p.sampleCount,
-                    steps=p.sampleSteps,
-                    waitForCompletion=False,
-                )
-                self.ui.applyButton.text = "Cancel"
-                self.ui.applyButton.enabled = True
-                self._timer.start()
-                return
-            superres = dict(method=p.superresMethod, samples=p.superresSamples, timeBudgetMin=p.superresTimeBudgetMin)
+            options = {**self.taskOptions(task), "device": p.device, "max_memory": p.maxMemoryGB}
+            options["model"] = sampler if task_by_key(task).model_kind == "diffusion" else chosen
+            inputs = [p.inputVolume] if task_by_key(task).needs_input else []
             stacks = self.checkedStacks() if task_by_key(task).max_inputs > 1 else []
             if stacks:
-                superres["stackNodes"] = stacks
-                self.log(f"combining {1 + len(stacks)} stacks: " + ", ".join(n.GetName() for n in [p.inputVolume] + stacks))
-            self._job = self.logic.process(
-                p.inputVolume,
-                space,
-                model=sampler if task == "superres" else chosen,
-                device=p.device,
-                outputNode=p.outputVolume,
-                modality=p.modality,
-                maxMemoryGB=p.maxMemoryGB,
-                task=task,
-                waitForCompletion=False,
-                **(superres if task == "superres" else {}),
-            )
+                inputs += stacks
+                self.log(f"combining {len(inputs)} stacks: " + ", ".join(n.GetName() for n in inputs))
+            target = p.outputVolume if inputs else None
+            self._job = self.logic.process(task, inputs, space, options, outputNode=target, waitForCompletion=False)
         except MedILSlicerError as exc:
             slicer.util.errorDisplay(str(exc))
             return
@@ -571,7 +552,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedILSlicerLogic(ScriptedLoadableModuleLogic, MedILLogicCore):
-    """Usable without the GUI: ``MedILSlicerLogic().process(inputNode, OutputSpace(spacing=[1.0]))``."""
+    """Usable without the GUI: ``MedILSlicerLogic().process("reconstruct", inputNode, OutputSpace(spacing=[1.0]))``."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -677,7 +658,7 @@ class MedILSlicerTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("MedIL: reconstruct onto a 1.5 mm grid")
         node = self._inputNode()
-        out = MedILSlicerLogic().process(node, OutputSpace(spacing=[1.5]), waitForCompletion=True)
+        out = MedILSlicerLogic().process("reconstruct", node, OutputSpace(spacing=[1.5]), waitForCompletion=True)
         self.assertIsNotNone(out)
         spacing = out.GetSpacing()
         self.assertTrue(np.allclose(spacing, 1.5, atol=1e-5))
@@ -692,7 +673,7 @@ class MedILSlicerTest(ScriptedLoadableModuleTest):
         node = self._inputNode()
         before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
         logic = MedILSlicerLogic()
-        job = logic.process(node, OutputSpace(spacing=[0.3]), waitForCompletion=False)
+        job = logic.process("reconstruct", node, OutputSpace(spacing=[0.3]), waitForCompletion=False)
         logic.cancel(job)
         self.assertFalse(job.backend.running())
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"), before)

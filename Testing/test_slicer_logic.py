@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_logic_matches_cli(scene, tmp_path, model_dir, rel, box, oblique):
     # (the wheel's NRRD reader may store slices in reverse order, with IJKToRAS to match: the same
     # image in world space; an explicit orientation makes the two output grids identical)
     space = OutputSpace(spacing=[1.1, 1.3, 1.7], orientation="LPS")
-    out = MedILLogicCore().process(node, space, model="tiny", waitForCompletion=True)
+    out = MedILLogicCore().process("reconstruct", node, space, {"model": "tiny"}, waitForCompletion=True)
     ref_path = tmp_path / "cli.nrrd"
     cli("reconstruct", src, ref_path, "--model", "tiny", "--spacing", 1.1, 1.3, 1.7, "--orientation", "LPS")
     ref = read_volume(ref_path)
@@ -83,7 +84,7 @@ def test_superres_task_matches_cli(scene, tmp_path):
     """The Super-resolve task on a real MRML node of a real thick-slice scan (6.5 mm slices) equals `medil superres`."""
     src = crop_file(*CASES[0][:2], tmp_path)
     node = load_node(scene, src)
-    out = MedILLogicCore().process(node, OutputSpace(spacing=[0.8, 0.8, 2.0], orientation="LPS"), task="superres", method="fast")
+    out = MedILLogicCore().process("superres", node, OutputSpace(spacing=[0.8, 0.8, 2.0], orientation="LPS"), {"method": "fast"})
     ref_path = tmp_path / "cli_sr.nrrd"
     cli("superres", src, ref_path, "--spacing", 0.8, 0.8, 2.0, "--orientation", "LPS", "--method", "fast")
     ref = read_volume(ref_path)
@@ -98,7 +99,7 @@ def test_superres_samples_give_an_uncertainty_node(scene, tmp_path):
     node = load_node(scene, src)
     before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     out = MedILLogicCore().process(
-        node, OutputSpace(spacing=[0.8, 0.8, 3.25]), task="superres", method="adapt", samples=2, timeBudgetMin=0.1
+        "superres", node, OutputSpace(spacing=[0.8, 0.8, 3.25]), {"method": "adapt", "samples": 2, "time_budget": 0.1}
     )
     unc = scene.GetNodeByID(out.GetAttribute("MedIL.uncertaintyNodeID"))
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 2
@@ -117,7 +118,7 @@ def test_superres_of_several_stack_nodes_matches_cli_and_adds_a_coverage_node(sc
     paths = head_stack_files(tmp_path)
     nodes = [load_node(scene, p) for p in paths]
     before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-    out = MedILLogicCore().process(nodes[0], OutputSpace(), task="superres", method="fast", stackNodes=nodes[1:])
+    out = MedILLogicCore().process("superres", nodes, OutputSpace(), {"method": "fast"})
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 2
     ref_path = tmp_path / "cli_ms.nrrd"
     cli("superres", *paths, ref_path, "--method", "fast")
@@ -128,7 +129,7 @@ def test_superres_of_several_stack_nodes_matches_cli_and_adds_a_coverage_node(sc
     assert cov.GetName().endswith("_coverage") and node_array(cov).max() == 3
     assert json.loads(out.GetAttribute("MedIL.parameters"))["stacks"] == [n.GetName() for n in nodes]
     with pytest.raises(MedILSlicerError, match="several stacks are for super-resolution"):
-        MedILLogicCore().process(nodes[0], OutputSpace(), task="reconstruct", stackNodes=nodes[1:])
+        MedILLogicCore().process("reconstruct", nodes, OutputSpace())
 
 
 def test_generative_superres_takes_the_chosen_diffusion_model(scene, tmp_path, sampler_dir):
@@ -136,13 +137,13 @@ def test_generative_superres_takes_the_chosen_diffusion_model(scene, tmp_path, s
     src = crop_file(*CASES[0][:2], tmp_path)
     node = load_node(scene, src)
     out = MedILLogicCore().process(
-        node, OutputSpace(spacing=[1.6, 1.6, 3.25]), task="superres", method="cycles", model="tiny-ldm", maxMemoryGB=2
+        "superres", node, OutputSpace(spacing=[1.6, 1.6, 3.25]), {"method": "cycles", "model": "tiny-ldm", "max_memory": 2}
     )
     parameters = json.loads(out.GetAttribute("MedIL.parameters"))
     arguments = parameters["arguments"]
     assert arguments[arguments.index("--model") + 1] == "tiny-ldm" and arguments[arguments.index("--method") + 1] == "cycles"
     assert parameters["model"] == "tiny-ldm" and out.GetAttribute("MedIL.task") == "superres"
-    fast = MedILLogicCore().process(node, OutputSpace(spacing=[1.6, 1.6, 3.25]), task="superres", method="fast", model="tiny-ldm")
+    fast = MedILLogicCore().process("superres", node, OutputSpace(spacing=[1.6, 1.6, 3.25]), {"method": "fast", "model": "tiny-ldm"})
     parameters = json.loads(fast.GetAttribute("MedIL.parameters"))
     assert "--model" not in parameters["arguments"] and parameters["model"] is None
 
@@ -157,7 +158,7 @@ def test_logic_like_reference_is_exact(scene, tmp_path, model_dir):
     aff[:3, :3] = np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]]) @ aff[:3, :3]
     aff[:3, 3] = ijk_to_ras(node)[:3, 3] + [0.5, -0.25, 0.75]  # an odd grid that still meets the input (no overlap is refused)
     ref.SetIJKToRASMatrix(numpy_to_vtk_matrix(aff))
-    out = MedILLogicCore().process(node, OutputSpace(like=ref), model="tiny")
+    out = MedILLogicCore().process("reconstruct", node, OutputSpace(like=ref), {"model": "tiny"})
     np.testing.assert_allclose(ijk_to_ras(out), aff, atol=1e-5)
     assert out.GetImageData().GetDimensions() == node.GetImageData().GetDimensions()
 
@@ -171,7 +172,7 @@ def test_parent_linear_transform_is_folded_in(scene, tmp_path, model_dir):
     m[:3, 3] = [5.0, -3.0, 2.5]
     t.SetMatrixTransformToParent(numpy_to_vtk_matrix(m))
     node.SetAndObserveTransformNodeID(t.GetID())
-    out = MedILLogicCore().process(node, OutputSpace(), model="tiny")  # default: the input's own (world) grid
+    out = MedILLogicCore().process("reconstruct", node, OutputSpace(), {"model": "tiny"})  # default: the input's own (world) grid
     np.testing.assert_allclose(ijk_to_ras(out), m @ ijk_to_ras(node), atol=1e-5)
 
 
@@ -192,7 +193,7 @@ def test_nonlinear_transform_refused(scene, tmp_path, model_dir):
     t.SetAndObserveTransformToParent(tps)
     node.SetAndObserveTransformNodeID(t.GetID())
     with pytest.raises(MedILSlicerError, match="Harden transform"):
-        MedILLogicCore().process(node, OutputSpace(), model="tiny")
+        MedILLogicCore().process("reconstruct", node, OutputSpace(), {"model": "tiny"})
 
 
 def test_roi_field_of_view(scene, tmp_path, model_dir):
@@ -203,7 +204,7 @@ def test_roi_field_of_view(scene, tmp_path, model_dir):
     centre = (lo + hi) / 2
     roi.SetXYZ(*centre)
     roi.SetRadiusXYZ(6.0, 5.0, 9.0)
-    out = MedILLogicCore().process(node, OutputSpace(spacing=[1.0], orientation="axial", fov=roi), model="tiny")
+    out = MedILLogicCore().process("reconstruct", node, OutputSpace(spacing=[1.0], orientation="axial", fov=roi), {"model": "tiny"})
     assert out.GetImageData().GetDimensions() == (12, 10, 18)
     np.testing.assert_allclose(ijk_to_ras(out)[:3, :3], np.eye(3), atol=1e-9)
 
@@ -212,7 +213,28 @@ def test_backend_error_reaches_the_user_and_leaves_no_node(scene, tmp_path, mode
     node = load_node(scene, crop_file(*CASES[0][:2], tmp_path))
     before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     with pytest.raises(MedILSlicerError, match="unknown model"):
-        MedILLogicCore().process(node, OutputSpace(), model="no-such-model")
+        MedILLogicCore().process("reconstruct", node, OutputSpace(), {"model": "no-such-model"})
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before
+
+
+@pytest.mark.parametrize(
+    "task, options, inputs, words",
+    [
+        ("superres", {"timeBudgetMin": 1.0}, 1, "superres takes no option 'timeBudgetMin'; its options are method, samples"),
+        ("reconstruct", {"method": "fast"}, 1, "reconstruct takes no option 'method'"),
+        ("sample", {"count": 2}, 0, "sample takes no option 'count'"),
+        ("superres", {"uncertainty": "/tmp/u.nrrd"}, 1, "superres takes no option 'uncertainty'"),  # the module names its files
+        ("sample", {}, 1, "sample takes no input volume"),
+        ("superres", {}, 0, "superres needs an input volume"),
+    ],
+)
+def test_the_logic_takes_the_specs_option_names_and_no_others(scene, tmp_path, task, options, inputs, words):
+    """process(task, inputs, space, options): the options by the names the task's spec publishes (and its run
+    context's, and model); a name from elsewhere (the old timeBudgetMin, count) is refused before any work."""
+    node = load_node(scene, crop_file(*CASES[0][:2], tmp_path))
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(MedILSlicerError, match=re.escape(words)):
+        MedILLogicCore().process(task, [node] * inputs, OutputSpace(), options)
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before
 
 
@@ -220,7 +242,7 @@ def test_cancel_kills_the_process_tree_and_leaves_nothing(scene, tmp_path, model
     node = load_node(scene, crop_file(*CASES[0][:2], tmp_path))
     before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     logic = MedILLogicCore()
-    job = logic.process(node, OutputSpace(spacing=[0.12]), model="tiny", waitForCompletion=False)
+    job = logic.process("reconstruct", node, OutputSpace(spacing=[0.12]), {"model": "tiny"}, waitForCompletion=False)
     events = []
     deadline = time.time() + 120
     while not any("progress" in e for e in events) and time.time() < deadline:
@@ -361,7 +383,7 @@ def test_sample_task_needs_no_input_node(scene, tmp_path, sampler_dir):
     roi.SetSize(30.0, 24.0, 18.0)
     before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     nodes = MedILLogicCore().process(
-        None, OutputSpace(spacing=[2.5], orientation="LPS", fov=roi), model="tiny-ldm", task="sample", seed=11, count=2, steps=2
+        "sample", None, OutputSpace(spacing=[2.5], orientation="LPS", fov=roi), {"model": "tiny-ldm", "seed": 11, "n": 2, "steps": 2}
     )
     assert [n.GetName() for n in nodes] == ["tiny-ldm_seed11", "tiny-ldm_seed12"]
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 2
@@ -384,13 +406,13 @@ def test_sample_like_a_reference_node_is_exact_and_failure_leaves_nothing(scene,
     ref = Volume(np.zeros((14, 12, 10), np.float32), affine_from_parts([1.7, 2.2, 2.9], np.diag([-1.0, -1.0, 1.0]), [12.0, 9.0, -13.0]))
     write_volume(ref, tmp_path / "ref.nrrd")
     node = load_node(scene, tmp_path / "ref.nrrd")
-    (out,) = MedILLogicCore().process(None, OutputSpace(like=node), model="tiny-ldm", task="sample")
+    (out,) = MedILLogicCore().process("sample", None, OutputSpace(like=node), {"model": "tiny-ldm"})
     assert np.allclose(ijk_to_ras(out), ijk_to_ras(node), atol=1e-5)
     assert out.GetAttribute("MedIL.steps") == "2"  # no step count given: the model card's
     assert Grid(out.GetImageData().GetDimensions(), ijk_to_ras(out)).shape == (14, 12, 10)
     before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     with pytest.raises(MedILSlicerError, match="does not sample"):
-        MedILLogicCore().process(None, OutputSpace(), model="tiny-gen", task="sample", steps=1)
+        MedILLogicCore().process("sample", None, OutputSpace(), {"model": "tiny-gen", "steps": 1})
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before
 
 
@@ -430,7 +452,7 @@ def test_provenance_survives_saving_and_reloading_the_scene(scene, tmp_path):
     re-loading the scene gives back the output with every MedIL attribute."""
     src = crop_file(*CASES[0][:2], tmp_path)
     node = load_node(scene, src)
-    out = MedILLogicCore().process(node, OutputSpace(spacing=[1.6, 1.6, 3.25]), task="superres", method="fast")
+    out = MedILLogicCore().process("superres", node, OutputSpace(spacing=[1.6, 1.6, 3.25]), {"method": "fast"})
     attributes = {name: out.GetAttribute(name) for name in out.GetAttributeNames() if name.startswith("MedIL.")}
     assert attributes["MedIL.aiGenerated"] == "true" and len(attributes) >= 6
     for n in (node, out):

@@ -99,6 +99,17 @@ def test_parameter_names_match_the_parameter_node(panel):
     assert set(UNBOUND.values()) <= names
 
 
+def test_each_option_widget_holds_the_parameter_the_widget_code_reads_for_it(panel):
+    """The panel hands the logic its options by the specs' names, reading each from the parameter named after its
+    widget (MedILSlicerWidget.taskOptions): every option widget is bound to that parameter (or kept in step with it)."""
+    from MedILSlicerLib.tasks import OPTION_WIDGETS, panel_parameter
+
+    fields = parameter_fields()
+    widgets = {name: widget.objectName() for name, widget in bound_widgets(panel).items()} | UNBOUND
+    for widget in OPTION_WIDGETS.values():
+        assert panel_parameter(widget) in fields and widgets[panel_parameter(widget)] == widget
+
+
 @pytest.mark.parametrize(
     "param,constant",
     [
@@ -162,7 +173,7 @@ def test_the_ui_is_what_tools_gen_ui_writes():
     "param,task,option",
     [
         ("superresSamples", "superres", "samples"),
-        ("superresTimeBudgetMin", "superres", "time_budget"),
+        ("superresTimeBudget", "superres", "time_budget"),
         ("sampleSeed", "sample", "seed"),
         ("sampleCount", "sample", "n"),
         ("sampleSteps", "sample", "steps"),

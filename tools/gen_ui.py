@@ -211,7 +211,7 @@ def build() -> str:
                     "Time budget:",
                     spin(
                         "superresTimeBudgetSpinBox",
-                        "superresTimeBudgetMin",
+                        "superresTimeBudget",
                         *option_range("superres", "time_budget"),
                         3.0,
                         suffix=" min",

@@ -1,6 +1,6 @@
 """The MedILSlicer logic, on MRML alone (no Qt, no Slicer application).
 
-``MedILLogicCore.process(inputNode, outputSpace, ...)`` writes the input (with its world
+``MedILLogicCore.process(task, inputs, space, options)`` writes the input (with its world
 geometry, parent transform folded in) to a temporary NRRD through a real
 ``vtkMRMLVolumeArchetypeStorageNode``, runs ``medil_backend`` in a separate process, and reads
 the result into an output volume node. The output grid is built by the backend from the
@@ -138,11 +138,6 @@ class MedILLogicCore:
         slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(vol.array.transpose(2, 1, 0)))
         node.SetIJKToRASMatrix(numpy_to_vtk_matrix(vol.affine))
 
-    def placementArguments(self, maxMemoryGB, inputNode, space: OutputSpace, workdir: str) -> list[str]:
-        """The memory limit (when set) and the output grid's arguments: what every task's command ends with."""
-        memory = ["--max-memory", repr(float(maxMemoryGB))] if maxMemoryGB else []
-        return memory + self.outputArguments(inputNode, space, workdir)
-
     def outputArguments(self, inputNode, space: OutputSpace, workdir: str) -> list[str]:
         """``medil reconstruct`` options for an :class:`OutputSpace`."""
         if space.like is not None:
@@ -198,132 +193,133 @@ class MedILLogicCore:
     # -- running -------------------------------------------------------------------------------
     def process(
         self,
-        inputNode,
-        outputSpace: OutputSpace | None = None,
-        model: str | None = None,
-        device: str = "auto",
-        outputNode=None,
         task: str = "reconstruct",
-        modality: str = "auto",
-        maxMemoryGB: float | None = None,
-        method: str | None = None,
-        samples: int = 1,
-        timeBudgetMin: float | None = None,
+        inputs=None,
+        space: OutputSpace | None = None,
+        options: dict | None = None,
+        *,
+        outputNode=None,
         waitForCompletion: bool = True,
         onEvent: Callable[[dict], None] | None = None,
-        seed: int = 0,
-        count: int = 1,
-        steps: int | None = None,
-        stackNodes: list | None = None,
     ):
-        """Run ``task`` on ``inputNode``. Synchronous: returns the output node. Otherwise returns a
-        :class:`RunningJob`; call :meth:`poll` until it is done, or :meth:`cancel`.
+        """Run the backend's ``task`` (``medil tasks --json`` lists them) and return its output node, or the list of
+        drawn nodes for ``sample``. ``waitForCompletion=False``: a :class:`RunningJob`; call :meth:`poll` until it is
+        done, or :meth:`cancel`.
 
-        ``stackNodes``: super-resolution from several thick-slice stacks of one anatomy: ``inputNode`` (the
-        reference frame) and these, registered and combined into one volume; the number of stacks that
-        constrain each voxel becomes a second node (``<name>_coverage``).
-
-        ``task="sample"`` needs no input node (see :meth:`processSample`; ``seed``, ``count``, ``steps``)."""
-        tasks = catalog()  # the backend's task specs (medil tasks --json), or the bundled copy until it answers
+        - ``inputs``: a volume node, or several (the first is the reference frame; the others are more thick-slice
+          stacks of one anatomy, for a task that takes several: their coverage becomes a second node
+          ``<name>_coverage``); ``None`` for a task that needs no input (``sample``).
+        - ``space``: the output grid (:class:`OutputSpace`; default: the input's grid, or the model's own space).
+        - ``options``: by the names the task's spec declares (e.g. ``method``, ``samples``, ``time_budget``, ``n``,
+          ``seed``, ``steps``, ``modality``) and its run context's (``device``, ``precision``, ``max_memory``), plus
+          ``model``; any other name is refused. The module names the files it needs (uncertainty, coverage) itself.
+        """
+        tasks = catalog()
         keys = [t.key for t in tasks.tasks if t.available]
         if task not in keys:
             raise MedILSlicerError(f"task {task!r} is not available yet; choose one of {', '.join(keys)}")
-        if not tasks.by_key(task).needs_input:
-            return self.processSample(
-                outputSpace,
-                model=model,
-                device=device,
-                maxMemoryGB=maxMemoryGB,
-                seed=seed,
-                count=count,
-                steps=steps,
-                waitForCompletion=waitForCompletion,
-                onEvent=onEvent,
-            )
-        try:
-            check_volume_node(inputNode)
-            world_ijk_to_ras(inputNode)
-        except GeometryError as exc:
-            raise MedILSlicerError(str(exc)) from None
-        outputSpace = outputSpace or OutputSpace()
+        spec = tasks.by_key(task)
+        nodes = self._inputNodes(spec, inputs)
+        values = self._optionValues(tasks, task, options)
+        model = values.pop("model", None) or None
+        if not spec.needs_input:
+            return self._processSample(task, space, values, model, waitForCompletion, onEvent)
+        inputNode, stackNodes = nodes[0], nodes[1:]
+        space = space or OutputSpace()
         workdir = tempfile.mkdtemp(prefix="medil-slicer-")
         try:
             in_path = os.path.join(workdir, "input.nrrd")
             out_path = os.path.join(workdir, "output.nrrd")
             self.writeVolume(inputNode, in_path)
             stack_paths = []
-            for k, stack in enumerate(stackNodes or []):
-                check_volume_node(stack)
+            for k, stack in enumerate(stackNodes):
                 stack_paths.append(os.path.join(workdir, f"stack{k + 1}.nrrd"))
                 self.writeVolume(stack, stack_paths[-1])
-            if stack_paths and tasks.by_key(task).max_inputs < 1 + len(stack_paths):
-                raise MedILSlicerError(f"{task} takes one input volume; several stacks are for super-resolution")
             args = [task, in_path, *stack_paths, out_path, "--progress", "json"]
             args += [] if stack_paths else ["--input-name", inputNode.GetName() or "the input volume"]
-            args += ["--device", device]  # every task runs on the chosen device
-            # what the panel set, by the names of the task's declared options: the task's spec decides which apply
-            values = {"modality": modality, "method": method, "samples": int(samples), "time_budget": timeBudgetMin}
-            if samples > 1:
+            if int(values.get("samples") or 1) > 1:  # several samples: their per-voxel std, a second node
                 values["uncertainty"] = os.path.join(workdir, "uncertainty.nrrd")
             if stack_paths:
                 values["coverage"] = os.path.join(workdir, "coverage.nrrd")
             args += tasks.option_arguments(task, values)
-            if model and tasks.uses_model(task, values):  # e.g. superres's adapt and fast adapt to the scan itself
+            uses_model = tasks.uses_model(task, values)
+            if model and uses_model:  # e.g. superres's adapt and fast adapt to the scan itself
                 args += ["--model", model]
-            args += self.placementArguments(maxMemoryGB, inputNode, outputSpace, workdir)
+            args += self.outputArguments(inputNode, space, workdir)
         except BaseException as exc:
             raise _cleaned_up(workdir, exc) from None
+        given = {k: v for k, v in values.items() if k not in ("uncertainty", "coverage")}
         parameters = {
             "task": task,
-            "model": (model or "default") if tasks.uses_model(task, values) else None,
-            "method": method if "--method" in args else None,
-            "samples": int(samples) if "--samples" in args or any(o["name"] == "samples" for o in tasks.by_key(task).options) else None,
-            "device": device,
-            "modality": modality,
-            "arguments": [a.replace(workdir, "<tmp>") for a in args[3:]],
+            "model": (model or "default") if uses_model else None,
+            "device": values.get("device", "auto"),
+            **given,
+            "arguments": [a.replace(workdir, "<tmp>") for a in args[2 + len(stack_paths) + 1 :]],
             "input": inputNode.GetName(),
-            **({"stacks": [inputNode.GetName()] + [n.GetName() for n in stackNodes]} if stackNodes else {}),
+            **({"stacks": [n.GetName() for n in nodes]} if stackNodes else {}),
         }
         name = outputNode.GetName() if outputNode is not None else f"{inputNode.GetName()}_medil_{task}"
         job = RunningJob(BackendJob(args, python=self.python), workdir, inputNode, outputNode, name, parameters)
         return self._run(job, waitForCompletion, onEvent)
 
-    def processSample(
-        self,
-        outputSpace: OutputSpace | None = None,
-        model: str | None = None,
-        device: str = "auto",
-        maxMemoryGB: float | None = None,
-        seed: int = 0,
-        count: int = 1,
-        steps: int | None = None,
-        waitForCompletion: bool = True,
-        onEvent: Callable[[dict], None] | None = None,
-    ):
-        """Draw ``count`` volumes (seeds ``seed``, ``seed + 1``, ...) onto the grid of ``outputSpace``
-        (spacing, orientation, a Markups ROI or reference volume for the field of view, or ``like``;
-        default: the model's own space). Synchronous: returns the list of new nodes, each named with
-        its seed; ``steps`` None or 0: the model's own DDIM step count. Otherwise a :class:`RunningJob` as for :meth:`process`."""
-        if int(count) < 1:
+    @staticmethod
+    def _inputNodes(spec, inputs) -> list:
+        """``inputs`` as a list of checked volume nodes, as many as ``spec`` takes."""
+        nodes = [] if inputs is None else [inputs] if _is_node(inputs) else list(inputs)
+        if not spec.needs_input:
+            if nodes:
+                raise MedILSlicerError(f"{spec.key} takes no input volume; leave the input empty")
+            return nodes
+        if not nodes:
+            raise MedILSlicerError(f"{spec.key} needs an input volume; select one")
+        if len(nodes) > spec.max_inputs:
+            raise MedILSlicerError(
+                f"{spec.key} takes one input volume; several stacks are for super-resolution"
+                if spec.max_inputs == 1
+                else f"{spec.key} takes at most {spec.max_inputs} stacks; {len(nodes)} were given"
+            )
+        try:
+            for node in nodes:
+                check_volume_node(node)
+            world_ijk_to_ras(nodes[0])
+        except GeometryError as exc:
+            raise MedILSlicerError(str(exc)) from None
+        return nodes
+
+    @staticmethod
+    def _optionValues(tasks, task: str, options: dict | None) -> dict:
+        """``options`` checked against the names ``task`` takes (its spec's and its run context's, and ``model``)."""
+        values = dict(options or {})
+        paths = {o["name"] for o in tasks.by_key(task).options if o.get("path")}
+        known = [n for n in tasks.option_names(task) if n not in paths] + ["model"]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise MedILSlicerError(f"{task} takes no option {', '.join(map(repr, unknown))}; its options are {', '.join(known)}")
+        return values
+
+    def _processSample(self, task: str, space: OutputSpace | None, values: dict, model, waitForCompletion, onEvent):
+        """Draw ``n`` volumes (seeds ``seed``, ``seed + 1``, ...) onto the grid of ``space`` (spacing, orientation,
+        a Markups ROI or reference volume for the field of view, or ``like``; default: the model's own space)."""
+        if int(values.get("n") or 1) < 1:
             raise MedILSlicerError("the number of samples must be at least 1")
-        outputSpace = outputSpace or OutputSpace(spacing=None, orientation=None)
+        if not values.get("steps"):
+            values.pop("steps", None)  # 0 or None: the model's own step count (its card)
+        space = space or OutputSpace(spacing=None, orientation=None)
         workdir = tempfile.mkdtemp(prefix="medil-slicer-")
         try:
-            out_path = os.path.join(workdir, "sample.nrrd")
-            args = ["sample", out_path, "--progress", "json", "--device", device]
-            args += catalog().option_arguments("sample", {"n": int(count), "seed": int(seed), "steps": int(steps) if steps else None})
+            args = [task, os.path.join(workdir, "sample.nrrd"), "--progress", "json"]
+            args += catalog().option_arguments(task, values)
             if model:
                 args += ["--model", model]
-            args += self.placementArguments(maxMemoryGB, None, outputSpace, workdir)
+            args += self.outputArguments(None, space, workdir)
         except BaseException as exc:
             raise _cleaned_up(workdir, exc) from None
         parameters = {
-            "task": "sample",
+            "task": task,
             "model": model or "default",
-            "seed": int(seed),
-            "count": int(count),
-            "steps": int(steps) if steps else "model default",
-            "device": device,
+            "device": values.get("device", "auto"),
+            **values,
+            "steps": values.get("steps", "model default"),
             "arguments": [a.replace(workdir, "<tmp>") for a in args[2:]],
         }
         job = RunningJob(BackendJob(args, python=self.python), workdir, None, None, "medil_sample", parameters)

@@ -19,7 +19,8 @@ BUNDLED_SPECS = Path(__file__).resolve().parents[1] / "Resources" / "tasks.json"
 #: panel fields that name settings outside the task specs (where the output goes)
 EXTRA_PANEL_FIELDS = {"overwrite": "Output volume"}
 
-#: the panel's widget for each task option it shows (the option's published help is its tooltip)
+#: the panel's widget for each task option it shows (the option's published help is its tooltip); one widget may serve
+#: the same option of several tasks
 OPTION_WIDGETS = {
     ("superres", "method"): "superresMethodComboBox",
     ("superres", "samples"): "superresSamplesSpinBox",
@@ -28,7 +29,17 @@ OPTION_WIDGETS = {
     ("sample", "seed"): "sampleSeedSpinBox",
     ("sample", "steps"): "sampleStepsSpinBox",
     ("reconstruct", "modality"): "modalityComboBox",
+    ("superres", "modality"): "modalityComboBox",
 }
+
+
+def panel_parameter(widget: str) -> str:
+    """The parameter node field that holds a panel widget's value: its name without the widget kind
+    (``superresTimeBudgetSpinBox`` -> ``superresTimeBudget``; the .ui binds it by that name)."""
+    for kind in ("ComboBox", "SpinBox"):
+        if widget.endswith(kind):
+            return widget[: -len(kind)]
+    raise ValueError(f"{widget} is not a combo or spin box")
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class Task:
     model_kind: str = ""  # the kind of model it takes ("" if it adapts to the scan itself)
     max_inputs: int = 1  # several input volumes (e.g. thick-slice stacks of one anatomy) when more than 1
     options: tuple[dict, ...] = ()  # the spec's declared options (name, type, default, range, choices, flag, label)
+    context: tuple[dict, ...] = ()  # the run context's options every task takes (device, precision, max_memory)
     model_when: dict = field(default_factory=dict)  # the model applies only for these option values
 
 
@@ -66,6 +78,7 @@ class Catalog:
                     model_kind=spec.get("model_kind", ""),
                     max_inputs=int(spec.get("max_inputs", 1)),
                     options=tuple(spec.get("options", ())),
+                    context=tuple(spec.get("context", ())),
                     model_when={k: tuple(v) for k, v in spec.get("model_when", {}).items()},
                 )
             )
@@ -100,11 +113,17 @@ class Catalog:
         o = self.option(task, name)
         return sorted(o.get("choices") or [], key=lambda c: c != o.get("default"))
 
+    def option_names(self, task: str) -> list[str]:
+        """The names ``task`` takes: its declared options and its run context's (device, precision, max_memory)."""
+        t = self.by_key(task)
+        return [o["name"] for o in (*t.options, *t.context)]
+
     def option_arguments(self, task: str, values: dict) -> list[str]:
-        """The backend's command-line arguments for the values of ``task``'s declared options in ``values``
-        (names the task does not declare, ``None`` and defaults are left out), by each option's published flag."""
+        """The backend's command-line arguments for the values of ``task``'s declared and context options in
+        ``values`` (names the task does not take, ``None`` and defaults are left out), by each option's published flag."""
         args: list[str] = []
-        for o in self.by_key(task).options:
+        t = self.by_key(task)
+        for o in (*t.options, *t.context):
             value = values.get(o["name"])
             if value is None or value == o.get("default"):
                 continue

@@ -161,6 +161,7 @@ def run(argv) -> int:
         return 1
     from MedILSlicerLib.logic import MedILLogicCore, MedILSlicerError, OutputSpace
     from MedILSlicerLib.mrml_geometry import ijk_to_ras
+    from MedILSlicerLib.tasks import catalog
 
     from medil_backend.errors import MedILError
     from medil_backend.geometry import Volume
@@ -189,9 +190,9 @@ def run(argv) -> int:
             if "progress" in ev:
                 print(f"[{100 * ev['progress']:5.1f}%] {ev.get('message', '')}", file=sys.stderr, flush=True)
 
-        out = MedILLogicCore().process(
-            node, space, model=args.model, device=args.device, modality=args.modality, task=args.task, method=args.method, onEvent=on_event
-        )
+        options = {"model": args.model, "device": args.device, "modality": args.modality, "method": args.method}
+        names = set(catalog().option_names(args.task)) | {"model"}  # e.g. reconstruct takes no method
+        out = MedILLogicCore().process(args.task, node, space, {k: v for k, v in options.items() if k in names}, onEvent=on_event)
         array = slicer.util.arrayFromVolume(out).transpose(2, 1, 0)
         with outputs:  # marked AI-generated in the file's header and in its sidecar, as the medil command does
             outputs.stage(Volume(np.asarray(array), ijk_to_ras(out)), args.output, provenance=node_provenance(out, args, argv))
