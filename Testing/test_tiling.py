@@ -242,3 +242,21 @@ def test_bfloat16_on_a_cpu_without_native_bf16_runs_in_float32(monkeypatch):
         assert runtime.resolve_precision("auto", torch.device("cpu")) == want
     assert runtime.resolve_precision("bfloat16", torch.device("cuda")) == torch.bfloat16
     assert runtime.resolve_precision("float32", torch.device("cpu")) == torch.float32
+
+
+def test_one_precision_rule_for_every_task(monkeypatch):
+    """Iterative work (adapt's training, diffusion steps) stays float32 under auto on a CPU, even one with native
+    bf16; an explicit bfloat16 is honoured where the CPU has it; CUDA takes bf16 under auto for every task."""
+    import torch
+
+    from medil_backend.ops import runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    assert runtime.resolve_precision("auto", cpu, iterative=True) == torch.float32
+    assert runtime.resolve_precision("auto", cpu) == torch.bfloat16
+    assert runtime.resolve_precision("bfloat16", cpu, iterative=True) == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    assert runtime.resolve_precision("bfloat16", cpu, iterative=True) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert runtime.resolve_precision("auto", cuda, iterative=True) == torch.bfloat16

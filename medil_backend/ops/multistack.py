@@ -508,7 +508,7 @@ def _joint_problem(volumes: list[Volume], target: Grid | None, opts: MultistackO
     # each stack's normalised voxels: on the host (registration, interpolants) and on the device (the joint steps)
     host = [np.ascontiguousarray(n.forward(np.asarray(s.volume.array, np.float32))) for n, s in zip(norms, stacks)]
     ys = [torch.from_numpy(a)[None, None].to(dev) for a in host]
-    net_dtype = resolve_precision(opts.precision, dev) if dev.type == "cuda" else torch.float32  # adapt's network
+    net_dtype = resolve_precision(opts.precision, dev, iterative=True)  # adapt's network
     report(progress, 0.0, "comparing the stacks' contrast")
     agreement = contrast_agreement(stacks, host, target)
     for k, r in enumerate(agreement, start=2):

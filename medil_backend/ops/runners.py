@@ -266,7 +266,7 @@ def run_sample(ctx: RunContext, volume: None, request: GridRequest, model: str |
             progress=part,
             cancel=ctx.cancel,
             max_memory_gb=ctx.max_memory_gb,
-            precision=ctx.precision if (ctx.device.type == "cuda" or ctx.precision != "auto") else "float32",
+            precision=ctx.precision,
             background=background,
         )
         meta = dict(vol.meta)

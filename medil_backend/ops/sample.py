@@ -193,7 +193,7 @@ def sample(
     target = Grid(target.shape, target.affine)
     check_in_group_space(sampler, target)
     dev = resolve_device(o.device)
-    dtype = resolve_precision(o.precision, dev)
+    dtype = resolve_precision(o.precision, dev, iterative=True)
     z_grid = latent_grid_for(sampler, target)
     ae, ldm = sampler.autoencoder.to(dev).eval(), sampler.diffusion.to(dev).eval()
     C = ldm.config.latent_channels

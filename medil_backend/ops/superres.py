@@ -16,7 +16,6 @@ import time
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from ..acquisition import AcquisitionOperator
 from ..errors import MedILError
@@ -112,9 +111,9 @@ def superres(
     With ``samples`` > 1 each run starts from z plus seeded noise.
 
     ``device`` (``auto``: CUDA when present) runs every method's networks and the data-consistency
-    steps there; ``precision`` (``auto``: bfloat16 on CUDA) applies to the adapted network's and the
-    generative networks' convolutions only: data consistency and everything on the CPU stay float32,
-    so a CPU run is the same whatever the CPU. Seeds draw on the CPU, so a seed gives the same noise
+    steps there; ``precision`` (``runtime.resolve_precision``'s rule for iterative work: ``auto`` is bfloat16 on
+    CUDA, float32 on any CPU) applies to the adapted network's and the generative networks' convolutions only:
+    data consistency stays float32, so a CPU run under ``auto`` is the same whatever the CPU. Seeds draw on the CPU, so a seed gives the same noise
     on any device.
     """
     opts = replace(options or SuperresOptions(), **overrides).checked()
@@ -157,7 +156,7 @@ def _problem(volume: Volume, target: Grid | None, opts: SuperresOptions, progres
     from .runtime import resolve_device, resolve_precision
 
     dev = resolve_device(opts.device)
-    net_dtype = resolve_precision(opts.precision, dev) if dev.type == "cuda" else torch.float32
+    net_dtype = resolve_precision(opts.precision, dev, iterative=True)
     name = volume.meta.get("path", "the input")
     grid = volume.grid.validate(name)
     slice_axis(grid, None, name)  # an input with no thick slices is refused before any grid is built
