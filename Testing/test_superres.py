@@ -147,6 +147,26 @@ def test_evaluate_scores_superres_against_bspline(thick_crop, tmp_path, capsys):
     assert rows["superres-fast"]["psnr_mask"] > rows["bspline"]["psnr_mask"]
 
 
+def test_evaluate_scores_only_where_the_thick_input_reaches(monkeypatch):
+    """The simulated thick slices leave out a last partial slab (here 2 of 18 voxels along the finest axis), which
+    super-resolution fills with background, as outside any input, and SimpleITK with the nearest slab: every method
+    is scored inside the input's coverage only, so that no method wins or loses on voxels no input measured."""
+    from medil_backend import evaluate as ev
+
+    rng = np.random.default_rng(0)
+    arr = rng.random((18, 20, 22)).astype(np.float32) + 1.0
+    grid = Grid.from_parts(arr.shape, [1.0, 1.5, 1.5])
+    masks = []
+    monkeypatch.setattr(ev, "read_volume", lambda path: Volume(arr.copy(), grid.affine, modality="mri"))
+    monkeypatch.setattr(ev, "foreground_mask", lambda ref, modality: np.ones(ref.shape, bool))
+    monkeypatch.setattr(ev, "score", lambda pred, ref, mask: masks.append(mask.copy()) or {"psnr_mask": 0.0})
+    ev.evaluate(["x.nii.gz"], {}, thick_mm=(4.0,), baselines=("bspline",), superres_methods=("fast",))
+    recon, bspline, fast = masks
+    assert recon.all()
+    for mask in (bspline, fast):
+        assert mask[:16].all() and not mask[16:].any()  # 4 slabs of 4 mm cover 16 of the 18 voxels
+
+
 def test_the_method_lists_agree():
     """The backend's methods, the CLI's choices and the Slicer panel's list are the same methods, `adapt` the default."""
     from medil_backend.cli import build_parser

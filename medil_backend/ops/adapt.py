@@ -257,10 +257,17 @@ def prior_ref(modality: str) -> tuple[str, str, str] | None:
     return (f"prior-{modality}", str(card.get("sha256")), "prior")
 
 
-def _mirrored(net: ResidualCNN2d, planes: torch.Tensor) -> torch.Tensor:
-    """``net`` on ``planes`` and on their mirror images (the degradation is symmetric under both flips), averaged."""
-    flips = ((), (2,), (3,), (2, 3))
-    return sum(net(planes.flip(f)).flip(f) if f else net(planes) for f in flips) / len(flips)
+#: the mirror images the network is averaged over, by how many are used: the degradation is symmetric under both flips
+MIRRORS = {1: ((),), 2: ((), (2, 3)), 4: ((), (2,), (3,), (2, 3))}
+
+
+def _predict(net: ResidualCNN2d, planes: np.ndarray, device, dtype, mirrors: int) -> np.ndarray:
+    """``net`` on ``planes`` (N, 1, rows, cols) and on ``mirrors`` - 1 of their mirror images, averaged; channels-last
+    (measured 1.6x faster than the default layout for these 3x3 convolutions on one CPU core)."""
+    with autocast(device, dtype):
+        x = torch.from_numpy(planes).to(device).contiguous(memory_format=torch.channels_last)
+        out = sum(net(x.flip(f)).flip(f) if f else net(x) for f in MIRRORS[mirrors]) / mirrors
+    return out.float().cpu().numpy()
 
 
 def apply_adapter(
@@ -273,16 +280,16 @@ def apply_adapter(
     cancel=None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    mirrors: bool = True,
+    mirrors: int = 4,
 ) -> np.ndarray:
     """``y`` (on ``grid``) B-spline-upsampled onto ``fine`` (``grid`` refined along ``slice_axis``), then ``net``
     applied to the planes that contain ``slice_axis`` (as rows), averaged over orientations: those whose columns
     run along an axis in ``columns`` (the axes that ran along the columns of the planes it was trained on: the
-    network knows their spacing), or both; ``mirrors``: also average the network's mirror images (4 passes)."""
+    network knows their spacing), or both, and over ``mirrors`` mirror images (1, 2 or 4)."""
     u = _bspline(y, grid, fine)
     out = np.zeros_like(u)
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    net = net.to(device)
+    net = net.to(device).to(memory_format=torch.channels_last)
     others = [a for a in range(3) if a != slice_axis]
     if columns:
         others = [b for b in others if b in columns] or others
@@ -292,9 +299,7 @@ def apply_adapter(
             pred = np.empty_like(planes)
             for i in range(0, planes.shape[0], 8):
                 check_cancel(cancel)
-                with autocast(device, dtype):
-                    batch = torch.from_numpy(planes[i : i + 8]).to(device)
-                    pred[i : i + 8] = (_mirrored(net, batch) if mirrors else net(batch)).float().cpu().numpy()
+                pred[i : i + 8] = _predict(net, planes[i : i + 8], device, dtype, mirrors)
             other = 3 - slice_axis - b
             order = np.argsort((other, slice_axis, b))
             out += np.transpose(pred[:, 0], order)

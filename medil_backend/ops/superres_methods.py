@@ -132,6 +132,11 @@ def estimate_fast(p: Problem) -> Estimate:
 
 
 # -- adapt -----------------------------------------------------------------------------------------------------------
+#: the quick setting (time budget 0) averages the network over 2 of its 4 mirror images: half the network time (during
+#: development on the held-out CTs at 4 and 8 mm this cost under 0.1 dB, one image 0.1-0.4 dB; not a committed result)
+QUICK_MIRRORS = 2
+
+
 def estimate_adapt(p: Problem) -> Estimate:
     """A small network adapted to the scan's own in-plane detail (from the bundled prior), applied through-plane; each
     sample its own seed; their mean made consistent, brought from the working grid onto the target."""
@@ -164,7 +169,10 @@ def estimate_adapt(p: Problem) -> Estimate:
             dtype=p.dtype,
         )
         report(p.progress, mid, "applying the adapted network through-plane")
-        estimates.append(apply_adapter(net, yn, p.grid, p.work, p.axis, info["columns"], p.cancel, device=p.device, dtype=p.dtype))
+        mirrors = QUICK_MIRRORS if quick else 4
+        estimates.append(
+            apply_adapter(net, yn, p.grid, p.work, p.axis, info["columns"], p.cancel, device=p.device, dtype=p.dtype, mirrors=mirrors)
+        )
         runs.append(info)
     stack = np.stack(estimates)
     x, before, after = p.consistent(stack.mean(axis=0), yn, (0.9, 0.97))
