@@ -470,11 +470,19 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(event["log"])
         elif event.get("done"):
             self.log(describeDone(event))
+        elif "preview" in event and self._job is not None and self._job.previewNode is not None:
+            # the quick result, in the views at once; the full result later fills the same node (the views stay)
+            node = self._job.previewNode
+            self.log(f"preview in {node.GetName()}: the quick result (the pre-trained network alone); the full result replaces it")
+            slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=node, foregroundOpacity=0.5, fit=True)
 
     def onApplyButton(self) -> None:
         if self._job is not None:
+            preview = self._job.previewNode
             self.logic.cancel(self._job)
-            self._finishRun("cancelled; no output was created")
+            self._finishRun(
+                f"cancelled; the preview {preview.GetName()} stays" if preview is not None else "cancelled; no output was created"
+            )
             return
         if not self.logic.ensureDependencies():
             return
@@ -498,6 +506,8 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
             options = {**self.taskOptions(task), "device": p.device, "max_memory": p.maxMemoryGB}
+            if "preview" in catalog().option_names(task):  # the quick result first, where the task makes one
+                options["preview"] = True
             options["model"] = sampler if task_by_key(task).model_kind == "diffusion" else chosen
             inputs = [p.inputVolume] if task_by_key(task).needs_input else []
             stacks = self.checkedStacks() if task_by_key(task).max_inputs > 1 else []
@@ -528,11 +538,13 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for i, n in enumerate(node):
                 self.logic.showVolumeRendering(n, visible=i == 0)
             return
-        self._finishRun(f"wrote {node.GetName()}")
+        previewed = self._job.previewNode is node
+        self._finishRun(f"wrote {node.GetName()}" + (" (in place of its preview)" if previewed else ""))
         # the selector goes back to "create new": the next Apply makes a new node rather than
         # silently replacing this result (pick a node explicitly to replace it)
         p.outputVolume = None
-        slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=node, foregroundOpacity=0.5, fit=True)
+        if not previewed:  # a preview's views already show this node: they stay where the user left them
+            slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=node, foregroundOpacity=0.5, fit=True)
         if p.showIn3D:
             self.logic.showVolumeRendering(node)
 

@@ -110,6 +110,55 @@ def test_superres_samples_give_an_uncertainty_node(scene, tmp_path):
     assert unc.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeRainbow"
 
 
+def _until_preview(logic, job, events):
+    deadline = time.time() + 300
+    while job.previewNode is None and time.time() < deadline:
+        assert logic.poll(job, events.append) is None, "the job finished before its preview was shown"
+        time.sleep(0.05)
+    assert job.previewNode is not None and any("preview" in e for e in events)
+    return job.previewNode
+
+
+def test_a_superres_preview_is_shown_then_filled_in_place_by_the_full_result(scene, tmp_path):
+    """options preview: the quick result appears in a node marked as a preview while the full result is made;
+    the full result then fills that same node (its name, no preview mark), and no other node is added."""
+    node = load_node(scene, crop_file(*CASES[0][:2], tmp_path))
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    logic, events = MedILLogicCore(), []
+    space = OutputSpace(spacing=[0.8, 0.8, 3.25])
+    job = logic.process("superres", node, space, {"time_budget": 0.1, "preview": True}, waitForCompletion=False)
+    preview = _until_preview(logic, job, events)
+    assert preview.GetAttribute("MedIL.preview") == "true" and preview.GetName().endswith("(preview)")
+    quick = node_array(preview).copy()
+    deadline = time.time() + 300
+    out = None
+    while out is None and time.time() < deadline:
+        out = logic.poll(job, events.append)
+        time.sleep(0.05)
+    assert out is preview and out.GetAttribute("MedIL.preview") is None and out.GetName().endswith("_medil_superres")
+    assert not np.array_equal(node_array(out), quick) and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 1
+    kinds = [next(iter(e)) for e in events]
+    assert kinds.index("preview") < kinds.index("done")
+    # no preview where the result is quick already: fast
+    fast = logic.process("superres", node, space, {"method": "fast", "preview": True})
+    assert "--preview" not in json.loads(fast.GetAttribute("MedIL.parameters"))["arguments"]
+
+
+def test_cancel_after_the_preview_keeps_the_preview(scene, tmp_path):
+    node = load_node(scene, crop_file(*CASES[0][:2], tmp_path))
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    logic, events = MedILLogicCore(), []
+    job = logic.process(
+        "superres", node, OutputSpace(spacing=[0.8, 0.8, 3.25]), {"time_budget": 5, "preview": True}, waitForCompletion=False
+    )
+    preview = _until_preview(logic, job, events)
+    logic.cancel(job)
+    assert not job.backend.running() and not os.path.exists(job.workdir)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 1
+    assert preview.GetAttribute("MedIL.preview") == "true" and "Preview" in preview.GetDescription()
+    assert node_array(preview).std() > 0
+
+
 def test_superres_of_several_stack_nodes_matches_cli_and_adds_a_coverage_node(scene, tmp_path):
     """Three thick-slice stacks as real MRML nodes (from a real 1 mm head, moved between stacks): one
     super-resolved node, as `medil superres STACK1 STACK2 STACK3` makes it, and a coverage node."""

@@ -272,6 +272,35 @@ def test_cancel_stops_the_backend_and_leaves_nothing(panel):
     assert "cancelled" in ui.logTextEdit.toPlainText() and not dialogs.errors
 
 
+def test_super_resolution_shows_its_preview_first_and_the_full_result_replaces_it_in_place(panel):
+    """Super-resolve (adapt with a time budget): the quick result is in the slice views as soon as it exists, in a
+    node marked as a preview; the full result then fills that node, and the views are not moved again. A run
+    cancelled after its preview keeps the preview."""
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    assert ui.taskComboBox.currentText() == "Super-resolve"  # the thick example
+    ui.superresTimeBudgetSpinBox.setValue(0.1)
+    before = len(volumes(scene))
+    ui.applyButton.click()
+    job = widget._job
+    pump(app, lambda: "preview in" in ui.logTextEdit.toPlainText(), timeout=300, widget=widget)
+    preview = job.previewNode
+    assert preview.GetAttribute("MedIL.preview") == "true" and views[-1][1]["foreground"] is preview
+    shown = len(views)
+    pump(app, lambda: ui.applyButton.text() == "Apply", timeout=300, widget=widget)
+    assert not dialogs.errors, dialogs.errors
+    out = volumes(scene)[-1]
+    assert out is preview and out.GetAttribute("MedIL.preview") is None and len(volumes(scene)) == before + 1
+    assert "in place of its preview" in ui.logTextEdit.toPlainText() and len(views) == shown  # the views stay
+    ui.superresTimeBudgetSpinBox.setValue(5.0)
+    ui.applyButton.click()
+    job = widget._job
+    pump(app, lambda: job.previewNode is not None, timeout=300, widget=widget)
+    ui.applyButton.click()  # Cancel
+    assert ui.applyButton.text() == "Apply" and len(volumes(scene)) == before + 2
+    assert f"the preview {job.previewNode.GetName()} stays" in ui.logTextEdit.toPlainText() and not dialogs.errors
+
+
 def test_a_failing_job_shows_its_message_and_the_panel_stays_usable(panel):
     app, widget, scene, node, dialogs, views = panel
     ui = raw_ui(widget)

@@ -274,3 +274,76 @@ def test_adapt_with_no_time_budget_runs_the_pretrained_network_alone(small_mri, 
     for extra, fragment in ((["--method", "fast"], "setting of the adapt method"), (["--samples", "2"], "one sample")):
         rc = main(["superres", str(small_mri), str(tmp_path / "o.nii.gz"), "--time-budget", "0", *extra, "--progress", "none"])
         assert rc == 1 and fragment in capsys.readouterr().err
+
+
+def test_preview_writes_the_quick_result_first_then_the_full_one(thick_crop, tmp_path, capsys):
+    """--preview FILE: the quick result (the pre-trained network alone, as --time-budget 0) is in place, with its
+    sidecar, before the full result is made (its progress event comes first), and equals a quick run's output."""
+    import json
+
+    _, thick = thick_crop
+    src = tmp_path / "thick.nii.gz"
+    write_volume(thick, src)
+    args = ["superres", src, tmp_path / "full.nii.gz", "--preview", tmp_path / "preview.nii.gz", "--time-budget", "0.02"]
+    rc, out, err = run([*args, "--progress", "json"], capsys)
+    assert rc == 0, err
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    kinds = [next(iter(e)) for e in events]
+    assert kinds.index("preview") < kinds.index("done") and events[kinds.index("preview")]["preview"].endswith("preview.nii.gz")
+    assert [e["progress"] for e in events if "progress" in e] == sorted(e["progress"] for e in events if "progress" in e)
+    side = json.loads((tmp_path / "preview.json").read_text())
+    assert side["AIGenerated"] and "pre-trained network alone" in side["preview"]
+    rc, _, err = run(["superres", src, tmp_path / "quick.nii.gz", "--time-budget", "0", "--progress", "none"], capsys)
+    assert rc == 0, err
+    np.testing.assert_array_equal(read_volume(tmp_path / "preview.nii.gz").array, read_volume(tmp_path / "quick.nii.gz").array)
+    full = read_volume(tmp_path / "full.nii.gz")
+    assert full.shape == read_volume(tmp_path / "quick.nii.gz").shape and not np.array_equal(
+        full.array, read_volume(tmp_path / "quick.nii.gz").array
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--method", "fast"], "fast and a time budget of 0 are quick already"),
+        (["--time-budget", "0"], "fast and a time budget of 0 are quick already"),
+    ],
+)
+def test_preview_is_refused_where_the_result_is_quick_already(thick_crop, tmp_path, capsys, extra, words):
+    _, thick = thick_crop
+    src = tmp_path / "thick.nii.gz"
+    write_volume(thick, src)
+    rc, _, err = run(["superres", src, tmp_path / "o.nii.gz", "--preview", tmp_path / "p.nii.gz", *extra, "--progress", "none"], capsys)
+    assert rc == 1 and words in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thick.nii.gz"]
+
+
+def test_preview_is_refused_with_several_stacks(thick_crop, tmp_path, capsys):
+    _, thick = thick_crop
+    src = tmp_path / "thick.nii.gz"
+    write_volume(thick, src)
+    rc, _, err = run(["superres", src, src, tmp_path / "o.nii.gz", "--preview", tmp_path / "p.nii.gz", "--progress", "none"], capsys)
+    assert rc == 1 and "a preview is for one stack" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thick.nii.gz"]
+
+
+def test_a_run_stopped_after_its_preview_keeps_the_preview_and_writes_no_output(thick_crop, tmp_path):
+    """Ctrl-C while the full result is being made: the preview stays (with its sidecar), the output is not written."""
+    import json
+    import signal
+    import subprocess
+
+    _, thick = thick_crop
+    src = tmp_path / "thick.nii.gz"
+    write_volume(thick, src)
+    cmd = [sys.executable, "-m", "medil_backend", "superres", str(src), str(tmp_path / "full.nii.gz")]
+    cmd += ["--preview", str(tmp_path / "preview.nii.gz"), "--time-budget", "5", "--progress", "json"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", cwd=REPO)
+    for line in p.stdout:
+        if line.startswith("{") and "preview" in json.loads(line):
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode in (130, -signal.SIGINT), err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["preview.json", "preview.nii.gz", "thick.nii.gz"], err
+    assert read_volume(tmp_path / "preview.nii.gz").array.std() > 0

@@ -290,7 +290,8 @@ def cmd_task(args: argparse.Namespace) -> int:
 
     def written_one(out, path) -> None:
         if args.progress == "json":
-            print(json.dumps({"sampled": str(path), "seed": out.record.get("seed")}), flush=True)
+            event = {"preview": str(path)} if out.role == "preview" else {"sampled": str(path), "seed": out.record.get("seed")}
+            print(json.dumps(event), flush=True)
 
     update, close = _progress_callback(args.progress)
     ctx.progress = update

@@ -150,7 +150,7 @@ class RunContext:
 
 @dataclass
 class Output:
-    """One volume a task made: ``role`` is ``output``, ``uncertainty`` or ``sample``; ``index`` numbers
+    """One volume a task made: ``role`` is ``output``, ``uncertainty``, ``preview`` or ``sample``; ``index`` numbers
     a series; ``record`` adds to the provenance of this file alone (e.g. its seed)."""
 
     volume: Volume
@@ -406,6 +406,12 @@ def _check_superres(options: dict, request: GridRequest) -> None:
         raise MedILError("an uncertainty map needs several samples: set samples to 2 or more", options=("samples",))
     check_sampling(options["method"], options["samples"], options["time_budget"])
     check_seed(options["seed"], options["samples"])
+    if options.get("preview") and (options["method"] != "adapt" or options["time_budget"] == 0):
+        raise MedILError(
+            "a preview is the quick result of adapt with a time budget; fast and a time budget of 0 are quick already: "
+            "drop --preview, or use adapt with a time budget",
+            options=("preview",),
+        )
 
 
 def _check_sample(options: dict, request: GridRequest) -> None:
@@ -464,6 +470,15 @@ TASKS: dict[str, TaskSpec] = {
                 ),
                 Option(
                     "uncertainty", str, None, "with --samples K > 1: write the per-voxel standard deviation here", metavar="FILE", path=True
+                ),
+                Option(
+                    "preview",
+                    str,
+                    None,
+                    "adapt with a time budget: write the quick result (the pre-trained network alone, as --time-budget 0) "
+                    "here as soon as it exists, then the full result; a cancelled run keeps it",
+                    metavar="FILE",
+                    path=True,
                 ),
                 Option(
                     "time_budget",

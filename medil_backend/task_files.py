@@ -42,8 +42,8 @@ def run_task_to_files(
 ) -> FilesRun:
     """Run ``spec`` on the volume at ``input_path`` (checked ``options``, a checked ``request``) and write
     every output to the files :meth:`TaskSpec.output_paths` names, each with a JSON sidecar holding the
-    provenance (plus ``record``). ``ctx.on_output`` is taken over: a series is staged as it is made
-    (``on_written`` is told of each file staged)."""
+    provenance (plus ``record``). ``ctx.on_output`` is taken over: a series is staged as it is made, a preview
+    committed as soon as it is made (``on_written`` is told of each file staged)."""
     from .io import OutputSet, read_volume
 
     outputs = OutputSet(overwrite)
@@ -58,11 +58,15 @@ def run_task_to_files(
         volume = read_volume(input_path, max_memory_gb=ctx.max_memory_gb, name=input_name) if spec.needs_input else None
     extra = {**(record or {}), **({"command": command} if command else {})}
 
+    previews: list = []
+
     def stage(out: Output) -> None:  # a series is written as it is made (its files are committed together at the end)
         path = paths[(out.role, out.index)]
         # the same record as every other output's (Provenance.record), the run's settings from the output itself
         streamed = Provenance(task=spec.name, models=[], grid=out.volume.grid, device=str(ctx.device), precision=ctx.precision)
         outputs.stage(out.volume, path, dtype=out.dtype, provenance=streamed.record(**out.record, **extra))
+        if out.role == "preview":  # in place at once, and kept whatever happens to the full result
+            previews.extend(outputs.commit())
         if on_written is not None:
             on_written(out, path)
 
@@ -76,7 +80,7 @@ def run_task_to_files(
     except BaseException:
         outputs.abort()
         raise
-    return FilesRun(result, list(outputs.written), volume)
+    return FilesRun(result, list(outputs.written) + previews, volume)
 
 
 __all__ = ["FilesRun", "run_task_to_files"]

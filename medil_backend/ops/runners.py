@@ -125,7 +125,18 @@ def run_superres(ctx: RunContext, volume: Volume | list[Volume], request: GridRe
         device=ctx.device,
         precision=ctx.precision,
     )
-    result = superres(volume, target, op_options, progress=ctx.progress, cancel=ctx.cancel)
+    kept: list[Output] = []
+    full = ctx.progress
+    if o.preview:  # the quick result first (committed at once by a files run), then the full one
+        from dataclasses import replace
+
+        quick = superres(
+            volume, target, replace(op_options, time_budget_min=0.0, samples=1), progress=_span(ctx.progress, 0.0, 0.2), cancel=ctx.cancel
+        )
+        record = {"preview": "the pre-trained network alone (time budget 0), written before the full result replaces it"}
+        ctx.emit(Output(quick, "preview", dtype=_out_dtype(volume, o.dtype), record=record), kept)
+        full = _span(ctx.progress, 0.2, 1.0)
+    result = superres(volume, target, op_options, progress=full, cancel=ctx.cancel)
     meta = result.meta
     unc = result.extras.get("uncertainty")
     models = [ModelRef(*m) for m in meta.get("models", [])]
@@ -147,15 +158,26 @@ def run_superres(ctx: RunContext, volume: Volume | list[Volume], request: GridRe
     outputs = [Output(result, "output", dtype=_out_dtype(volume, o.dtype))]
     if unc is not None and o.uncertainty:
         outputs.append(Output(unc, "uncertainty", record={"map": "per-voxel standard deviation over samples"}))
+    outputs += kept
     summary = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in meta.items() if k not in ("adaptation", "models", "memory")}
     summary.update(modality=volume.modality, modality_guess=guess)
     return TaskResult(outputs, provenance, summary)
+
+
+def _span(progress, lo: float, hi: float):
+    """``progress`` with its fractions mapped onto ``lo`` .. ``hi`` (one part of a run that reports in parts)."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(lo + (hi - lo) * fraction, message)
 
 
 def _run_multistack(ctx: RunContext, volumes: list[Volume], request: GridRequest, o) -> TaskResult:
     """Several stacks into one volume: registered (unless ``no_motion``), then jointly data-consistent, from
     the stacks' learned upsampling (adapt) or their B-spline mean (fast)."""
     from ..methods import check_stack_count
+
+    if o.preview:
+        raise MedILError("a preview is for one stack; drop --preview with several stacks", options=("preview",))
     from .multistack import check_stacks, common_grid, multistack_superres
 
     check_stack_count(o.method, len(volumes))
