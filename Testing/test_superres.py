@@ -147,6 +147,23 @@ def test_evaluate_scores_superres_against_bspline(thick_crop, tmp_path, capsys):
     assert rows["superres-fast"]["psnr_mask"] > rows["bspline"]["psnr_mask"]
 
 
+def test_evaluate_scores_a_generative_method_through_the_chosen_diffusion_model(thick_crop, tmp_path, capsys, sampler_dir):
+    """--superres-model: inverse and cycles are scored through that model (recorded in the report)."""
+    import json
+
+    hr, _ = thick_crop
+    path = tmp_path / "hr.nii.gz"
+    write_volume(hr, path)
+    report = tmp_path / "e.json"
+    argv = ["evaluate", path, "--superres", "cycles", "--superres-model", "tiny-ldm", "--thick", "4", "--json", report]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    result = json.loads(report.read_text())
+    assert result["superres_model"] == "tiny-ldm" and "superres-cycles" in result["volumes"]["hr.nii.gz"]["sr4mm"]
+    rc, _, err = run([*argv[:5], "no-such-ldm", *argv[6:], "--overwrite"], capsys)
+    assert rc == 1 and "no-such-ldm" in err, err
+
+
 def test_evaluate_scores_only_where_the_thick_input_reaches(monkeypatch):
     """The simulated thick slices leave out a last partial slab (here 2 of 18 voxels along the finest axis), which
     super-resolution fills with background, as outside any input, and SimpleITK with the nearest slab: every method

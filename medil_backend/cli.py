@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--superres-samples", type=int, default=1, metavar="K", help="adapt, cycles: K seeds, and score the uncertainty map (K > 1)"
     )
     e.add_argument("--superres-time-budget", type=float, default=3.0, metavar="MIN", help="adapt: training minutes per volume and task")
+    e.add_argument(
+        "--superres-model", default=None, metavar="LDM", help="inverse, cycles: the latent diffusion model (default: the bundled one)"
+    )
     e.add_argument("--thick", type=float, nargs="+", default=[4.0, 8.0], metavar="MM", help="simulated slice thicknesses")
     e.add_argument(
         "--multistack",
@@ -588,6 +591,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         superres_methods=args.superres,
         superres_samples=args.superres_samples,
         superres_time_budget_min=args.superres_time_budget,
+        superres_model=args.superres_model,
     )
     table = markdown_table(result)
     if loaded:

@@ -26,6 +26,7 @@ from .baselines import resample_sitk
 from .geometry import Volume, inside_mask
 from .intensity import fit_normalizer
 from .io import read_volume
+from .methods import METHOD_FACTS
 from .metrics import foreground_mask, l1, ms_ssim, psnr, ssim
 from .ops import run_model
 
@@ -64,6 +65,7 @@ def evaluate(
     superres_methods: Sequence[str] = (),
     superres_samples: int = 1,
     superres_time_budget_min: float = 3.0,
+    superres_model: str | None = None,
 ) -> dict:
     """Metrics per volume, task and method, plus their means over volumes.
 
@@ -97,8 +99,15 @@ def evaluate(
 
                 t0 = time.perf_counter()
                 k = superres_samples if method != "fast" else 1
+                generative = {"model": superres_model} if superres_model and METHOD_FACTS[method].uses_model else {}
                 out = superres(
-                    inp, hr.grid, method=method, samples=k, time_budget_min=superres_time_budget_min, max_memory_gb=max_memory_gb
+                    inp,
+                    hr.grid,
+                    method=method,
+                    samples=k,
+                    time_budget_min=superres_time_budget_min,
+                    max_memory_gb=max_memory_gb,
+                    **generative,
                 )
                 pred = norm.forward(out.array)
                 row = score(pred, ref, mask) | {"seconds": time.perf_counter() - t0}
@@ -118,6 +127,8 @@ def evaluate(
     out = {"volumes": per_volume, "mean": mean, "thick_mm": list(thick_mm)}
     if superres_methods:
         out.update(superres_samples=superres_samples, superres_time_budget_min=superres_time_budget_min)
+        if superres_model:
+            out["superres_model"] = superres_model
     return out
 
 
