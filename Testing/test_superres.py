@@ -310,6 +310,14 @@ def test_preview_writes_the_quick_result_first_then_the_full_one(thick_crop, tmp
     assert [e["progress"] for e in events if "progress" in e] == sorted(e["progress"] for e in events if "progress" in e)
     side = json.loads((tmp_path / "preview.json").read_text())
     assert side["AIGenerated"] and "pre-trained network alone" in side["preview"]
+    import SimpleITK as sitk  # what Slicer reads: the preview's voxels and grid as MedIL wrote them, to 1e-5 mm
+
+    from medil_backend.io import from_sitk
+
+    mine = read_volume(tmp_path / "preview.nii.gz")
+    array, affine = from_sitk(sitk.ReadImage(str(tmp_path / "preview.nii.gz")))
+    np.testing.assert_allclose(affine, mine.affine, atol=1e-5)
+    np.testing.assert_array_equal(array, mine.array)
     rc, _, err = run(["superres", src, tmp_path / "quick.nii.gz", "--time-budget", "0", "--progress", "none"], capsys)
     assert rc == 0, err
     np.testing.assert_array_equal(read_volume(tmp_path / "preview.nii.gz").array, read_volume(tmp_path / "quick.nii.gz").array)
