@@ -205,18 +205,19 @@ def test_adapt_prior_pretrains_exports_and_is_checked_on_load(tmp_path, monkeypa
     from conftest import shared
 
     import medil_backend.ops.adapt as adapt
-    from medil_backend.training.adapt_prior import export_prior, pretrain
+    from medil_backend.training.adapt_prior import PriorData, export_prior, pretrain
     from medil_backend.training.pack import write_pack
 
     colin = read_volume(shared("mri/colin27_t1_1mm.nii.gz"))
     crop = Volume(colin.array[40:100, 60:120, 50:90].astype(np.float32), colin.grid.sub_grid((40, 60, 50), (100, 120, 90)).affine, "mri")
     write_pack([("colin-crop", crop, "0" * 64)], tmp_path / "train.npz", crop=False)
-    net, card = pretrain([str(tmp_path / "train.npz")], "mri", minutes=0.05, log=lambda s: None)
+    data = PriorData([str(tmp_path / "train.npz")], "mri")
+    net, card = pretrain(data, minutes=0.05, log=lambda s: None)
     assert card["training"]["steps"] > 0 and card["data"][0]["name"] == "colin-crop"
     with pytest.raises(MedILError, match="no CT volume"):
-        pretrain([str(tmp_path / "train.npz")], "ct", minutes=0.01)
+        pretrain(PriorData([str(tmp_path / "train.npz")], "ct"), minutes=0.01)
     with pytest.raises(MedILError, match="positive number of minutes"):
-        pretrain([str(tmp_path / "train.npz")], "mri", minutes=0)
+        pretrain(data, minutes=0)
     monkeypatch.setattr(adapt, "PRIOR_DIR", tmp_path / "prior")
     assert adapt.load_prior("mri") is None  # none bundled: adapt starts from scratch
     export_prior(net, card, tmp_path / "prior")
@@ -233,6 +234,54 @@ def test_adapt_prior_pretrains_exports_and_is_checked_on_load(tmp_path, monkeypa
     weights.unlink()  # a card without its weights: a clear refusal, no traceback
     with pytest.raises(MedILError, match="does not exist"):
         adapt.load_prior("mri")
+
+
+def test_adapt_prior_goes_on_from_its_export_with_made_heads_and_checkpoints(tmp_path, monkeypatch, capsys):
+    """The longer recipe: volumes from files and new heads made from a real head, a checkpoint every refresh, and a
+    second run that goes on from the export, its card counting the first run's steps and naming its weights."""
+    from conftest import shared
+
+    import medil_backend.training.adapt_prior as prior
+    from medil_backend.models.cards import sha256_file
+
+    monkeypatch.setattr(prior, "POOL", 2)
+    monkeypatch.setattr(prior, "REFRESH_STEPS", 3)
+    colin = read_volume(shared("mri/colin27_t1_1mm.nii.gz"))
+    crop = Volume(colin.array[40:100, 60:120, 50:90].astype(np.float32), colin.grid.sub_grid((40, 60, 50), (100, 120, 90)).affine, "mri")
+    write_volume(crop, tmp_path / "crop.nii.gz")
+    data = prior.PriorData(files=[str(tmp_path / "crop.nii.gz")], heads=[str(shared("mri/colin27_t1_1mm.nii.gz"))], head_share=0.5)
+    saved = []
+    net, card = prior.pretrain(
+        data, minutes=0.15, seed=1, log=lambda s: None, checkpoint=lambda n, c: saved.append(c), checkpoint_minutes=0
+    )
+    assert saved and saved[-1]["training"]["steps"] <= card["training"]["steps"]
+    assert card["data"] == [{"name": "crop.nii.gz", "sha256": sha256_file(tmp_path / "crop.nii.gz")}]
+    assert card["heads"]["made"] >= 1 and card["heads"]["sources"][0]["file"] == "colin27_t1_1mm.nii.gz"
+    assert card["training"]["continued_from_sha256"] is None and card["training"]["total_steps"] == card["training"]["steps"]
+    first = prior.export_prior(net, card, tmp_path / "out").with_suffix(".safetensors")
+    net2, card2 = prior.pretrain(prior.PriorData(files=[str(tmp_path / "crop.nii.gz")]), minutes=0.03, init=first, log=lambda s: None)
+    t = card2["training"]
+    assert t["continued_from_sha256"] == sha256_file(first) and t["total_steps"] == card["training"]["steps"] + t["steps"]
+    assert t["total_minutes"] > card["training"]["minutes"]
+    assert prior.main(["--minutes", "1", "--out", str(tmp_path / "none")]) == 2  # no training volumes: a clear refusal
+    assert "--pack, --file or --heads" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_degradation_with_a_gap_keeps_flat_signal_and_differs_from_contiguous_slices():
+    """Slices 2 mm wide every 4 mm: a signal flat along the axis comes back as it was (each profile integrates to
+    one), and a varying one differs from contiguous 4 mm slices (the gap loses what lies between)."""
+    from medil_backend.ops.adapt import _degraded_in_plane
+
+    grid = Grid.from_parts((64, 24, 24), (1.0, 1.0, 1.0), np.eye(3), (0.0, 0.0, 0.0))
+    flat = np.ones(grid.shape, np.float32)
+    flat[:, :12] = 2.0
+    out = _degraded_in_plane(flat, grid, 0, 2.0, "rect", spacing=4.0)
+    assert np.allclose(out[8:-8], flat[8:-8], atol=1e-3)
+    ramp = np.sin(np.arange(64) / 2.3).astype(np.float32)[:, None, None] * np.ones(grid.shape, np.float32)
+    gap = _degraded_in_plane(ramp, grid, 0, 2.0, "rect", spacing=4.0)
+    contiguous = _degraded_in_plane(ramp, grid, 0, 4.0, "rect")
+    assert gap.shape == contiguous.shape == grid.shape
+    assert np.abs(gap - contiguous)[8:-8].mean() > 0.02
 
 
 @pytest.mark.skipif(not (REPO / "medil_backend" / "weights" / "adapt" / "prior-mri.json").is_file(), reason="no bundled MRI prior")

@@ -76,15 +76,19 @@ def _bspline(array: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
     return resample_sitk(Volume(array, src.affine), dst, "bspline").array.astype(np.float32)
 
 
-def _degraded_in_plane(x: np.ndarray, grid: Grid, axis: int, thickness: float, profile: str) -> np.ndarray | None:
-    """``x`` acquired along in-plane ``axis`` as the scanner acquired its slices, then B-spline back onto ``grid``."""
+def _degraded_in_plane(
+    x: np.ndarray, grid: Grid, axis: int, thickness: float, profile: str, spacing: float | None = None
+) -> np.ndarray | None:
+    """``x`` acquired along in-plane ``axis`` as the scanner acquired its slices (``thickness`` wide, one every
+    ``spacing`` mm: the thickness when not given; larger leaves gaps), then B-spline back onto ``grid``."""
     sp = grid.spacing[axis]
-    n = int(np.floor(grid.shape[axis] * sp / thickness))
-    if n < 2 or thickness < 1.2 * sp:
+    step = thickness if spacing is None else spacing
+    n = int(np.floor(grid.shape[axis] * sp / step))
+    if n < 2 or step < 1.2 * sp:
         return None
     aff = grid.affine.copy()
-    aff[:3, axis] *= thickness / sp
-    aff[:3, 3] = grid.voxel_to_world(np.eye(3)[axis] * (thickness / sp - 1) / 2.0)
+    aff[:3, axis] *= step / sp
+    aff[:3, 3] = grid.voxel_to_world(np.eye(3)[axis] * (step / sp - 1) / 2.0)
     shape = list(grid.shape)
     shape[axis] = n
     coarse = Grid(shape, aff)
