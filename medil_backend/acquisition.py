@@ -101,14 +101,28 @@ def _profile_points(width_mm: float, step_mm: float, profile: str) -> tuple[np.n
     return offsets, weights
 
 
+#: the share of a task's working memory an operator's cached sampling coordinates may take
+CACHE_SHARE = 0.5
+#: a cached operator's quadrature points run in at most this many groups, side by side on a CPU's cores (a
+#: constant: the adjoint sums the groups' splats in one order whatever the core count)
+GROUPS = 4
+#: the most sampling points one piece of the operator composes at a time (float64 coordinates: bounded memory)
+CHUNK_VOXELS = 1 << 21
+
+
 class AcquisitionOperator:
     """``A``: an image on ``fine`` (a torch tensor (B, C, *fine.shape)) -> its acquisition on ``acquired``.
 
     Each acquired voxel averages the image over its footprint: along each of its axes, a profile
     of the voxel's extent (``thickness_mm`` where given, e.g. a slice thicker or thinner than its
     spacing; else the spacing), rect or Gaussian (FWHM = extent), sampled at the fine grid's
-    resolution and read by trilinear interpolation in world coordinates. ``A`` is linear, so its
-    adjoint is the vector-Jacobian product, exact to rounding (a dot-product test checks it).
+    resolution and read by trilinear interpolation in world coordinates. ``A`` is linear; its
+    adjoint ``A^T`` is trilinear interpolation's own adjoint (the splat of ``grid_sample``'s backward), exact to
+    rounding (a dot-product test checks it).
+
+    ``cache``: keep the sampling coordinates after the first call (:meth:`cache_bytes` of memory), for an
+    operator applied many times (the data-consistency steps); composing them in float64 is most of an
+    uncached call's time.
     """
 
     def __init__(
@@ -117,6 +131,7 @@ class AcquisitionOperator:
         fine: Grid,
         thickness_mm: Sequence[float | None] | None = None,
         profile: str | Sequence[str] = "rect",
+        cache: bool = False,
     ) -> None:
         self.acquired, self.fine = acquired, fine
         widths = list(acquired.spacing)
@@ -137,23 +152,109 @@ class AcquisitionOperator:
                     shift = acquired.direction @ np.array([ox, oy, oz])  # mm, along the acquired axes
                     self.points.append((shift, float(wx * wy * wz)))
         self.widths = widths
+        self.cache = cache
+        self._cached: tuple | None = None
 
-    def __call__(self, x):
-        from .nn.resample import sample_on_grids
+    def cache_bytes(self, batch: int = 1) -> float:
+        """The memory caching takes: the sampling coordinates (float32, three per point and acquired voxel), and
+        the groups' splats summed by the adjoint (one fine volume each)."""
+        groups = min(GROUPS, len(self.points))
+        return (12.0 * len(self.points) * self.acquired.num_voxels + 4.0 * groups * self.fine.num_voxels) * batch
 
-        out = None
-        for shift, w in self.points:
+    def _pieces(self, batch: int, device):
+        """(quadrature point, weight, first and last slice along the acquired grid's first axis, grid_sample coordinates)
+        of every point, a slab of at most :data:`CHUNK_VOXELS` coordinates at a time."""
+        from .geometry import voxel_coords
+        from .nn.resample import _normalised
+
+        shape = self.acquired.shape
+        step = max(1, CHUNK_VOXELS // max(1, shape[1] * shape[2]))
+        for p, (shift, w) in enumerate(self.points):
             aff = self.acquired.affine.copy()
             aff[:3, 3] += shift
-            y = sample_on_grids(x, [self.fine] * x.shape[0], [Grid(self.acquired.shape, aff)] * x.shape[0]) * w
-            out = y if out is None else out + y
+            grid = Grid(shape, aff)
+            for a in range(0, shape[0], step):
+                b = min(a + step, shape[0])
+                sub = grid.sub_grid((a, 0, 0), (b, shape[1], shape[2]))
+                q = voxel_coords([self.fine] * batch, [sub] * batch, device)
+                yield p, w, a, b, _normalised(q, self.fine.shape).reshape(batch, b - a, shape[1], shape[2], 3)
+
+    def _groups(self, batch: int, device) -> list[tuple[object, list[float]]]:
+        """The points in at most :data:`GROUPS` runs, each run's coordinates as one grid (B, points x slices, rows,
+        columns, 3) with its points' weights; kept (``cache``)."""
+        import torch
+
+        key = (batch, str(device))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = None  # the old coordinates go before the new are composed
+            per_point: list[list] = [[] for _ in self.points]
+            for p, _, _, _, g in self._pieces(batch, device):
+                per_point[p].append(g)
+            runs = np.array_split(np.arange(len(self.points)), min(GROUPS, len(self.points)))
+            groups = [(torch.cat([g for p in run for g in per_point[p]], dim=1), [self.points[p][1] for p in run]) for run in runs]
+            self._cached = (key, groups)
+        return self._cached[1]
+
+    @staticmethod
+    def _each_group(groups, work, device) -> list:
+        """``work(grid, weights)`` for every group: side by side on a CPU (the CPU kernels of trilinear sampling and
+        of its adjoint use one core per batch entry), in order; the results in the groups' order."""
+        import torch
+
+        threads = min(len(groups), torch.get_num_threads())
+        if torch.device(device).type != "cpu" or threads < 2:
+            return [work(g, w) for g, w in groups]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda gw: work(*gw), groups))
+
+    def __call__(self, x):
+        """``A x``: (B, C, *acquired.shape) float32, differentiable in ``x``."""
+        import torch
+        import torch.nn.functional as F
+
+        src = x.float()
+        B, C = x.shape[:2]
+        n = self.acquired.shape[0]
+        if self.cache:  # one sampling pass per group of points, then their weighted sum in the points' order
+            groups = self._groups(B, x.device)
+            samples = self._each_group(
+                groups, lambda g, w: F.grid_sample(src, g, mode="bilinear", padding_mode="border", align_corners=True), x.device
+            )
+            ys = [y[:, :, k * n : (k + 1) * n] for y, (_, w) in zip(samples, groups) for k in range(len(w))]
+            out = ys[0] * self.points[0][1]
+            for y, (_, w) in zip(ys[1:], self.points[1:]):
+                out = out + y * w
+            return out
+        out = torch.empty((B, C, *self.acquired.shape), dtype=torch.float32, device=x.device)
+        for p, w, a, b, g in self._pieces(B, x.device):
+            y = F.grid_sample(src, g, mode="bilinear", padding_mode="border", align_corners=True) * w
+            if p:  # the first point writes each slab, the others add (autograd follows either)
+                out[:, :, a:b] += y
+            else:
+                out[:, :, a:b] = y
         return out
 
     def adjoint(self, y):
-        """``A^T y`` on the fine grid (B, C, *fine.shape)."""
+        """``A^T y`` on the fine grid (B, C, *fine.shape): each quadrature point's trilinear splat, weighted."""
         import torch
 
-        x0 = torch.zeros((y.shape[0], y.shape[1], *self.fine.shape), dtype=y.dtype, device=y.device, requires_grad=True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(self(x0), x0, grad_outputs=y)
-        return g
+        y = y.float()
+        shape = (y.shape[0], y.shape[1], *self.fine.shape)
+        like = torch.empty(shape, dtype=torch.float32, device=y.device)  # the input's sizes, never read
+
+        def splat(values, grid):  # the gradient of grid_sample with respect to its input: trilinear interpolation's adjoint
+            return torch.ops.aten.grid_sampler_3d_backward(values.contiguous(), like, grid, 0, 1, True, [True, False])[0]
+
+        if self.cache:  # one splat per group of points (their weighted values one after another), summed in order
+            groups = self._groups(y.shape[0], y.device)
+            parts = self._each_group(groups, lambda g, w: splat(torch.cat([y * v for v in w], dim=2), g), y.device)
+            out = parts[0]
+            for part in parts[1:]:
+                out = out + part
+            return out
+        out = torch.zeros(shape, dtype=torch.float32, device=y.device)
+        for _, w, a, b, g in self._pieces(y.shape[0], y.device):
+            out += splat(y[:, :, a:b] * w, g)  # bilinear (0), border padding (1), align_corners
+        return out

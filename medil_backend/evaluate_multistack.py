@@ -40,13 +40,15 @@ def motion_error(recovered: np.ndarray, true: np.ndarray, centre: np.ndarray) ->
     return {"rotation_deg": round(angle, 3), "translation_mm": round(float(np.linalg.norm((recovered - true)[:3] @ c)), 3)}
 
 
-def simulated(truth: Volume, thick: float, *, adapt: bool = True, rounds: int = 2, budget_min: float = 3.0) -> dict:
+def simulated(truth: Volume, thick: float, *, adapt: bool = True, rounds: int | None = None, budget_min: float = 3.0) -> dict:
     """Three orthogonal stacks of ``truth`` with motion; every method scored against the truth. ``adapt``: also
     single-stack adapt on the best stack (its quick setting and ``budget_min`` minutes) and multi-stack adapt
     (``budget_min`` minutes)."""
     from .ops.interpolate import resample_sitk
-    from .ops.multistack import multistack_superres
+    from .ops.multistack import MultistackOptions, multistack_superres
     from .simulate_stacks import orthogonal_stacks, rigid
+
+    rounds = rounds or MultistackOptions.rounds
 
     factor = max(2, int(round(thick / float(truth.grid.spacing.min()))))
     centre = truth.grid.voxel_to_world(np.array([(np.array(truth.grid.shape) - 1) / 2.0]))[0]
@@ -82,7 +84,7 @@ def simulated(truth: Volume, thick: float, *, adapt: bool = True, rounds: int = 
     return out
 
 
-def leave_one_stack_out(stacks: Sequence[Volume], rounds: int = 2) -> list[dict]:
+def leave_one_stack_out(stacks: Sequence[Volume], rounds: int | None = None) -> list[dict]:
     """For each stack: reconstruct from the others, acquire the result through the left-out stack's operator and
     compare with that stack (PSNR/SSIM inside its foreground); the same for the others' best B-spline and the
     mean of their B-splines. Every stack's motion comes from one registration of all of them (so each
@@ -90,8 +92,9 @@ def leave_one_stack_out(stacks: Sequence[Volume], rounds: int = 2) -> list[dict]
     stacks or more."""
     from .acquisition import AcquisitionOperator
     from .ops.interpolate import resample_sitk
-    from .ops.multistack import check_stacks, common_grid, footprint_inside, multistack_superres
+    from .ops.multistack import MultistackOptions, check_stacks, common_grid, footprint_inside, multistack_superres
 
+    rounds = rounds or MultistackOptions.rounds
     if len(stacks) < 3:
         return []
     target = common_grid(check_stacks(list(stacks)))

@@ -516,8 +516,9 @@ TASKS: dict[str, TaskSpec] = {
                 Option(
                     "iterations",
                     int,
-                    2,
-                    "data-consistency steps (default 2); several stacks: rounds of registration and joint reconstruction (default 2)",
+                    None,
+                    "data-consistency steps (default 2); several stacks: rounds of registration and joint reconstruction "
+                    "(default 1; a second registers each stack again to the first round's volume)",
                     low=0,
                     high=100,
                 ),

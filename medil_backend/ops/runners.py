@@ -116,9 +116,10 @@ def run_superres(ctx: RunContext, volume: Volume | list[Volume], request: GridRe
         from .sample import load_sampler
 
         model = ctx.cached(("sampler", model), lambda: load_sampler(model))
-    same = ("method", "slice_thickness", "slice_profile", "iterations", "samples", "seed", "steps", "strength", "background")
+    same = ("method", "slice_thickness", "slice_profile", "samples", "seed", "steps", "strength", "background")
     op_options = SuperresOptions(
         **{k: getattr(o, k) for k in same},
+        iterations=SuperresOptions.iterations if o.iterations is None else o.iterations,
         time_budget_min=o.time_budget,
         max_memory_gb=ctx.max_memory_gb,
         model=model,
@@ -201,7 +202,7 @@ def _run_multistack(ctx: RunContext, volumes: list[Volume], request: GridRequest
     same = ("slice_thickness", "slice_profile", "background", "method", "samples", "seed", "slice_motion")
     options = MultistackOptions(
         **{k: getattr(o, k) for k in same},
-        rounds=max(1, int(o.iterations)),
+        rounds=MultistackOptions.rounds if o.iterations is None else max(1, int(o.iterations)),
         register=not o.no_motion,
         time_budget_min=o.time_budget,
         max_memory_gb=ctx.max_memory_gb,

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..acquisition import AcquisitionOperator
+from ..acquisition import CACHE_SHARE, AcquisitionOperator
 from ..errors import MedILError
 from ..geometry import Grid, Volume
 from ..methods import SUPERRES_METHODS
@@ -148,6 +148,10 @@ def superres(
     return Volume(x.astype(np.float32), problem.target.affine, modality=volume.modality, meta=meta, extras=extras)
 
 
+#: the methods whose operator keeps its sampling coordinates (no tiles to share the memory with)
+CACHED_METHODS = ("fast", "adapt")
+
+
 def _problem(volume: Volume, target: Grid | None, opts: SuperresOptions, progress, cancel) -> tuple[Problem, dict, float]:
     """The problem every method works on (grids, operator, device, memory plan), the run's first metadata and the
     fraction of the output the input covers; refuses what cannot work before any."""
@@ -184,6 +188,10 @@ def _problem(volume: Volume, target: Grid | None, opts: SuperresOptions, progres
     profiles = ["rect", "rect", "rect"]
     profiles[axis] = opts.slice_profile
     op = AcquisitionOperator(grid, work, thickness, profiles)
+    if opts.method in CACHED_METHODS and op.cache_bytes() <= CACHE_SHARE * budget:
+        # their data-consistency steps apply the operator a dozen times: its sampling coordinates are kept
+        op.cache = True
+        memory.hold("sampling coordinates", op.cache_bytes())
     y = np.asarray(volume.array, dtype=np.float32)
     problem = Problem(volume, y, grid, target, work, axis, op, opts, dev, net_dtype, budget, progress, cancel)
     meta: dict = {
