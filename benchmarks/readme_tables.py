@@ -388,14 +388,17 @@ def multistack_speed() -> str:
     shape = "x".join(map(str, d["output_shape"]))
     what = {"fast": "fast: joint reconstruction", "adapt": "adapt (default): learned upsampling, 3-minute budget, then joint"}
     rows = [
-        "| job | output | seconds | peak memory (GB) |",
-        "|---|---|---|---|",
-        f"| SimpleITK B-spline of one stack | {shape} | {d['bspline_one_stack_seconds']} | - |",
+        "| job | output | seconds | x B-spline | gain over B-spline of the best stack | peak memory (GB) |",
+        "|---|---|---|---|---|---|",
+        f"| SimpleITK B-spline of one stack | {shape} | {d['bspline_one_stack_seconds']} | 1 | - | - |",
     ]
     for method, m in d["methods"].items():
+        rounds = f"{m['rounds']} round{'s' if m['rounds'] != 1 else ''}"
+        ratio = m.get("times_bspline_one_stack", "-")
+        gain = f"{m['gain_over_bspline_best_stack_db']:+.2f} dB" if "gain_over_bspline_best_stack_db" in m else "-"
         rows.append(
-            f"| `medil superres` of {len(d['stacks'])} stacks, {what.get(method, method)} ({m['rounds']} rounds; reading, registration, "
-            f"reconstruction, writing) | {shape} | {m['medil_superres_seconds']} | {m['peak_memory_gb']} |"
+            f"| `medil superres` of {len(d['stacks'])} stacks, {what.get(method, method)} ({rounds}; reading, registration, "
+            f"reconstruction, writing) | {shape} | {m['medil_superres_seconds']} | {ratio} | {gain} | {m['peak_memory_gb']} |"
         )
     rows += ["", f"{d['machine']['cpus']} CPU cores, device {d['device']}; `python benchmarks/bench_multistack.py`."]
     return "\n".join(rows)
