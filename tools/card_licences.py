@@ -24,8 +24,10 @@ def training_files(card: dict) -> list[str]:
     """The names of the real volumes a card says its weights were trained on (a recipe's data, or an adapt prior's)."""
     data = card.get("training", {}).get("data") if isinstance(card.get("training"), dict) else None
     entries = data.get("train", []) if isinstance(data, dict) else []
-    if not entries and isinstance(card.get("data"), list):  # adapt priors
-        entries = card["data"]
+    if not entries and isinstance(card.get("data"), list):  # adapt priors: their volumes, and the heads they made theirs from
+        heads = card.get("heads") or {}
+        entries = card["data"] + [e for e in heads.get("sources", []) if e.get("file") != "tissue-maps"]
+        entries += [{"file": f} for f in (heads.get("tissue_maps") or {}).values()]
     names = []
     for e in entries:
         name = e.get("file") or e.get("name") if isinstance(e, dict) else str(e)

@@ -244,6 +244,7 @@ def _card(data: PriorData, draw: _Draw, net, seed, losses, restarts, steps, minu
         heads = {
             "generator": "medil_backend.training.heads.whole_head",
             "sources": [{"file": s.name, "sha256": s.sha256} for s in draw.sources],
+            "tissue_maps": {k: Path(v).name for k, v in (data.tissue_maps or {}).items()},
             "share": data.head_share,
             "made": draw.made,
             "sampler": draw.config.__dict__,
