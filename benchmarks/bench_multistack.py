@@ -8,7 +8,9 @@ on the three stack files in a fresh process (the command a user runs: reading, r
 joint reconstruction, writing), onto the head's own 1 mm grid, once per method: `fast` (the joint
 reconstruction from the B-spline mean) and `adapt` (the default: the stacks' learned upsampling at the
 default 3-minute budget, then the joint reconstruction). Peak memory is the process's high-water mark.
-Each method's time is also given as a multiple of the B-spline's, and its output is scored as ``medil evaluate
+Each method's time is also given as a multiple of B-spline of one stack as a whole process (SimpleITK reading the
+stack and the grid, resampling and writing the same format: what ``medil superres`` does besides its own work;
+the resampling alone is ``bspline_one_stack_seconds``), and its output is scored as ``medil evaluate
 --multistack`` scores it (PSNR inside the head against the truth): the gain in dB over B-spline of the best stack.
 Prints JSON.
 
@@ -70,6 +72,13 @@ def main() -> None:
         return psnr(np.asarray(array, np.float32) / scale, truth.array / scale, mask)
 
     best_single = max(score(resample_sitk(s, truth.grid, "bspline").array) for s in stacks)
+    # B-spline of one stack as a user runs it, a whole process (start, reading, resampling, writing), as medil's below
+    bspline_cmd = [sys.executable, "-c", "import sys, SimpleITK as sitk; im = sitk.ReadImage(sys.argv[1]); ref = sitk.ReadImage(sys.argv[2]); "
+                   "sitk.WriteImage(sitk.Resample(im, ref, sitk.Transform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32), sys.argv[3])",
+                   str(paths[0]), str(work / "grid.nii.gz"), str(work / "bspline.nii.gz")]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(bspline_cmd, check=True, capture_output=True)
+    bspline_process = time.perf_counter() - t0
     result = {
         "benchmark": "bench_multistack",
         "volume": HEAD.name,
@@ -78,6 +87,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "device": args.device,
         "bspline_one_stack_seconds": round(bspline, 2),
+        "bspline_one_stack_process_seconds": round(bspline_process, 2),
         "bspline_best_stack_psnr": round(best_single, 3),
         "methods": {},
     }
@@ -99,7 +109,7 @@ def main() -> None:
             "inside_seconds": record["method"]["seconds"],
             "peak_memory_gb": round(peak_kb / 2**20, 2),
             "rounds": record["method"]["rounds"],
-            "times_bspline_one_stack": round(seconds / bspline, 1),
+            "times_bspline_one_stack": round(seconds / bspline_process, 1),
             "psnr": round(score(read_volume(out).array), 3),
             "gain_over_bspline_best_stack_db": round(score(read_volume(out).array) - best_single, 2),
         }
