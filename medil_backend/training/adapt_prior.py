@@ -173,8 +173,9 @@ def pretrain(
     net = ResidualCNN2d()
     before = {"minutes": 0.0, "steps": 0}
     if init is not None:
-        net.load_state_dict(_read_init(Path(init)))
-        before = json.loads(Path(init).with_suffix(".json").read_text())["training"]
+        state, card = _read_init(Path(init))
+        net.load_state_dict(state)
+        before = card.get("training") or {}
         before = {
             "minutes": float(before.get("total_minutes", before["minutes"])),
             "steps": int(before.get("total_steps", before["steps"])),
@@ -230,12 +231,17 @@ def pretrain(
     return net.to(memory_format=torch.contiguous_format), card_now()
 
 
-def _read_init(path: Path) -> dict[str, torch.Tensor]:
+def _read_init(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Exported weights to go on from, checked against their card's sha256, and the card (read once)."""
     from ..files import read_json_file
     from ..models.cards import read_weights
 
     card = read_json_file(path.with_suffix(".json"), "starting weights' card")
-    return read_weights(path, str(card["sha256"]), path.stem)
+    if not isinstance(card, dict) or not card.get("sha256") or not isinstance(card.get("training"), dict):
+        raise MedILError(
+            f"{path.with_suffix('.json')} is not the card of exported starting weights: give a prior-*.safetensors that export wrote"
+        )
+    return read_weights(path, str(card["sha256"]), path.stem), card
 
 
 def _card(data: PriorData, draw: _Draw, net, seed, losses, restarts, steps, minutes, before) -> dict:
