@@ -55,6 +55,9 @@ ORIENTATIONS = ["input", "axial (RAS-aligned)", "like reference"]
 FOV_MODES = ["input extent", "ROI", "like reference"]
 DEVICES = ["auto", "cuda", "cpu"]
 MODALITIES = ["auto", "mri", "ct"]
+#: the backend's time budget for one stack when none is given (``medil_backend.methods.TIME_BUDGET_MIN``; a test checks
+#: they agree): the panel's default
+ONE_STACK_TIME_BUDGET = 3.0
 DEFAULT_MODEL_LABEL = "default (by modality and task)"
 #: the model list's order by card role: models, then generative autoencoders (latent spaces), then comparisons
 MODEL_ROLE_ORDER = {"model": 0, "generative": 1, "comparison": 2}
@@ -118,7 +121,8 @@ class MedILSlicerParameterNode:
     superresMethod: str = "adapt"  # any method the backend publishes (not bound to the combo box by connectGui: see onMethodChanged)
     # the ranges are the task specs' (option_range: capped where a Qt spin box stops)
     superresSamples: Annotated[int, WithinRange(*option_range("superres", "samples"))] = 1
-    superresTimeBudget: Annotated[float, WithinRange(*option_range("superres", "time_budget"))] = 3.0  # 0: adapt's prior alone
+    # 0: adapt's prior alone; with several stacks checked (one sample) the panel shows their default, the spec's stacks_default
+    superresTimeBudget: Annotated[float, WithinRange(*option_range("superres", "time_budget"))] = 3.0  # ONE_STACK_TIME_BUDGET
     sampleSeed: Annotated[int, WithinRange(*option_range("sample", "seed"))] = 0
     sampleCount: Annotated[int, WithinRange(*option_range("sample", "n"))] = 1
     sampleSteps: Annotated[int, WithinRange(*option_range("sample", "steps", special_low=0))] = 0  # 0: the model's own (its card)
@@ -200,6 +204,8 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.spacingPresetComboBox.currentTextChanged.connect(self.updateGeometryOptions)
         self.ui.orientationComboBox.currentTextChanged.connect(self.updateGeometryOptions)
         self.ui.fovComboBox.currentTextChanged.connect(self.updateGeometryOptions)
+        self.ui.extraStacksSelector.checkedNodesChanged.connect(self.onStacksChanged)
+        self._budgetFollowsStacks = False  # the time budget shows the several-stack default because stacks were checked
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self.onPoll)
@@ -268,6 +274,7 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         self._showMethod()
+        self.onStacksChanged()  # the number of samples too (read here, once the parameter holds the spin box's value)
         self._checkCanApply()
 
     def currentTask(self):
@@ -335,6 +342,22 @@ class MedILSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The values the panel holds for ``task``'s options, by the names its spec declares (the logic's options)."""
         p = self._parameterNode
         return {name: getattr(p, panel_parameter(widget)) for (t, name), widget in OPTION_WIDGETS.items() if t == task}
+
+    def onStacksChanged(self, *args) -> None:
+        """The time budget follows the number of stacks while it shows a default: checking stacks (one sample) turns
+        the one-stack default into theirs (the spec's ``stacks_default``: the pre-trained network alone), and
+        unchecking them, or asking for several samples, turns it back; a budget the user set is kept."""
+        p = self._parameterNode
+        stacks_default = catalog().option("superres", "time_budget").get("stacks_default")
+        if p is None or stacks_default is None:
+            return
+        several = bool(self.checkedStacks()) and p.superresSamples == 1
+        if several and p.superresTimeBudget == ONE_STACK_TIME_BUDGET:
+            p.superresTimeBudget = float(stacks_default)
+            self._budgetFollowsStacks = True
+        elif not several and self._budgetFollowsStacks and p.superresTimeBudget == float(stacks_default):
+            p.superresTimeBudget = ONE_STACK_TIME_BUDGET
+            self._budgetFollowsStacks = False
 
     def checkedStacks(self) -> list:
         """The other stacks checked under "More stacks" (the input volume itself left out)."""

@@ -99,6 +99,18 @@ def test_parameter_names_match_the_parameter_node(panel):
     assert set(UNBOUND.values()) <= names
 
 
+def test_the_panels_default_time_budget_is_the_backends_for_one_stack(panel):
+    """The parameter's default, the constant the panel compares with when stacks are checked, and the .ui's value are
+    the backend's one-stack time budget; the several-stack default is the spec's."""
+    from medil_backend.methods import TIME_BUDGET_MIN, default_time_budget
+
+    assert parameter_fields()["superresTimeBudget"] == module_constant("ONE_STACK_TIME_BUDGET") == TIME_BUDGET_MIN
+    assert panel.findChild(QtWidgets.QDoubleSpinBox, "superresTimeBudgetSpinBox").value() == TIME_BUDGET_MIN
+    from medil_backend.task import TASKS
+
+    assert TASKS["superres"].option("time_budget").stacks_default == default_time_budget("adapt", 3, 1) == 0.0
+
+
 def test_each_option_widget_holds_the_parameter_the_widget_code_reads_for_it(panel):
     """The panel hands the logic its options by the specs' names, reading each from the parameter named after its
     widget (MedILSlicerWidget.taskOptions): every option widget is bound to that parameter (or kept in step with it)."""

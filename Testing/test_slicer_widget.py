@@ -255,6 +255,37 @@ def test_several_stacks_checked_in_the_panel_become_one_volume_its_uncertainty_a
     assert not ui.extraStacksSelector.isVisibleTo(widget.parent)
 
 
+def test_the_time_budget_follows_the_stack_count_while_it_shows_a_default(panel, tmp_path):
+    """Checking more stacks turns the one-stack default budget (3 minutes) into the several-stack default the spec
+    publishes (0: the pre-trained network alone); several samples or unchecking the stacks turn it back; a budget
+    the user set stays as it is. The panel's default is the backend's."""
+    from conftest import head_stack_files
+
+    from medil_backend.methods import TIME_BUDGET_MIN
+    from medil_backend.task import TASKS
+
+    app, widget, scene, node, dialogs, views = panel
+    ui = raw_ui(widget)
+    stacks = [load_node(scene, p) for p in head_stack_files(tmp_path, size=24)]
+    ui.inputSelector.setCurrentNode(stacks[0])
+    budget = ui.superresTimeBudgetSpinBox
+    several = TASKS["superres"].option("time_budget").stacks_default
+    assert budget.value() == TIME_BUDGET_MIN and several == 0.0
+    ui.extraStacksSelector.setCheckState(stacks[1], slicer_app.QtCore.Qt.Checked)
+    assert budget.value() == several and widget._parameterNode.superresTimeBudget == several
+    ui.superresSamplesSpinBox.setValue(2)  # several samples need networks that differ: a budget
+    assert budget.value() == TIME_BUDGET_MIN
+    ui.superresSamplesSpinBox.setValue(1)
+    assert budget.value() == several
+    ui.extraStacksSelector.setCheckState(stacks[1], slicer_app.QtCore.Qt.Unchecked)
+    assert budget.value() == TIME_BUDGET_MIN
+    budget.setValue(1.5)  # the user's own budget is kept either way
+    ui.extraStacksSelector.setCheckState(stacks[2], slicer_app.QtCore.Qt.Checked)
+    assert budget.value() == 1.5
+    ui.extraStacksSelector.setCheckState(stacks[2], slicer_app.QtCore.Qt.Unchecked)
+    assert budget.value() == 1.5
+
+
 def test_cancel_stops_the_backend_and_leaves_nothing(panel):
     app, widget, scene, node, dialogs, views = panel
     ui = raw_ui(widget)

@@ -314,20 +314,33 @@ def test_the_bundled_prior_starts_adaptation_ahead_of_scratch(thick_crop, modali
     assert runs["prior"]["l1_last"] < runs["scratch"]["l1_last"], runs
 
 
-def test_adapt_applies_through_plane_in_the_orientations_it_learnt():
-    """A scan with 0.8 mm rows, 6.5 mm columns and simulated 4 mm slices: the network learns on (rows, columns)
-    planes, so through-plane it runs on (slices, columns) planes only; an untrained (identity) network returns the
-    B-spline interpolant exactly, mirrors included."""
-    from medil_backend.ops.adapt import ResidualCNN2d, _bspline, apply_adapter, refined_along, train_adapter
+def test_adapt_applies_through_plane_in_both_orientations_with_its_mirror_images():
+    """A scan with 0.8 mm rows, 6.5 mm columns and simulated 4 mm slices: the network runs on both kinds of plane
+    that contain the slice axis (slices x rows, slices x columns), each with its mirror images, and the output is
+    their average; an untrained (identity) network returns the B-spline interpolant exactly."""
+    import torch
+
+    from medil_backend.ops.adapt import MIRRORS, ResidualCNN2d, _bspline, _planes, apply_adapter, refined_along
 
     rng = np.random.default_rng(0)
     grid = Grid.from_parts((40, 10, 20), [0.8, 4.0, 6.5])
     x = rng.random((40, 10, 20)).astype(np.float32)
-    _, info = train_adapter([(x, grid, 1, 4.0)], "rect", 60.0, 0, max_steps=2)
-    assert info["columns"] == [2]  # the 6.5 mm axis is too coarse to degrade to 4 mm slices: no (columns, rows) planes
     fine = refined_along(grid, 1, 4)
-    out = apply_adapter(ResidualCNN2d(), x, grid, fine, 1, info["columns"])
-    np.testing.assert_allclose(out, _bspline(x, grid, fine), atol=1e-6)
+    u = _bspline(x, grid, fine)
+    np.testing.assert_allclose(apply_adapter(ResidualCNN2d(), x, grid, fine, 1), u, atol=1e-6)
+    torch.manual_seed(0)
+    net = ResidualCNN2d().eval()
+    for param in net.body[-1].parameters():
+        torch.nn.init.normal_(param, std=0.05)  # no longer the identity
+    expected = np.zeros_like(u)
+    with torch.no_grad():
+        for cols in (0, 2):  # (slices, rows) and (slices, columns) planes, stacked along the other axis, and back
+            planes = torch.from_numpy(_planes(u, 1, cols))
+            pred = sum(net(planes.flip(f)).flip(f) if f else net(planes) for f in MIRRORS[4]) / 4
+            expected += np.transpose(pred[:, 0].numpy(), np.argsort((3 - 1 - cols, 1, cols)))
+    out = apply_adapter(net, x, grid, fine, 1, mirrors=4)
+    assert np.abs(out - u).max() > 1e-3  # the network changes the interpolant
+    np.testing.assert_allclose(out, expected / 2, atol=1e-5)
 
 
 def test_adapt_with_no_time_budget_runs_the_pretrained_network_alone(small_mri, tmp_path, capsys):

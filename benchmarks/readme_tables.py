@@ -386,7 +386,11 @@ def multistack_summary() -> str:
 def multistack_speed() -> str:
     d = json.loads((RESULTS / "bench_multistack.json").read_text())
     shape = "x".join(map(str, d["output_shape"]))
-    what = {"fast": "fast: joint reconstruction", "adapt": "adapt (default): learned upsampling, 3-minute budget, then joint"}
+    what = {
+        "fast": "fast: joint reconstruction",
+        "adapt": "adapt (default): the pre-trained network's upsampling of each stack, then joint",
+        "adapt-3min": "adapt, `--time-budget 3`: the network adapted to the stacks first, then joint",
+    }
     rows = [
         "| job | output | seconds | x B-spline | gain over B-spline of the best stack | peak memory (GB) |",
         "|---|---|---|---|---|---|",

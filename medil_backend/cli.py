@@ -23,6 +23,7 @@ from pathlib import Path
 from . import __version__
 from .errors import Cancelled, Interrupted, MedILError
 from .frontend import grid_request, user_message
+from .methods import TIME_BUDGET_MIN
 
 #: the output-grid defaults of each task, as its help states them
 _GRID_DEFAULTS = {
@@ -194,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--superres-samples", type=int, default=1, metavar="K", help="adapt, cycles: K seeds, and score the uncertainty map (K > 1)"
     )
-    e.add_argument("--superres-time-budget", type=float, default=3.0, metavar="MIN", help="adapt: training minutes per volume and task")
+    e.add_argument(
+        "--superres-time-budget",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="adapt: training minutes per volume and task (default: the method's own, 3; several stacks: 0)",
+    )
     e.add_argument(
         "--superres-model", default=None, metavar="LDM", help="inverse, cycles: the latent diffusion model (default: the bundled one)"
     )
@@ -590,7 +597,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_memory_gb=args.max_memory,
         superres_methods=args.superres,
         superres_samples=args.superres_samples,
-        superres_time_budget_min=args.superres_time_budget,
+        superres_time_budget_min=TIME_BUDGET_MIN if args.superres_time_budget is None else args.superres_time_budget,
         superres_model=args.superres_model,
     )
     table = markdown_table(result)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .geometry import Volume
+from .methods import TIME_BUDGET_MIN
 from .metrics import foreground_mask, psnr, ssim
 
 #: the rigid motions (degrees about x, y, z; mm) of the second and third simulated stacks
@@ -40,10 +41,10 @@ def motion_error(recovered: np.ndarray, true: np.ndarray, centre: np.ndarray) ->
     return {"rotation_deg": round(angle, 3), "translation_mm": round(float(np.linalg.norm((recovered - true)[:3] @ c)), 3)}
 
 
-def simulated(truth: Volume, thick: float, *, adapt: bool = True, rounds: int | None = None, budget_min: float = 3.0) -> dict:
+def simulated(truth: Volume, thick: float, *, adapt: bool = True, rounds: int | None = None, budget_min: float | None = None) -> dict:
     """Three orthogonal stacks of ``truth`` with motion; every method scored against the truth. ``adapt``: also
     single-stack adapt on the best stack (its quick setting and ``budget_min`` minutes) and multi-stack adapt
-    (``budget_min`` minutes)."""
+    (``budget_min`` minutes); None: each one's default (:func:`~medil_backend.methods.default_time_budget`)."""
     from .ops.interpolate import resample_sitk
     from .ops.multistack import MultistackOptions, multistack_superres
     from .simulate_stacks import orthogonal_stacks, rigid
@@ -66,7 +67,8 @@ def simulated(truth: Volume, thick: float, *, adapt: bool = True, rounds: int | 
     if adapt:
         from .ops.superres import superres
 
-        for key, minutes in (("adapt_quick_best_single", 0.0), ("adapt_best_single", budget_min)):
+        single = TIME_BUDGET_MIN if budget_min is None else budget_min
+        for key, minutes in (("adapt_quick_best_single", 0.0), ("adapt_best_single", single)):
             t0 = time.perf_counter()
             a = superres(stacks[best], truth.grid, method="adapt", time_budget_min=minutes, device="cpu")
             out["methods"][key] = {**_scores(a.array, ref, mask, scale), "seconds": round(time.perf_counter() - t0, 1)}

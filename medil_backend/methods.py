@@ -46,6 +46,18 @@ GENERATIVE_SUPERRES_METHODS = tuple(f.name for f in METHOD_FACTS.values() if f.u
 STOCHASTIC_SUPERRES_METHODS = tuple(f.name for f in METHOD_FACTS.values() if f.stochastic)
 MULTISTACK_METHODS = tuple(f.name for f in METHOD_FACTS.values() if f.several_stacks)
 
+#: the time budget of adapt and inverse when none is given (minutes; several stacks with one sample: 0, see
+#: :func:`default_time_budget`)
+TIME_BUDGET_MIN = 3.0
+
+
+def default_time_budget(method: str, stacks: int, samples: int) -> float:
+    """The time budget when none is given: :data:`TIME_BUDGET_MIN`, but 0 (the pre-trained network alone) for a method
+    that has that setting on several stacks with one sample: there the stacks together hold what adaptation would
+    add (bench_multistack.py measures the default and three minutes side by side); several samples need networks
+    that differ."""
+    return 0.0 if method_facts(method).quick and stacks > 1 and samples == 1 else TIME_BUDGET_MIN
+
 
 def _words(names) -> str:
     names = list(names)

@@ -25,7 +25,7 @@ from typing import Any
 from .errors import MedILError
 from .geometry import Grid, Volume
 from .limits import MAX_SEED, check_seed
-from .methods import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, check_sampling
+from .methods import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, TIME_BUDGET_MIN, check_sampling
 
 # -- options -------------------------------------------------------------------------------------------
 
@@ -48,6 +48,7 @@ class Option:
     metavar: str | None = None
     path: bool = False  # a file the task writes (checked with the outputs, before any work)
     stacks_only: bool = False  # applies only when several inputs (stacks) are given
+    stacks_default: Any = None  # the default when several inputs (stacks) are given, where it differs (one sample)
 
     @property
     def flag(self) -> str:
@@ -404,9 +405,10 @@ _RUNNERS = "medil_backend.ops.runners"
 def _check_superres(options: dict, request: GridRequest) -> None:
     if options.get("uncertainty") and options["samples"] < 2:
         raise MedILError("an uncertainty map needs several samples: set samples to 2 or more", options=("samples",))
-    check_sampling(options["method"], options["samples"], options["time_budget"])
+    budget = TIME_BUDGET_MIN if options["time_budget"] is None else options["time_budget"]  # several stacks: checked there
+    check_sampling(options["method"], options["samples"], budget)
     check_seed(options["seed"], options["samples"])
-    if options.get("preview") and (options["method"] != "adapt" or options["time_budget"] == 0):
+    if options.get("preview") and (options["method"] != "adapt" or budget == 0):
         raise MedILError(
             "a preview is the quick result of adapt with a time budget; fast and a time budget of 0 are quick already: "
             "drop --preview, or use adapt with a time budget",
@@ -483,13 +485,15 @@ TASKS: dict[str, TaskSpec] = {
                 Option(
                     "time_budget",
                     float,
-                    3.0,
+                    None,
                     "adapt, inverse: minutes of training/optimisation in all (default 3); adapt with 0: the pre-trained "
-                    "network alone, no test-time training (seconds)",
+                    "network alone, no test-time training (seconds); several stacks with one sample: default 0 (the "
+                    "stacks together hold what adaptation would add; bench_multistack.py measures both)",
                     label="Time budget",
                     low=0.0,
                     high=24 * 60,
                     metavar="MIN",
+                    stacks_default=0.0,
                 ),
                 Option("seed", int, 0, "adapt, cycles, inverse: the first seed", **_SEED),
                 Option("steps", int, 10, "cycles: DDIM steps per cycle (default 10)", label="Steps", low=1, high=1000, metavar="K"),

@@ -21,6 +21,8 @@ sys.path.insert(0, str(OUT.parents[2]))
 from MedILSlicerLib.tasks import LABELS as TASKS  # noqa: E402  (the one task list)
 from MedILSlicerLib.tasks import SUPERRES_METHODS, option_range  # noqa: E402
 
+from medil_backend.methods import TIME_BUDGET_MIN  # noqa: E402  (the panel's default budget: one stack's)
+
 SPACING = ["input", "finest isotropic", "1 mm", "custom"]
 ORIENT = ["input", "axial (RAS-aligned)", "like reference"]
 FOV = ["input extent", "ROI", "like reference"]
@@ -213,7 +215,7 @@ def build() -> str:
                         "superresTimeBudgetSpinBox",
                         "superresTimeBudget",
                         *option_range("superres", "time_budget"),
-                        3.0,
+                        TIME_BUDGET_MIN,
                         suffix=" min",
                         step=0.5,
                     ),

@@ -279,7 +279,7 @@ class MedILLogicCore:
             return False
         method = values.get("method") or tasks.option(task, "method").get("default")
         budget = values.get("time_budget", tasks.option(task, "time_budget").get("default"))
-        return method == "adapt" and budget is not None and float(budget) > 0
+        return method == "adapt" and (budget is None or float(budget) > 0)  # None: one stack's default, minutes
 
     @staticmethod
     def _inputNodes(spec, inputs) -> list:

@@ -120,7 +120,7 @@ def run_superres(ctx: RunContext, volume: Volume | list[Volume], request: GridRe
     op_options = SuperresOptions(
         **{k: getattr(o, k) for k in same},
         iterations=SuperresOptions.iterations if o.iterations is None else o.iterations,
-        time_budget_min=o.time_budget,
+        time_budget_min=SuperresOptions.time_budget_min if o.time_budget is None else o.time_budget,
         max_memory_gb=ctx.max_memory_gb,
         model=model,
         device=ctx.device,
@@ -204,7 +204,7 @@ def _run_multistack(ctx: RunContext, volumes: list[Volume], request: GridRequest
         **{k: getattr(o, k) for k in same},
         rounds=MultistackOptions.rounds if o.iterations is None else max(1, int(o.iterations)),
         register=not o.no_motion,
-        time_budget_min=o.time_budget,
+        time_budget_min=o.time_budget,  # None: the several-stack default (MultistackOptions.checked)
         max_memory_gb=ctx.max_memory_gb,
         device=ctx.device,
         precision=ctx.precision,

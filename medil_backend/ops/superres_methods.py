@@ -19,7 +19,7 @@ import torch
 from ..acquisition import AcquisitionOperator
 from ..errors import MedILError
 from ..geometry import Grid, Volume
-from ..methods import check_sampling, method_facts
+from ..methods import TIME_BUDGET_MIN, check_sampling, method_facts
 from .runtime import Progress, autocast, check_cancel, check_seed, report
 
 
@@ -32,7 +32,7 @@ class SuperresOptions:
     slice_profile: str = "rect"
     iterations: int = 2
     samples: int = 1
-    time_budget_min: float = 3.0
+    time_budget_min: float = TIME_BUDGET_MIN
     seed: int = 0
     max_memory_gb: float | None = None
     model: Any = None  # a model name, a card path or a loaded Sampler
@@ -170,9 +170,7 @@ def estimate_adapt(p: Problem) -> Estimate:
         )
         report(p.progress, mid, "applying the adapted network through-plane")
         mirrors = QUICK_MIRRORS if quick else 4
-        estimates.append(
-            apply_adapter(net, yn, p.grid, p.work, p.axis, info["columns"], p.cancel, device=p.device, dtype=p.dtype, mirrors=mirrors)
-        )
+        estimates.append(apply_adapter(net, yn, p.grid, p.work, p.axis, p.cancel, device=p.device, dtype=p.dtype, mirrors=mirrors))
         runs.append(info)
     stack = np.stack(estimates)
     x, before, after = p.consistent(stack.mean(axis=0), yn, (0.9, 0.97))
