@@ -152,6 +152,42 @@ def _operators(stacks: list[Stack], target: Grid, profile: str, cache: bool = Fa
     return ops
 
 
+class SlabOperator:
+    """One slice's acquisition from the slab of the output grid that its footprint reaches (with a margin): it reads
+    and writes that slab only. The same operator as one built on the whole grid (its sampling points lie inside the
+    slab), without a whole-volume adjoint per slice and step."""
+
+    def __init__(self, stack: Stack, target: Grid, profile: str, cache: bool = False) -> None:
+        g = stack.grid
+        reach = [1.0, 1.0, 1.0]  # voxels beyond each end of the slice that its footprint may reach
+        reach[stack.axis] = max(1.0, stack.thickness / float(g.spacing[stack.axis]))
+        ends = [(-r, n - 1 + r) for r, n in zip(reach, g.shape)]
+        corners = np.array([[i, j, k] for i in ends[0] for j in ends[1] for k in ends[2]], float)
+        v = target.world_to_voxel(g.voxel_to_world(corners))
+        lo = np.clip(np.floor(v.min(axis=0)) - 2, 0, target.shape).astype(int)
+        hi = np.clip(np.ceil(v.max(axis=0)) + 3, lo + 1, target.shape).astype(int)
+        self.index = (slice(None), slice(None), *(slice(int(a), int(b)) for a, b in zip(lo, hi)))
+        self.op = _operators([stack], target.sub_grid(lo, hi), profile, cache)[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x[self.index])
+
+    def adjoint_into(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        """``out += A^T y``, on the slab."""
+        out[self.index] += self.op.adjoint(y)
+
+
+def _adjoint_sum(ops: list, values, like: torch.Tensor) -> torch.Tensor:
+    """``sum_k A_k^T v_k`` on ``like``'s grid, each :class:`SlabOperator` adding into its slab only."""
+    out = torch.zeros_like(like)
+    for op, v in zip(ops, values):
+        if isinstance(op, SlabOperator):
+            op.adjoint_into(out, v)
+        else:
+            out += op.adjoint(v)
+    return out
+
+
 def coverage(stacks: list[Stack], target: Grid) -> np.ndarray:
     """How many stacks constrain each voxel of ``target`` (inside their extent, after their motion)."""
     count = np.zeros(target.shape, dtype=np.float32)
@@ -345,11 +381,11 @@ def _sirt(x, ys, ops, weights, steps: int, alpha: float, cancel, progress, span)
     """Preconditioned gradient steps on ``sum_k ||W_k (A_k x - y_k)||^2 + alpha ||D x||^2`` over the voxels
     ``weights`` keeps (rows of ``A`` sum to 1; 12 bounds ``D^T D``'s rows)."""
     with torch.no_grad():
-        precond = (sum(op.adjoint(w) for op, w in zip(ops, weights)) + 12.0 * alpha).clamp_min(1e-6)
+        precond = (_adjoint_sum(ops, weights, x) + 12.0 * alpha).clamp_min(1e-6)
         for k in range(steps):
             check_cancel(cancel)
             report(progress, span[0] + (span[1] - span[0]) * k / max(steps, 1), f"joint data consistency {k + 1}/{steps}")
-            step = sum(op.adjoint(w * (y - op(x))) for op, y, w in zip(ops, ys, weights))
+            step = _adjoint_sum(ops, (w * (y - op(x)) for op, y, w in zip(ops, ys, weights)), x)
             if alpha:
                 step = step - alpha * _smoothness(x)
             x = x + step / precond
@@ -629,7 +665,7 @@ def _slice_motion_rounds(jp: JointProblem, x: torch.Tensor, alpha: float):
                 }
             )
             pieces += [(p, part, k) for p, part in parts]
-        ops = _operators([p for p, _, _ in pieces], target, jp.options.slice_profile, jp.cache)
+        ops = [SlabOperator(p, target, jp.options.slice_profile, jp.cache) for p, _, _ in pieces]
         weights = [torch.from_numpy(footprint_inside(p, target).astype(np.float32))[None, None].to(jp.device) for p, _, _ in pieces]
         parts_y = [torch.from_numpy(np.ascontiguousarray(part))[None, None].to(jp.device) for _, part, _ in pieces]
         x, per_slice = _sirt(x, parts_y, ops, weights, STEPS_PER_ROUND, alpha, cancel, progress, (lo + 0.7 * (hi - lo), hi))
