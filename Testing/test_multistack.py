@@ -201,18 +201,23 @@ def test_adapt_on_several_stacks_learns_from_all_of_them_and_maps_its_uncertaint
 
 
 def test_adapt_adds_learned_detail_to_the_joint_reconstruction(head):
-    """The pre-trained network alone (no test-time steps), applied to each stack, then the joint steps: better
-    than the joint steps from the B-spline mean, on a held-out head."""
+    """adapt's default on several stacks (one sample): the pre-trained network alone (no test-time steps), applied
+    to each stack, then the joint steps: better than the joint steps from the B-spline mean, on a held-out head.
+    Stacks of unknown modality get the starting weights of the modality their normaliser guesses."""
     c = _centre(head)
     motions = [np.eye(4), rigid([3, -2, 4], [2, -3, 1.5], c), rigid([-4, 3, -2], [-2.5, 2, -3], c)]
     stacks = orthogonal_stacks(head, 4, motions, noise=0.01)
+    for s in stacks:
+        s.modality = "unknown"
     mask = foreground_mask(head.array)
     scale = float(np.percentile(head.array[mask], 99))
     fast = multistack_superres(stacks, head.grid, device="cpu")
-    learned = multistack_superres(stacks, head.grid, device="cpu", method="adapt", time_budget_min=0)
+    learned = multistack_superres(stacks, head.grid, device="cpu", method="adapt")
     gain = psnr(learned.array / scale, head.array / scale, mask) - psnr(fast.array / scale, head.array / scale, mask)
     assert gain > 0.3, gain
-    assert learned.meta["adaptation"][0]["steps"] == 0 and learned.meta["method"] == "multistack-adapt"
+    assert learned.meta["method"] == "multistack-adapt" and learned.meta["time_budget_min"] == 0
+    assert learned.meta["adaptation"][0]["steps"] == 0 and learned.meta["adaptation"][0]["prior"]
+    assert learned.meta["models"][0][0] == "prior-mri" and all(s.modality == "unknown" for s in stacks)  # the caller's kept
 
 
 def _one_error(code, err, fragment):

@@ -577,6 +577,9 @@ def _joint_problem(volumes: list[Volume], target: Grid | None, opts: MultistackO
         memory.hold("sampling coordinates", coordinates)
     dev = resolve_device(opts.device)
     norms = [fit_normalizer(np.asarray(s.volume.array, np.float32), s.volume.modality) for s in stacks]
+    for s, n in zip(stacks, norms):  # an unknown modality as the normaliser guessed it (adapt's starting weights follow it)
+        if s.volume.modality != n.modality:
+            s.volume = replace(s.volume, modality=n.modality)
     # each stack's normalised voxels: on the host (registration, interpolants) and on the device (the joint steps)
     host = [np.ascontiguousarray(n.forward(np.asarray(s.volume.array, np.float32))) for n, s in zip(norms, stacks)]
     ys = [torch.from_numpy(a)[None, None].to(dev) for a in host]
