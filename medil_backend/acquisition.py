@@ -236,6 +236,10 @@ class AcquisitionOperator:
                 out[:, :, a:b] = y
         return out
 
+    def adjoint_into(self, out, y) -> None:
+        """``out += A^T y`` (the joint steps' sum over operators; a slab operator adds into its part only)."""
+        out += self.adjoint(y)
+
     def adjoint(self, y):
         """``A^T y`` on the fine grid (B, C, *fine.shape): each quadrature point's trilinear splat, weighted."""
         import torch

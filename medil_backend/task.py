@@ -25,7 +25,7 @@ from typing import Any
 from .errors import MedILError
 from .geometry import Grid, Volume
 from .limits import MAX_SEED, check_seed
-from .methods import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, TIME_BUDGET_MIN, check_sampling
+from .methods import GENERATIVE_SUPERRES_METHODS, SUPERRES_METHODS, TIME_BUDGET_MIN, check_sampling, default_time_budget
 
 # -- options -------------------------------------------------------------------------------------------
 
@@ -493,7 +493,7 @@ TASKS: dict[str, TaskSpec] = {
                     low=0.0,
                     high=24 * 60,
                     metavar="MIN",
-                    stacks_default=0.0,
+                    stacks_default=default_time_budget("adapt", 2, 1),
                 ),
                 Option("seed", int, 0, "adapt, cycles, inverse: the first seed", **_SEED),
                 Option("steps", int, 10, "cycles: DDIM steps per cycle (default 10)", label="Steps", low=1, high=1000, metavar="K"),

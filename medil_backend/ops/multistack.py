@@ -158,14 +158,9 @@ class SlabOperator:
     slab), without a whole-volume adjoint per slice and step."""
 
     def __init__(self, stack: Stack, target: Grid, profile: str, cache: bool = False) -> None:
-        g = stack.grid
         reach = [1.0, 1.0, 1.0]  # voxels beyond each end of the slice that its footprint may reach
-        reach[stack.axis] = max(1.0, stack.thickness / float(g.spacing[stack.axis]))
-        ends = [(-r, n - 1 + r) for r, n in zip(reach, g.shape)]
-        corners = np.array([[i, j, k] for i in ends[0] for j in ends[1] for k in ends[2]], float)
-        v = target.world_to_voxel(g.voxel_to_world(corners))
-        lo = np.clip(np.floor(v.min(axis=0)) - 2, 0, target.shape).astype(int)
-        hi = np.clip(np.ceil(v.max(axis=0)) + 3, lo + 1, target.shape).astype(int)
+        reach[stack.axis] = max(1.0, stack.thickness / float(stack.grid.spacing[stack.axis]))
+        lo, hi = _box(stack.grid, target, reach, 2.0)  # 2 voxels more: trilinear neighbours
         self.index = (slice(None), slice(None), *(slice(int(a), int(b)) for a, b in zip(lo, hi)))
         self.op = _operators([stack], target.sub_grid(lo, hi), profile, cache)[0]
 
@@ -177,14 +172,22 @@ class SlabOperator:
         out[self.index] += self.op.adjoint(y)
 
 
+def _box(grid: Grid, target: Grid, reach, pad) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels of ``target`` (start, stop) that hold ``grid``'s box, widened by ``reach`` of ``grid``'s voxels at
+    each end and by ``pad`` of ``target``'s (per axis or one number), clipped to ``target``."""
+    ends = [(-r, n - 1 + r) for r, n in zip(np.broadcast_to(reach, 3), grid.shape)]
+    corners = np.array([[i, j, k] for i in ends[0] for j in ends[1] for k in ends[2]], float)
+    v = target.world_to_voxel(grid.voxel_to_world(corners))
+    lo = np.clip(np.floor(v.min(axis=0) - pad), 0, target.shape).astype(int)
+    hi = np.clip(np.ceil(v.max(axis=0) + pad) + 1, lo + 1, target.shape).astype(int)
+    return lo, hi
+
+
 def _adjoint_sum(ops: list, values, like: torch.Tensor) -> torch.Tensor:
-    """``sum_k A_k^T v_k`` on ``like``'s grid, each :class:`SlabOperator` adding into its slab only."""
+    """``sum_k A_k^T v_k`` on ``like``'s grid (each operator adds its own part: a slice's, into its slab only)."""
     out = torch.zeros_like(like)
     for op, v in zip(ops, values):
-        if isinstance(op, SlabOperator):
-            op.adjoint_into(out, v)
-        else:
-            out += op.adjoint(v)
+        op.adjoint_into(out, v)
     return out
 
 
@@ -281,12 +284,7 @@ SLICE_SLAB_MM = 20.0
 def _around(seen: Volume, s: Stack, margin_mm: float = SLICE_SLAB_MM) -> Volume:
     """The part of ``seen`` within ``margin_mm`` of the box of ``s`` (one slice, at its motion): what registering
     and matching that slice read, rather than the whole volume each time."""
-    g = s.grid
-    corners = np.array([[i, j, k] for i in (0, g.shape[0] - 1) for j in (0, g.shape[1] - 1) for k in (0, g.shape[2] - 1)], float)
-    v = seen.grid.world_to_voxel(g.voxel_to_world(corners))
-    pad = margin_mm / seen.grid.spacing
-    lo = np.maximum(np.floor(v.min(axis=0) - pad), 0).astype(int)
-    hi = np.minimum(np.ceil(v.max(axis=0) + pad) + 1, seen.grid.shape).astype(int)
+    lo, hi = _box(s.grid, seen.grid, 0.0, margin_mm / seen.grid.spacing)
     if np.any(hi - lo < 2):
         return seen
     part = np.ascontiguousarray(seen.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
